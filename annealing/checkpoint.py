@@ -1,0 +1,353 @@
+"""Reading, validating and writing guidance-scale checkpoints.
+
+Two formats are read, told apart by their first bytes (never by the file name):
+
+* the project's ``.safetensors``: weights plus string metadata that says how to use them (see :class:`CheckpointMetadata`);
+* the upstream release (a torch zip pickle with ``config`` and ``guidance_scale_model``), read with
+  ``torch.load(..., weights_only=True, map_location="cpu")``, which refuses any pickle that asks for arbitrary classes.
+
+Every problem raises :class:`annealing.errors.CheckpointError` naming the file and the problem in one line.
+Writing goes to a temporary file in the target folder that is renamed into place, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import re
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+from .model import GuidanceModelConfig, GuidanceScaleModel
+
+FORMAT_NAME = "annealing-guidance"
+FORMAT_VERSION = 1
+
+PREDICTION_SPACES = ("epsilon", "velocity")
+#: ddpm_index: DDPM timestep 0..999 of a discrete VP model; sigma_x1000: flow sigma * 1000 (SD3); sigma: flow sigma (Flux).
+TIMESTEP_CONVENTIONS = ("ddpm_index", "sigma_x1000", "sigma")
+#: Families we know; other lower-case names are accepted for models we have not met yet.
+KNOWN_FAMILIES = ("sdxl", "sd15", "sd2", "sd3", "flux", "toy2d")
+_FAMILY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+SDXL_LATENT_NUMEL = 4 * 128 * 128  # SDXL at 1024x1024
+
+
+@dataclass(frozen=True)
+class CheckpointMetadata:
+    """How a checkpoint must be used, stored next to its weights.
+
+    model_family:         the diffusion family it was trained on (sdxl, sd15, sd3, ...).
+    prediction_space:     the space delta is measured in: "epsilon" (noise) or "velocity" (flow matching).
+    timestep_convention:  the MLP's timestep input: "ddpm_index", "sigma_x1000" or "sigma".
+    trained_latent_numel: latent elements per sample at the training resolution (for delta-norm normalisation), or None.
+    sampling_steps:       the sampling grid it was trained on (upstream: 50 DDIM steps), or None.
+    training:             provenance: steps, images, lambda_min, lambda_max, base_model, source, ... (JSON-serialisable).
+    """
+
+    model_family: str = "sdxl"
+    prediction_space: str = "epsilon"
+    timestep_convention: str = "ddpm_index"
+    trained_latent_numel: int | None = SDXL_LATENT_NUMEL
+    sampling_steps: int | None = 50
+    training: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if not isinstance(self.model_family, str) or not _FAMILY_PATTERN.match(self.model_family):
+            raise ValueError(f"model_family must be a short lower-case name such as {', '.join(KNOWN_FAMILIES)}; got {self.model_family!r}")
+        if self.prediction_space not in PREDICTION_SPACES:
+            raise ValueError(f"prediction_space must be one of {PREDICTION_SPACES}, got {self.prediction_space!r}")
+        if self.timestep_convention not in TIMESTEP_CONVENTIONS:
+            raise ValueError(f"timestep_convention must be one of {TIMESTEP_CONVENTIONS}, got {self.timestep_convention!r}")
+        for name in ("trained_latent_numel", "sampling_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if not isinstance(self.training, dict):
+            raise ValueError(f"training must be a dict, got {type(self.training).__name__}")
+
+    def to_strings(self, config: GuidanceModelConfig) -> dict[str, str]:
+        """The safetensors metadata (a flat str -> str mapping)."""
+        return {
+            "format": FORMAT_NAME,
+            "format_version": str(self.format_version),
+            "architecture": json.dumps(config.to_dict(), sort_keys=True),
+            "model_family": self.model_family,
+            "prediction_space": self.prediction_space,
+            "timestep_convention": self.timestep_convention,
+            "trained_latent_numel": "" if self.trained_latent_numel is None else str(self.trained_latent_numel),
+            "sampling_steps": "" if self.sampling_steps is None else str(self.sampling_steps),
+            "training": json.dumps(self.training, sort_keys=True),
+        }
+
+    def replace(self, **changes) -> CheckpointMetadata:
+        return dataclasses.replace(self, **changes)
+
+
+def upstream_metadata(checkpoint: dict | None = None) -> CheckpointMetadata:
+    """Metadata for the released SDXL checkpoint (SDXL base 1.0, epsilon, DDPM index, 50 DDIM steps at 1024x1024)."""
+    checkpoint = checkpoint or {}
+    diffusion = (checkpoint.get("config") or {}).get("diffusion") or {}
+    steps = diffusion.get("num_timesteps", 50)
+    training = {"source": "annealing-guidance upstream release (arXiv 2506.24108)"}
+    if isinstance(diffusion.get("model_id"), str):
+        training["base_model"] = diffusion["model_id"]
+    if isinstance(checkpoint.get("step"), int):
+        training["steps"] = checkpoint["step"]
+    return CheckpointMetadata(sampling_steps=steps if isinstance(steps, int) and steps > 0 else 50, training=training)
+
+
+# ----------------------------------------------------------------------------------------------------------------- reading
+
+
+def _sniff_format(path: Path) -> str:
+    """'safetensors', 'torch' or raise: decided by content."""
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(path, "the file is empty")
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return "torch"
+    if head[:1] == b"\x80":  # a raw pickle stream: torch's legacy format
+        return "torch"
+    if len(head) >= 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{":
+            if 8 + header_len > size:
+                raise CheckpointError(path, f"truncated safetensors file (header says {header_len} bytes, file has {size})")
+            return "safetensors"
+    raise CheckpointError(path, "not a guidance checkpoint: neither safetensors nor a PyTorch file")
+
+
+def _check_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(path, "is a directory, expected a checkpoint file")
+    if not path.exists():
+        raise CheckpointError(path, "file not found")
+    return path
+
+
+def _validate_state_dict(path: Path, state: dict, config: GuidanceModelConfig) -> dict[str, torch.Tensor]:
+    if not isinstance(state, dict):
+        raise CheckpointError(path, f"the weights are a {type(state).__name__}, expected a mapping of tensors")
+    expected = config.expected_shapes()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(path, f"missing weights {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    if unexpected:
+        raise CheckpointError(path, f"unexpected weights {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
+    clean = {}
+    for key, shape in expected.items():
+        tensor = state[key]
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(path, f"weight {key} is a {type(tensor).__name__}, expected a tensor")
+        if not tensor.is_floating_point():
+            raise CheckpointError(path, f"weight {key} has dtype {tensor.dtype}, expected floating point")
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(path, f"weight {key} has shape {tuple(tensor.shape)}, expected {shape} for the configured architecture")
+        tensor = tensor.detach().to(device="cpu", dtype=torch.float32)
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(path, f"weight {key} contains NaN or inf values")
+        clean[key] = tensor
+    return clean
+
+
+def _config_from(path: Path, raw: dict) -> GuidanceModelConfig:
+    try:
+        return GuidanceModelConfig.from_dict(raw)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(path, f"invalid architecture config: {exc}") from None
+
+
+def _read_torch(path: Path) -> tuple[dict, GuidanceModelConfig, CheckpointMetadata]:
+    try:
+        with open(path, "rb") as handle:  # a file object: torch must not second-guess the format from the name
+            data = torch.load(handle, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        raise CheckpointError(path, f"refused to unpickle: the file asks for objects other than tensors ({first})") from None
+    except Exception as exc:  # torch raises RuntimeError/EOFError/zip errors for damaged files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(path, f"corrupt or truncated PyTorch file ({reason[:200]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(path, f"expected a dict checkpoint, found a {type(data).__name__}")
+    if "guidance_scale_model" in data:
+        state = data["guidance_scale_model"]
+        raw_config = (data.get("config") or {}).get("guidance_scale_model")
+        if not isinstance(raw_config, dict):
+            raise CheckpointError(path, "missing config['guidance_scale_model'] (the architecture)")
+    elif any(isinstance(k, str) and k.startswith("combined_head.") for k in data):
+        state, raw_config = data, None
+    else:
+        raise CheckpointError(path, "missing key 'guidance_scale_model' (not an annealing guidance checkpoint)")
+    if raw_config is None:
+        raw_config = _infer_config(path, state)
+    return state, _config_from(path, raw_config), upstream_metadata(data)
+
+
+def _infer_config(path: Path, state: dict) -> dict:
+    """Architecture of a bare state dict, assuming equal embedding sizes (true of every released file)."""
+    first = state.get("combined_head.0.weight")
+    if not isinstance(first, torch.Tensor) or first.dim() != 2 or first.shape[1] % 3:
+        raise CheckpointError(path, "cannot infer the architecture: missing or odd combined_head.0.weight and no config")
+    linear = [k for k in state if k.startswith("combined_head.") and k.endswith(".weight")]
+    embed = first.shape[1] // 3
+    return {"hidden_size": first.shape[0], "n_layers": len(linear) - 2, "t_embed_dim": embed, "delta_embed_dim": embed, "lambda_embed_dim": embed}
+
+
+def _read_safetensors(path: Path) -> tuple[dict, GuidanceModelConfig, CheckpointMetadata]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            meta = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(path, f"corrupt or truncated safetensors file ({reason[:200]})") from None
+    return state, *parse_metadata(path, meta)
+
+
+def parse_metadata(path: str | os.PathLike, meta: dict[str, str]) -> tuple[GuidanceModelConfig, CheckpointMetadata]:
+    """Validate the string metadata of one of our safetensors files."""
+    path = Path(path)
+    if meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(path, f"no annealing-guidance metadata (metadata 'format' is {meta.get('format')!r}, expected {FORMAT_NAME!r})")
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise CheckpointError(path, f"invalid format_version {meta.get('format_version')!r}") from None
+    if version > FORMAT_VERSION:
+        raise CheckpointError(path, f"written by a newer format version {version} (this pack reads up to {FORMAT_VERSION}); update the pack")
+    if version < 1:
+        raise CheckpointError(path, f"invalid format_version {version}")
+
+    def json_field(key):
+        if key not in meta:
+            raise CheckpointError(path, f"missing metadata {key!r}")
+        try:
+            value = json.loads(meta[key])
+        except json.JSONDecodeError:
+            raise CheckpointError(path, f"metadata {key!r} is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise CheckpointError(path, f"metadata {key!r} must be a JSON object")
+        return value
+
+    def int_field(key):
+        value = meta.get(key, "")
+        if value == "":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise CheckpointError(path, f"metadata {key!r} must be an integer, got {value!r}") from None
+
+    config = _config_from(path, json_field("architecture"))
+    for key in ("model_family", "prediction_space", "timestep_convention"):
+        if key not in meta:
+            raise CheckpointError(path, f"missing metadata {key!r}")
+    try:
+        metadata = CheckpointMetadata(
+            model_family=meta["model_family"],
+            prediction_space=meta["prediction_space"],
+            timestep_convention=meta["timestep_convention"],
+            trained_latent_numel=int_field("trained_latent_numel"),
+            sampling_steps=int_field("sampling_steps"),
+            training=json_field("training"),
+            format_version=version,
+        )
+    except ValueError as exc:
+        raise CheckpointError(path, f"invalid metadata: {exc}") from None
+    return config, metadata
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], GuidanceModelConfig, CheckpointMetadata, str]:
+    """Read and validate a checkpoint: (float32 CPU state dict, config, metadata, 'safetensors' | 'torch')."""
+    path = _check_path(path)
+    kind = _sniff_format(path)
+    reader = _read_safetensors if kind == "safetensors" else _read_torch
+    state, config, metadata = reader(path)
+    return _validate_state_dict(path, state, config), config, metadata, kind
+
+
+def load_guidance_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> GuidanceScaleModel:
+    """Load a guidance-scale model from an upstream ``.pt`` or one of our ``.safetensors`` files, in eval mode.
+
+    The model carries its :class:`CheckpointMetadata` as ``model.metadata`` and its source as ``model.source_path``.
+    Raises :class:`CheckpointError` for anything wrong with the file.
+    """
+    state, config, metadata, kind = read_checkpoint(path)
+    model = GuidanceScaleModel(config, metadata)
+    model.load_state_dict(state)
+    model.source_path = os.fspath(path)
+    model.source_format = kind
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------- writing
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise CheckpointError(path, f"the folder {folder} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot write to {folder}: {exc.strerror or exc}") from None
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise CheckpointError(path, f"could not write the checkpoint: {exc.strerror or exc}") from None
+        raise
+
+
+def save_guidance_model(model: GuidanceScaleModel, path: str | os.PathLike, metadata: CheckpointMetadata | None = None) -> None:
+    """Write ``model`` as our ``.safetensors`` with full metadata (``metadata`` defaults to ``model.metadata``)."""
+    from safetensors.torch import save_file
+
+    metadata = metadata or model.metadata
+    if metadata is None:
+        raise CheckpointError(path, "no metadata given: say which model family, prediction space and timestep convention it is for")
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(path, f"refusing to save: weight {key} contains NaN or inf values")
+    strings = metadata.to_strings(model.config)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=strings))
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **metadata_changes) -> CheckpointMetadata:
+    """Convert any readable checkpoint (upstream ``.pt`` included) to our ``.safetensors``; returns the metadata written."""
+    if Path(src).resolve() == Path(dst).resolve():
+        raise CheckpointError(dst, "the output must differ from the input")
+    model = load_guidance_model(src)
+    try:
+        metadata = model.metadata.replace(**metadata_changes)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(dst, f"invalid metadata option: {exc}") from None
+    save_guidance_model(model, dst, metadata)
+    return metadata
+
+
+def describe_parameters(model: GuidanceScaleModel) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,142 @@
+"""The guidance-scale model: a small MLP that maps (timestep, ||delta||, lambda) to a guidance scale w.
+
+    features = [e(t / t_norm), e(||delta|| / delta_norm), e(lambda)]      e(v) = [v, cos(v), cos(2v), ..., cos((d-1) v)]
+    w        = w_scale * MLP(features) + w_bias
+
+The MLP is Linear(in, hidden), ReLU, then ``n_layers`` x [Linear(hidden, hidden), ReLU], then Linear(hidden, 1),
+stored under ``combined_head.{0,2,...}`` exactly like the released SDXL checkpoint, so its weights load unchanged.
+The model always computes in float32 on its own device, whatever dtype or device its inputs come in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+TensorLike = torch.Tensor | float | int
+
+
+@dataclass(frozen=True)
+class GuidanceModelConfig:
+    """Architecture of a :class:`GuidanceScaleModel` (serialised into checkpoint metadata).
+
+    Defaults are the released SDXL checkpoint's: 128 hidden units, 3 hidden layers, 4-dim embeddings,
+    timestep divided by 1000, delta norm divided by 5, w = out + 1.
+    """
+
+    hidden_size: int = 128
+    n_layers: int = 3
+    t_embed_dim: int = 4
+    delta_embed_dim: int = 4
+    lambda_embed_dim: int = 4
+    t_embed_normalization: float = 1000.0
+    delta_embed_normalization: float = 5.0
+    w_scale: float = 1.0
+    w_bias: float = 1.0
+
+    def __post_init__(self):
+        for name in ("hidden_size", "t_embed_dim", "delta_embed_dim", "lambda_embed_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.n_layers, int) or isinstance(self.n_layers, bool) or self.n_layers < 0:
+            raise ValueError(f"n_layers must be a non-negative integer, got {self.n_layers!r}")
+        for name in ("t_embed_normalization", "delta_embed_normalization", "w_scale", "w_bias"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in ("t_embed_normalization", "delta_embed_normalization"):
+            if getattr(self, name) == 0:
+                raise ValueError(f"{name} must not be zero")
+
+    @property
+    def input_size(self) -> int:
+        return self.t_embed_dim + self.delta_embed_dim + self.lambda_embed_dim
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GuidanceModelConfig:
+        """Build from a dict, ignoring unknown keys (upstream configs carry a few extra ones)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        for key in ("t_embed_normalization", "delta_embed_normalization", "w_scale", "w_bias"):
+            if key in kwargs and isinstance(kwargs[key], int) and not isinstance(kwargs[key], bool):
+                kwargs[key] = float(kwargs[key])
+        return cls(**kwargs)
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """State-dict key -> shape for this architecture."""
+        dims = [self.input_size] + [self.hidden_size] * (self.n_layers + 1) + [1]
+        shapes = {}
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+            shapes[f"combined_head.{2 * i}.weight"] = (d_out, d_in)
+            shapes[f"combined_head.{2 * i}.bias"] = (d_out,)
+        return shapes
+
+
+def embed_scalar(value: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B,) -> (B, dim): [v, cos(v), cos(2v), ..., cos((dim-1) v)]."""
+    freqs = torch.arange(1, dim, device=value.device, dtype=value.dtype)
+    return torch.cat([value.unsqueeze(-1), torch.cos(value.unsqueeze(-1) * freqs)], dim=-1)
+
+
+class GuidanceScaleModel(nn.Module):
+    """Predicts the guidance scale w per sample: ``model(timestep, delta_norm, lam) -> w`` of shape (B,).
+
+    Args of ``forward`` (each a tensor of shape (B,) or (), or a Python number; scalars broadcast to the batch):
+        timestep:   the timestep in the checkpoint's convention (see ``metadata.timestep_convention``).
+        delta_norm: per-sample L2 norm of eps_uncond - eps_cond over the whole latent.
+        lam:        the user's trade-off in [0, 1]; higher follows the prompt more, lower keeps quality.
+
+    ``metadata`` (a :class:`annealing.checkpoint.CheckpointMetadata` or None) says how the checkpoint must be used.
+    """
+
+    def __init__(self, config: GuidanceModelConfig | None = None, metadata=None):
+        super().__init__()
+        self.config = config or GuidanceModelConfig()
+        self.metadata = metadata
+        dims = [self.config.input_size] + [self.config.hidden_size] * (self.config.n_layers + 1)
+        layers: list[nn.Module] = []
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(d_in, d_out), nn.ReLU()]
+        layers.append(nn.Linear(dims[-1], 1))
+        self.combined_head = nn.Sequential(*layers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.combined_head[0].weight.device
+
+    def features(self, timestep: TensorLike, delta_norm: TensorLike, lam: TensorLike) -> torch.Tensor:
+        """The (B, input_size) float32 input of the MLP; scalar inputs broadcast to the batch."""
+        named = {"timestep": timestep, "delta_norm": delta_norm, "lam": lam}
+        values = {k: torch.as_tensor(v).to(device=self.device, dtype=torch.float32) for k, v in named.items()}
+        batch = max((v.shape[0] for v in values.values() if v.dim() == 1), default=1)
+        for name, value in values.items():
+            if value.dim() == 0:
+                values[name] = value.expand(batch)
+            elif value.dim() != 1 or value.shape[0] != batch:
+                raise ValueError(f"{name} must be a scalar or of shape ({batch},), got shape {tuple(value.shape)}")
+        cfg = self.config
+        return torch.cat(
+            [
+                embed_scalar(values["timestep"] / cfg.t_embed_normalization, cfg.t_embed_dim),
+                embed_scalar(values["delta_norm"] / cfg.delta_embed_normalization, cfg.delta_embed_dim),
+                embed_scalar(values["lam"], cfg.lambda_embed_dim),
+            ],
+            dim=-1,
+        )
+
+    def forward(self, timestep: TensorLike, delta_norm: TensorLike, lam: TensorLike) -> torch.Tensor:
+        out = self.combined_head(self.features(timestep, delta_norm, lam)).squeeze(-1)
+        return self.config.w_scale * out + self.config.w_bias
+
+    def extra_repr(self) -> str:
+        meta = self.metadata
+        family = f", family={meta.model_family}" if meta is not None else ""
+        return f"hidden={self.config.hidden_size}, n_layers={self.config.n_layers}{family}"

@@ -1,0 +1,68 @@
+"""The guidance-scale model reproduces the released checkpoint and computes in float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import annealing
+from annealing import GuidanceModelConfig, GuidanceScaleModel
+
+
+def test_reproduces_every_golden_row_batched(upstream_model, golden_rows):
+    rows = torch.tensor(golden_rows, dtype=torch.float64)
+    w = upstream_model(rows[:, 0], rows[:, 1], rows[:, 2])
+    assert w.shape == (len(golden_rows),) and w.dtype == torch.float32
+    torch.testing.assert_close(w.double(), rows[:, 3], rtol=0, atol=1e-5)
+
+
+def test_reproduces_golden_rows_one_at_a_time_with_python_floats(upstream_model, golden_rows):
+    for t, d, lam, expected in golden_rows[:32]:
+        w = upstream_model(t, d, lam)
+        assert w.shape == (1,)
+        assert abs(w.item() - expected) < 1e-5
+
+
+def test_scalar_inputs_broadcast_against_a_batch(upstream_model):
+    deltas = torch.tensor([0.5, 5.0, 40.0])
+    batched = upstream_model(500.0, deltas, 0.4)
+    single = torch.stack([upstream_model(500.0, d, 0.4)[0] for d in deltas])
+    torch.testing.assert_close(batched, single)
+    assert len(set(batched.tolist())) == 3  # one w per sample, not one per batch
+
+
+def test_half_precision_inputs_run_in_float32(upstream_model, golden_rows):
+    rows = torch.tensor(golden_rows[:64])
+    reference = upstream_model(rows[:, 0], rows[:, 1], rows[:, 2])
+    for dtype in (torch.float16, torch.bfloat16):
+        w = upstream_model(rows[:, 0].to(dtype), rows[:, 1].to(dtype), rows[:, 2].to(dtype))
+        assert w.dtype == torch.float32
+        # only the inputs are rounded; the MLP itself stays float32
+        rounded = upstream_model(*(rows[:, i].to(dtype).float() for i in range(3)))
+        torch.testing.assert_close(w, rounded)
+        assert (w - reference).abs().max() < 0.05
+
+
+def test_mismatched_batch_sizes_are_refused(upstream_model):
+    with pytest.raises(ValueError, match="delta_norm"):
+        upstream_model(torch.ones(3), torch.ones(2), 0.5)
+
+
+def test_other_architectures_build_from_config():
+    config = GuidanceModelConfig(hidden_size=16, n_layers=1, t_embed_dim=3, delta_embed_dim=2, lambda_embed_dim=5, w_bias=0.5)
+    model = GuidanceScaleModel(config)
+    assert model.combined_head[0].in_features == 10
+    assert set(model.state_dict()) == set(config.expected_shapes())
+    assert model(torch.arange(4.0), torch.ones(4), 0.3).shape == (4,)
+
+
+def test_invalid_config_values_are_refused():
+    with pytest.raises(ValueError, match="hidden_size"):
+        GuidanceModelConfig(hidden_size=0)
+    with pytest.raises(ValueError, match="delta_embed_normalization"):
+        GuidanceModelConfig(delta_embed_normalization=float("nan"))
+
+
+def test_public_api_names_are_stable():
+    assert callable(annealing.load_guidance_model)
+    assert issubclass(annealing.GuidanceScaleModel, torch.nn.Module)
