@@ -60,6 +60,20 @@ def prediction_delta(sigma: torch.Tensor, d_cond: torch.Tensor, d_uncond: torch.
     raise ValueError(f"space must be 'epsilon' or 'velocity', got {space!r}")
 
 
+def delta_norm_from_difference(sigma: torch.Tensor, difference_norm: torch.Tensor, sampling: str, space: str) -> torch.Tensor:
+    """||delta|| in ``space`` from ||D_c - D_u|| (per sample): the norm of :func:`prediction_delta` without building delta.
+
+    epsilon: alpha * ||D_c - D_u|| / sigma;  velocity: ||D_c - D_u|| / sigma.
+    """
+    sigma = sigma.to(torch.float32)
+    if space == "epsilon":
+        return difference_norm * signal_scale(sigma, sampling) / sigma
+    if space == "velocity":
+        check_sampling(sampling)
+        return difference_norm / sigma
+    raise ValueError(f"space must be 'epsilon' or 'velocity', got {space!r}")
+
+
 def per_sample_norm(tensor: torch.Tensor) -> torch.Tensor:
     """L2 norm over everything but the batch dimension, float32, shape (B,)."""
     return tensor.reshape(tensor.shape[0], -1).to(torch.float32).norm(dim=1)
@@ -334,9 +348,10 @@ class AnnealingGuidance:
         batch, device = d_cond.shape[0], d_cond.device
         sigma = per_sample(sigma, batch, device)
 
-        delta = prediction_delta(sigma, d_cond, d_uncond, sampling, meta.prediction_space)
-        norm = per_sample_norm(delta)
-        scale = delta_norm_scale(delta[0].numel(), meta.trained_latent_numel) if opts.normalize_delta_norm else 1.0
+        # D_c - D_u once: its norm gives ||delta|| and it is reused for the guided prediction (the hot path runs every step).
+        difference = d_cond.to(torch.float32) - d_uncond.to(torch.float32)
+        norm = delta_norm_from_difference(sigma, per_sample_norm(difference), sampling, meta.prediction_space)
+        scale = delta_norm_scale(difference[0].numel(), meta.trained_latent_numel) if opts.normalize_delta_norm else 1.0
         mlp_norm = norm * scale
         timestep = mlp_timestep(sigma, meta.timestep_convention, sigma_to_timestep)
         w = self.model(timestep, mlp_norm, opts.lam).to(device)
@@ -367,7 +382,7 @@ class AnnealingGuidance:
             # Outside the range: ordinary CFG at fallback_cfg, i.e. fallback_cfg / k in CFG++ units.
             w = torch.where(active, w, opts.fallback_cfg / k_step)
 
-        guided = guided_prediction(d_cond, d_uncond, w * k)
+        guided = torch.addcmul(d_uncond.to(torch.float32), difference, _bcast(w * k, difference)).to(d_cond.dtype)
         if recorder is not None:
             recorder.record(
                 sigma=sigma, timestep=timestep, delta_norm=norm, mlp_delta_norm=mlp_norm, w=w, k=k,

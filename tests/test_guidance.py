@@ -257,3 +257,12 @@ def test_flow_cfgpp_loop_equals_euler_with_k_for_const(upstream_model, lam):
         d = guide.guide(sv, den(x, sv, 1 - sv, True), den(x, sv, 1 - sv, False), sampling="const", sample_sigmas=sigmas)
         x = x + (sigmas[i + 1] - sigmas[i]) * (x - d) / sigmas[i]
     torch.testing.assert_close(x, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampling, space", [("eps", "epsilon"), ("v_prediction", "velocity"), ("const", "epsilon"), ("const", "velocity")])
+def test_norm_shortcut_equals_the_norm_of_the_full_delta(sampling, space):
+    sigma = torch.tensor([0.3, 0.9])
+    d_c, d_u = torch.randn(SHAPE), torch.randn(SHAPE)
+    full = annealing.per_sample_norm(prediction_delta(sigma, d_c, d_u, sampling, space))
+    short = annealing.delta_norm_from_difference(sigma, annealing.per_sample_norm(d_c - d_u), sampling, space)
+    torch.testing.assert_close(short, full)

@@ -1,0 +1,148 @@
+"""Command line of the core library.
+
+    python -m annealing inspect CKPT                 metadata, parameter count, and a table of w
+    python -m annealing convert IN OUT [options]     upstream .pt (or any readable checkpoint) -> our .safetensors
+    python -m annealing plot CKPT --out FILE.png     w against timestep and heatmaps over (timestep, delta norm)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .checkpoint import PREDICTION_SPACES, TIMESTEP_CONVENTIONS, convert_checkpoint, load_guidance_model
+from .errors import AnnealingError
+
+TABLE_LAMBDAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _lambda_list(text: str) -> list[float]:
+    values = _float_list(text)
+    bad = [v for v in values if not 0.0 <= v <= 1.0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"lambdas must be in [0, 1], got {bad[0]}")
+    return values
+
+
+def w_table(model, lambdas=TABLE_LAMBDAS, delta_norm: float | None = None, rows: int = 6) -> str:
+    """A text table of w: one row per timestep (noisiest first), one column per lambda."""
+    import numpy as np
+
+    from .plots import timestep_axis, w_grid
+
+    timesteps, label = timestep_axis(model)
+    picks = timesteps[np.linspace(0, len(timesteps) - 1, rows).round().astype(int)]
+    delta_norm = float(model.config.delta_embed_normalization) if delta_norm is None else delta_norm
+    width = len(label)
+    header = f"{label:>{width}} | " + " ".join(f"lam={lam:<5g}" for lam in lambdas)
+    lines = [f"w at ||delta|| = {delta_norm:g}", header, "-" * len(header)]
+    grids = {lam: w_grid(model, picks, np.array([delta_norm]), lam)[0] for lam in lambdas}
+    for i, t in enumerate(picks):
+        lines.append(f"{t:>{width}.4g} | " + " ".join(f"{grids[lam][i]:<9.4f}" for lam in lambdas))
+    return "\n".join(lines)
+
+
+def cmd_inspect(args) -> int:
+    model = load_guidance_model(args.checkpoint)
+    meta, config = model.metadata, model.config
+    params = sum(p.numel() for p in model.parameters())
+    if args.json:
+        print(json.dumps({"file": args.checkpoint, "format": model.source_format, "parameters": params,
+                          "architecture": config.to_dict(), "metadata": {**meta.__dict__}}, indent=2, sort_keys=True))
+        return 0
+    print(f"file:                 {args.checkpoint} ({model.source_format})")
+    print(f"parameters:           {params:,}  (MLP {config.hidden_size} x {config.n_layers} hidden layers)")
+    print(f"model family:         {meta.model_family}")
+    print(f"delta space:          {meta.prediction_space}")
+    print(f"timestep convention:  {meta.timestep_convention}")
+    print(f"trained latent size:  {meta.trained_latent_numel if meta.trained_latent_numel else 'unknown'} elements per sample")
+    print(f"sampling steps:       {meta.sampling_steps if meta.sampling_steps else 'unknown'}")
+    print(f"format version:       {meta.format_version}")
+    print(f"training:             {json.dumps(meta.training, sort_keys=True)}")
+    print(f"architecture:         {json.dumps(config.to_dict(), sort_keys=True)}")
+    base = float(config.delta_embed_normalization)
+    for norm in (base, 4 * base):
+        print()
+        print(w_table(model, delta_norm=norm))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    if os.path.exists(args.output) and not args.force:
+        print(f"error: {args.output}: already exists (use --force to overwrite)", file=sys.stderr)
+        return 2
+    changes = {}
+    for name in ("model_family", "prediction_space", "timestep_convention", "trained_latent_numel", "sampling_steps"):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+    meta = convert_checkpoint(args.input, args.output, **changes)
+    print(f"wrote {args.output}: {meta.model_family}, delta in {meta.prediction_space} space, timestep {meta.timestep_convention}, "
+          f"trained at {meta.trained_latent_numel} latent elements, {meta.sampling_steps} steps")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plots import plot_model_explorer, save_figure
+
+    model = load_guidance_model(args.checkpoint)
+    fig = plot_model_explorer(model, lambdas=args.lambdas, delta_norms=args.delta_norms, dpi=args.dpi)
+    save_figure(fig, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m annealing", description="Inspect, convert and plot annealing guidance checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="print metadata, parameter count and a table of w", description="Print a checkpoint's metadata, "
+                       "parameter count and w over timesteps for several lambdas at two typical delta norms.")
+    p.add_argument("checkpoint", help="an upstream .pt or one of our .safetensors files")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="convert a checkpoint (e.g. the upstream .pt) to .safetensors", description="Convert any readable "
+                       "checkpoint to the project's .safetensors with full metadata. Defaults for the upstream file: sdxl, epsilon, "
+                       "ddpm_index, 65536 latent elements (1024x1024), 50 steps.")
+    p.add_argument("input", help="checkpoint to read (.pt or .safetensors; the format is detected from the content)")
+    p.add_argument("output", help="the .safetensors file to write")
+    p.add_argument("--model-family", help="family it was trained for, e.g. sdxl, sd15, sd3 (default: keep)")
+    p.add_argument("--prediction-space", choices=PREDICTION_SPACES, help="space delta is measured in (default: keep)")
+    p.add_argument("--timestep-convention", choices=TIMESTEP_CONVENTIONS, help="the MLP's timestep input (default: keep)")
+    p.add_argument("--trained-latent-numel", type=int, help="latent elements per sample at the training resolution (default: keep)")
+    p.add_argument("--sampling-steps", type=int, help="sampling steps it was trained for (default: keep)")
+    p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("plot", help="plot w over timestep, delta norm and lambda to a PNG", description="Draw how a checkpoint behaves: "
+                       "w against timestep for several lambdas at a few delta norms, and heatmaps of w over (timestep, delta norm).")
+    p.add_argument("checkpoint", help="an upstream .pt or one of our .safetensors files")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--lambdas", type=_lambda_list, default=list(TABLE_LAMBDAS), help="comma-separated lambdas (default 0,0.2,...,1)")
+    p.add_argument("--delta-norms", type=_float_list, default=None, help="comma-separated delta norms for the line plots "
+                   "(default: 0.2, 1, 2 and 4 x the checkpoint's delta normalisation)")
+    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default 100)")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (AnnealingError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
