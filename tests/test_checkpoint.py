@@ -268,3 +268,11 @@ def test_torch_zip_is_recognised_even_when_damaged(tmp_path):
     with pytest.raises(CheckpointError) as excinfo:
         annealing.load_guidance_model(path)
     assert_one_line_error(excinfo, path)
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    path = tmp_path / "perm.safetensors"
+    annealing.save_guidance_model(small_model(), path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -266,3 +266,29 @@ def test_norm_shortcut_equals_the_norm_of_the_full_delta(sampling, space):
     full = annealing.per_sample_norm(prediction_delta(sigma, d_c, d_u, sampling, space))
     short = annealing.delta_norm_from_difference(sigma, annealing.per_sample_norm(d_c - d_u), sampling, space)
     torch.testing.assert_close(short, full)
+
+
+def test_guidance_step_never_reads_a_value_back_to_the_host(upstream_model):
+    """.item(), bool(tensor) and float(tensor) go through aten._local_scalar_dense: on a GPU each one is a device
+    synchronisation. The hot path (guide + record) must make none."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ForbidHostReads(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
+                ForbidHostReads.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    guide = AnnealingGuidance(upstream_model, AnnealingOptions(lam=0.3, w_max=1.2, active_start=0.1, fallback_cfg=2.0))
+    sigmas = ddim_sigmas(6)
+    d_c, d_u = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    rec = GuidanceRecorder()
+    with ForbidHostReads():
+        for i in range(6):
+            guide.guide(sigmas[i].expand(2), d_c, d_u, sampling="eps", sigma_to_timestep=sigma_to_t, sample_sigmas=sigmas, recorder=rec)
+    assert ForbidHostReads.reads == 0
+    with ForbidHostReads():
+        bool(torch.ones(1) > 0)
+    assert ForbidHostReads.reads == 1  # the detector does see a host read
