@@ -1,0 +1,120 @@
+"""``python -m training [train] ...`` and ``python -m training embed ...``.
+
+train: every :class:`training.config.TrainConfig` field is a flag (``--grid-steps 28``, ``--no-cads``); ``--config
+file.yaml|toml`` supplies defaults that flags override. embed: writes precomputed text embeddings for a dataset so
+training can skip loading the text encoders (see :mod:`training.data`).
+Errors in the input are one line on stderr and exit status 2, before any training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from annealing.errors import AnnealingError
+
+from .config import HELP, TrainingError, _field_kind, build_config, config_fields, read_config_file
+
+EXAMPLES = """examples:
+  python -m training --model ./sdxl-base --dataset ./laion-20k --output ./runs/sdxl
+  python -m training --config training/configs/sd3.yaml --model ./sd3-medium --dataset data.jsonl --output ./runs/sd3
+  accelerate launch --multi_gpu --num_processes 4 -m training --config training/configs/sdxl.yaml ...
+  python -m training embed --model ./sdxl-base --dataset ./laion-20k --output ./laion-20k-sdxl-embeds
+"""
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train an annealing-guidance checkpoint (a guidance-scale MLP) for a local SD1.x/SD2.x, SDXL or SD3-family model. "
+        "Subcommand `embed` precomputes text embeddings (python -m training embed --help).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML or TOML file of settings (flags given here override it)")
+    for f in config_fields():
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_kind(f)
+        default_text = "" if f.default is None else f" (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=HELP[f.name] + default_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=HELP[f.name] + default_text)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def embed_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training embed",
+        description="Encode every distinct caption of a dataset with the model's text encoders and write an embeddings folder "
+        "(index.json + safetensors shards) for `python -m training --embeddings FOLDER`.",
+    )
+    parser.add_argument("--model", required=True, help=HELP["model"])
+    parser.add_argument("--config-folder", help=HELP["config_folder"])
+    parser.add_argument("--dataset", required=True, help=HELP["dataset"])
+    parser.add_argument("--output", required=True, help="embeddings folder to write")
+    parser.add_argument("--caption-extension", default=".txt", help=HELP["caption_extension"])
+    parser.add_argument("--skip-missing-captions", action="store_true", help=HELP["skip_missing_captions"])
+    parser.add_argument("--batch-size", type=int, default=8, help="captions per text-encoder call (default: 8)")
+    parser.add_argument("--shard-size", type=int, default=512, help="captions per shard file (default: 512)")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="storage dtype (default: float16)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the text encoders run (default: auto)")
+    parser.add_argument("--sd3-t5", action=argparse.BooleanOptionalAction, default=True, help=HELP["sd3_t5"])
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def run_train(argv: list[str]) -> int:
+    args = vars(train_parser().parse_args(argv))
+    quiet = args.pop("quiet")
+    config_file = args.pop("config")
+    file_values = read_config_file(config_file) if config_file else {}
+    from .trainer import train
+
+    train(build_config(file_values, args), progress=not quiet)
+    return 0
+
+
+def run_embed(argv: list[str]) -> int:
+    import torch
+
+    from .backends import DEFAULT_RESOLUTION, detect_model, load_backend
+    from .data import scan_dataset, write_embeddings
+    from .trainer import ensure_writable
+
+    args = embed_parser().parse_args(argv)
+    if args.batch_size < 1 or args.shard_size < 1:
+        raise TrainingError("--batch-size and --shard-size must be >= 1")
+    output = Path(args.output)
+    ensure_writable(output)
+    scan = scan_dataset(args.dataset, args.caption_extension, args.skip_missing_captions)
+    info = detect_model(args.model, args.config_folder)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    compute_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    backend = load_backend(info, device=device, dtype=compute_dtype, resolution=DEFAULT_RESOLUTION[info.family], use_t5=args.sd3_t5,
+                           uncond="empty_prompt", text_only=True)
+
+    def encode(captions):
+        cond = backend.encode_text(captions)
+        return {"embeds": cond.embeds} if cond.pooled is None else {"embeds": cond.embeds, "pooled": cond.pooled}
+
+    index = write_embeddings(output, [s.caption for s in scan.samples], encode, encode([""]), model_family=info.family,
+                             base_model=info.base_model, dtype=getattr(torch, args.dtype), shard_size=args.shard_size,
+                             batch_size=args.batch_size, progress=not args.quiet)
+    print(f"wrote {index['count']} caption embeddings in {len(index['shards'])} shard(s) to {output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "embed":
+            return run_embed(argv[1:])
+        if argv and argv[0] == "train":
+            argv = argv[1:]
+        return run_train(argv)
+    except (TrainingError, AnnealingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,547 @@
+"""The training loop: Algorithm 1 (``training.algorithm.annealing_loss``) over a frozen diffusion model, with HF Accelerate.
+
+Order of work: every check that can fail on bad input (config, output folder, dataset, model kind and prediction type,
+embeddings, resume state) runs before any model weight is loaded. Then, per micro-batch:
+
+    latents = VAE(image);  cond = text encoders(caption) or precomputed embeddings
+    terms   = annealing_loss(backend, mlp, latents, cond, uncond, grid, ...)    (the CFG++ step is annealing.cfgpp_step)
+    backward of terms.total (skipped and counted when it is NaN/inf; a zero loss keeps multi-GPU processes in step)
+
+and every ``gradient_accumulation`` micro-batches one AdamW step on the MLP (float32 always; ``precision`` only sets
+the frozen model's dtype). Randomness is a pure function of (seed, process, micro-batch index): the data order
+(:class:`training.data.MicroBatchSampler`) and a generator re-seeded for every micro-batch (VAE sampling, lambda,
+timestep, noise, CADS). A resumed run therefore continues exactly as the uninterrupted run would have.
+
+Files in the output folder:
+* ``<name>.safetensors``: the trained checkpoint (final), loadable by ``annealing.load_guidance_model`` and the nodes;
+* ``checkpoints/<name>-step000250.safetensors``: periodic checkpoints (the last ``keep_checkpoints`` are kept);
+* ``resume.pt``: MLP, optimizer, step, counters, balance EMA and the seed (plain tensors and dicts, read back with
+  ``torch.load(weights_only=True)``); every file is written to a temporary name and renamed;
+* ``train_log.jsonl``: one line every ``log_every`` steps; ``training_report.json``: the final report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+import annealing
+from annealing.checkpoint import atomic_write
+
+from .algorithm import CADSConfig, LossTerms, RunningBalance, annealing_loss
+from .backends import DEFAULT_RESOLUTION, FrozenDiffusionBackend, ModelInfo, TextCondition, detect_model, load_backend
+from .config import TrainConfig, TrainingError
+from .data import EmbeddingStore, ImageCaptionDataset, MicroBatchSampler, collate, scan_dataset
+
+RESUME_FORMAT = "annealing-training-resume"
+RESUME_FILE = "resume.pt"
+#: Settings a resumed run must share with the run it continues (others, e.g. max_steps, may change).
+RESUME_LOCKED = ("mlp_hidden", "mlp_layers", "delta_normalization", "grid_steps", "model_family_resolved", "resolution_resolved")
+FP16_LOSS_SCALE = 1024.0
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove a file can be written there (one-line error otherwise)."""
+    if folder.exists() and not folder.is_dir():
+        raise TrainingError(f"{folder}: the output path exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-", delete=True):
+            pass
+    except OSError as exc:
+        raise TrainingError(f"{folder}: output folder is not writable ({exc.strerror or exc})") from None
+
+
+def micro_seed(seed: int, rank: int, micro_step: int) -> int:
+    """Seed of the generator for one micro-batch of one process (distinct per process and per micro-batch)."""
+    return (seed * 1_000_003 + rank * 7_919 + micro_step * 104_729 + 12_345) % (2**63 - 1)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak CUDA memory allocated on ``device``, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    steps: int
+    images_seen: int
+    skipped_images: list[str] = field(default_factory=list)
+    skipped_image_events: int = 0
+    nan_losses: int = 0
+    skipped_steps: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    peak_memory_bytes: int = 0
+    resumed_from: int | None = None
+    last_terms: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "checkpoint": str(self.checkpoint),
+            "steps": self.steps,
+            "images_seen": self.images_seen,
+            "skipped_images": len(self.skipped_images),
+            "skipped_image_paths": self.skipped_images[:50],
+            "skipped_image_events": self.skipped_image_events,
+            "nan_losses": self.nan_losses,
+            "skipped_steps": self.skipped_steps,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 4),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "resumed_from": self.resumed_from,
+            "last_terms": self.last_terms,
+        }
+
+
+class Trainer:
+    """``Trainer(config).run()``; ``preflight()`` alone performs every input check without loading weights."""
+
+    def __init__(self, config: TrainConfig, progress: bool = True):
+        self.config = config
+        self.progress = progress
+        self.info: ModelInfo | None = None
+        self.backend: FrozenDiffusionBackend | None = None
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def preflight(self) -> None:
+        cfg = self.config.validate()
+        self.output = Path(cfg.output)
+        ensure_writable(self.output)
+        self.scan = scan_dataset(cfg.dataset, cfg.caption_extension, cfg.skip_missing_captions)
+        self.info = detect_model(cfg.model, cfg.config_folder)
+        self.family = cfg.model_family or self.info.family
+        self.resolution = cfg.resolution or DEFAULT_RESOLUTION[self.info.family]
+        self.latent_shape = self.info.latent_shape(self.resolution)
+        self.embeddings = None
+        if cfg.embeddings:
+            self.embeddings = EmbeddingStore(cfg.embeddings)
+            if self.embeddings.model_family != self.info.family:
+                raise TrainingError(
+                    f"{cfg.embeddings}: embeddings were made for a {self.embeddings.model_family} model, the model is {self.info.family}"
+                )
+            missing = self.embeddings.missing([s.caption for s in self.scan.samples])
+            if missing:
+                raise TrainingError(f"{cfg.embeddings}: {len(missing)} captions have no embedding (e.g. {missing[0][:60]!r}); re-run `python -m training embed`")
+        self.output_name = cfg.output_name or f"annealing_{self.family}"
+        self.locked = {
+            "mlp_hidden": cfg.mlp_hidden,
+            "mlp_layers": cfg.mlp_layers,
+            "delta_normalization": cfg.delta_normalization,
+            "grid_steps": cfg.grid_steps,
+            "model_family_resolved": self.family,
+            "resolution_resolved": self.resolution,
+        }
+        self.resume_state = self._read_resume() if cfg.resume else None
+
+    def _read_resume(self) -> dict | None:
+        path = self.output / RESUME_FILE
+        if not path.is_file():
+            raise TrainingError(f"{path}: --resume given but there is no resume state in the output folder")
+        try:
+            with open(path, "rb") as handle:
+                state = torch.load(handle, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrainingError(f"{path}: unreadable resume state ({first[:200]})") from None
+        if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+            raise TrainingError(f"{path}: not a training resume state")
+        saved = json.loads(state["locked"])
+        for key in RESUME_LOCKED:
+            if saved.get(key) != self.locked[key]:
+                raise TrainingError(f"{path}: cannot resume, {key} was {saved.get(key)!r} and is now {self.locked[key]!r}")
+        return state
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        from accelerate import Accelerator
+
+        cfg = self.config
+        self.accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation, cpu=cfg.device == "cpu", mixed_precision="no")
+        acc = self.accelerator
+        if cfg.device == "cuda" and acc.device.type != "cuda":
+            raise TrainingError("--device cuda was asked for but no CUDA device is available")
+        self.device = acc.device
+        self.dtype = resolve_precision(cfg.precision, self.device)
+        self.loss_scale = FP16_LOSS_SCALE if self.dtype == torch.float16 else 1.0
+        checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else self.device.type == "cuda"
+        self.cads = CADSConfig(cfg.cads_noise_scale, cfg.cads_tau1, cfg.cads_tau2, cfg.cads_psi, cfg.cads)
+        vae_dtype = torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32  # the SDXL VAE overflows in fp16
+        self.backend = load_backend(
+            self.info, device=self.device, dtype=self.dtype, resolution=self.resolution, load_text_encoders=self.embeddings is None,
+            use_t5=cfg.sd3_t5, uncond=cfg.uncond, cads=self.cads, gradient_checkpointing=checkpointing, vae_dtype=vae_dtype,
+        )
+        self.gradient_checkpointing = checkpointing
+        self.grid = self.backend.grid(cfg.grid_steps)
+        self.uncond = self.backend.unconditional(self.embeddings.uncond() if self.embeddings else None)
+        width, pooled = self.backend.condition_width()
+        if self.uncond.embeds.shape[-1] != width or (pooled is not None and (self.uncond.pooled is None or self.uncond.pooled.shape[-1] != pooled)):
+            raise TrainingError(f"{cfg.embeddings}: embedding widths do not match the model (expected {width} tokens / {pooled} pooled)")
+
+        torch.manual_seed(cfg.seed)  # the same initial MLP on every process
+        mlp_config = annealing.GuidanceModelConfig(hidden_size=cfg.mlp_hidden, n_layers=cfg.mlp_layers, delta_embed_normalization=cfg.delta_normalization)
+        mlp = annealing.GuidanceScaleModel(mlp_config).to(torch.float32)
+        optimizer = torch.optim.AdamW(mlp.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.mlp, self.optimizer = acc.prepare(mlp, optimizer)
+        self.balance = RunningBalance(momentum=cfg.balance_momentum) if self._balance_on() else None
+
+        self.world = acc.num_processes
+        self.effective_batch = cfg.batch_size * cfg.gradient_accumulation * self.world
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.images / self.effective_batch))
+        self.step = 0
+        self.images_seen = 0
+        self.nan_losses = 0
+        self.skipped_steps = 0
+        self.skipped_events = 0
+        self.failed_paths: set[str] = set()
+        if self.resume_state is not None:
+            self._apply_resume(self.resume_state)
+
+    def _balance_on(self) -> bool:
+        mode = self.config.balance
+        return mode == "on" or (mode == "auto" and self.info.prediction_space == "velocity")
+
+    def _apply_resume(self, state: dict) -> None:
+        self.accelerator.unwrap_model(self.mlp).load_state_dict(state["mlp"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.images_seen = int(state["images_seen"])
+        self.nan_losses = int(state["nan_losses"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.skipped_events = int(state["skipped_image_events"])
+        self.failed_paths = set(json.loads(state["failed_paths"]))
+        if self.balance is not None and state.get("balance_quality") is not None:
+            self.balance.quality = float(state["balance_quality"])
+            self.balance.alignment = float(state["balance_alignment"])
+        saved = json.loads(state["locked"])
+        if saved.get("effective_batch") != self.effective_batch or saved.get("seed") != self.config.seed:
+            self.accelerator.print(
+                "warning: batch size, accumulation, process count or seed differ from the resumed run; "
+                "training continues but will not reproduce an uninterrupted run"
+            )
+
+    # ------------------------------------------------------------------------------------------------ metadata and saving
+    def metadata(self) -> annealing.CheckpointMetadata:
+        cfg = self.config
+        training = {
+            "steps": self.step,
+            "images": self.images_seen,
+            "lambda_min": cfg.lambda_min,
+            "lambda_max": cfg.lambda_max,
+            "base_model": self.info.base_model,
+            "base_prediction_type": self.info.prediction_type,
+            "resolution": self.resolution,
+            "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay,
+            "effective_batch": self.effective_batch,
+            "grid_steps": cfg.grid_steps,
+            "cads": {"enabled": cfg.cads, "noise_scale": cfg.cads_noise_scale, "tau1": cfg.cads_tau1, "tau2": cfg.cads_tau2, "psi": cfg.cads_psi},
+            "balance": self.balance is not None,
+            "delta_weight": cfg.delta_weight,
+            "uncond": self.backend.uncond_mode,
+            "seed": cfg.seed,
+            "precision": str(self.dtype).replace("torch.", ""),
+            "skipped_images": len(self.failed_paths),
+            "nan_losses": self.nan_losses,
+            "source": f"annealing-guidance-nodes training {annealing.__version__}",
+        }
+        if self.info.prediction_type == "flow":
+            training["flow_shift"] = float(self.info.scheduler_config.get("shift", 1.0))
+        return annealing.CheckpointMetadata(
+            model_family=self.family,
+            prediction_space=self.info.prediction_space,
+            timestep_convention=self.grid.timestep_convention,
+            trained_latent_numel=int(math.prod(self.latent_shape)),
+            sampling_steps=cfg.grid_steps,
+            training=training,
+        )
+
+    def save(self, final: bool = False) -> Path:
+        """Write the checkpoint (periodic or final) and then the resume state; main process only."""
+        acc = self.accelerator
+        model = acc.unwrap_model(self.mlp)
+        metadata = self.metadata()
+        if final:
+            path = self.output / f"{self.output_name}.safetensors"
+        else:
+            (self.output / "checkpoints").mkdir(exist_ok=True)
+            path = self.output / "checkpoints" / f"{self.output_name}-step{self.step:06d}.safetensors"
+        annealing.save_guidance_model(model, path, metadata)
+        if not final:
+            self._prune_checkpoints()
+        self.save_resume()
+        return path
+
+    def save_resume(self) -> None:
+        locked = dict(self.locked, effective_batch=self.effective_batch, seed=self.config.seed)
+        state = {
+            "format": RESUME_FORMAT,
+            "version": 1,
+            "step": self.step,
+            "micro_step": self.step * self.config.gradient_accumulation,
+            "images_seen": self.images_seen,
+            "nan_losses": self.nan_losses,
+            "skipped_steps": self.skipped_steps,
+            "skipped_image_events": self.skipped_events,
+            "failed_paths": json.dumps(sorted(self.failed_paths)),
+            "seed": self.config.seed,
+            "mlp": {k: v.detach().cpu() for k, v in self.accelerator.unwrap_model(self.mlp).state_dict().items()},
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "balance_quality": None if self.balance is None else self.balance.quality,
+            "balance_alignment": None if self.balance is None else self.balance.alignment,
+            "locked": json.dumps(locked, sort_keys=True),
+            "config": self.config.to_json(),
+        }
+        atomic_write(self.output / RESUME_FILE, lambda tmp: torch.save(state, tmp))
+
+    def _prune_checkpoints(self) -> None:
+        keep = self.config.keep_checkpoints
+        found = sorted((self.output / "checkpoints").glob(f"{self.output_name}-step*.safetensors"))
+        for old in found[: max(0, len(found) - keep)] if keep > 0 else found:
+            old.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------------------------------------ the loss
+    def compute_loss(self, latents: torch.Tensor, cond: TextCondition, generator: torch.Generator | None, **overrides) -> LossTerms:
+        """Algorithm 1's loss for one micro-batch (``overrides`` pass lam/grid_index/noise through, for tests)."""
+        cfg = self.config
+        weight = cfg.delta_weight * (self.balance.weight if self.balance is not None else 1.0)
+        return annealing_loss(self.backend, self.mlp, latents, cond, self.uncond, self.grid, lambda_range=(cfg.lambda_min, cfg.lambda_max),
+                              cads=self.cads, delta_weight=weight, generator=generator, **overrides)
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def run(self) -> TrainResult:
+        if self.info is None:
+            self.preflight()
+        self._setup()
+        cfg, acc = self.config, self.accelerator
+        start_step = self.step
+        resumed_from = start_step if self.resume_state is not None else None
+        if self.step >= self.total_steps:
+            acc.print(f"nothing to do: the resume state is at step {self.step} of {self.total_steps}")
+        dataset = ImageCaptionDataset(self.scan.samples, self.resolution, self.embeddings)
+        sampler = MicroBatchSampler(len(dataset), cfg.batch_size, cfg.seed, acc.process_index, self.world, start=self.step * cfg.gradient_accumulation)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                                             persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None)
+        generator = torch.Generator(device=self.device)
+        params = list(self.mlp.parameters())
+        log_path = self.output / "train_log.jsonl"
+        from tqdm.auto import tqdm
+
+        acc.print(
+            f"training a guidance MLP for {self.info.family} ({self.info.prediction_type}) on {len(dataset)} images at {self.resolution}px: "
+            f"{self.total_steps} steps x {self.effective_batch} images, {self.world} process(es) on {self.device}, frozen model in "
+            f"{str(self.dtype).replace('torch.', '')}, gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}"
+        )
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"training {self.family}", unit="step",
+                   disable=not (self.progress and acc.is_local_main_process), dynamic_ncols=True)
+        data_iter = iter(loader)
+        micro = self.step * cfg.gradient_accumulation
+        window = _Window(self.device)
+        last_terms: dict = {}
+        started = time.perf_counter()
+        images_at_start = self.images_seen
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.mlp.train()
+        while self.step < self.total_steps:
+            batch = next(data_iter)
+            if batch["failed"]:
+                self.failed_paths.update(batch["failed"])
+                window.failed += len(batch["failed"])
+            generator.manual_seed(micro_seed(cfg.seed, acc.process_index, micro))
+            micro += 1
+            with acc.accumulate(self.mlp):
+                terms = None
+                if batch["pixels"] is not None:
+                    latents = self.backend.encode_images(batch["pixels"], generator)
+                    if "embeds" in batch:
+                        cond = TextCondition(batch["embeds"], batch.get("pooled")).to(self.device)
+                    else:
+                        cond = self.backend.encode_text(batch["captions"])
+                    terms = self.compute_loss(latents, cond, generator)
+                if terms is not None and bool(torch.isfinite(terms.total)):
+                    acc.backward(terms.total * self.loss_scale)
+                    window.add(terms, latents.shape[0])
+                else:
+                    if terms is not None:
+                        window.nan += 1
+                    # No usable loss: a zero loss on every MLP parameter keeps the processes' collective calls in step.
+                    acc.backward(sum(p.sum() for p in params) * 0.0)
+                if acc.sync_gradients:
+                    self._optimizer_step(window, params)
+            if acc.sync_gradients:
+                summary = window.reduce(acc)
+                self.images_seen += summary["images"]
+                self.nan_losses += summary["nan"]
+                self.skipped_events += summary["failed"]
+                if summary["count"]:
+                    last_terms = {k: summary[k] for k in ("loss", "quality", "alignment", "w_mean", "w_min", "w_max")}
+                    if self.balance is not None:
+                        self.balance.update(SimpleNamespace(quality=summary["quality"], alignment=summary["alignment"]))
+                    last_terms["delta_weight"] = cfg.delta_weight * (self.balance.weight if self.balance else 1.0)
+                window = _Window(self.device)
+                self.step += 1
+                bar.update(1)
+                if last_terms:
+                    bar.set_postfix(loss=f"{last_terms['loss']:.4g}", q=f"{last_terms['quality']:.3g}", a=f"{last_terms['alignment']:.3g}",
+                                    w=f"{last_terms['w_mean']:.2f}[{last_terms['w_min']:.2f},{last_terms['w_max']:.2f}]",
+                                    **({"dw": f"{last_terms['delta_weight']:.3g}"} if self.balance is not None else {}), refresh=False)
+                if acc.is_main_process and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
+                    row = {"step": self.step, "images": self.images_seen, **last_terms, "nan_losses": self.nan_losses,
+                           "skipped_images": len(self.failed_paths), "seconds": round(time.perf_counter() - started, 3)}
+                    with open(log_path, "a", encoding="utf-8") as handle:
+                        handle.write(json.dumps(row) + "\n")
+                if self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
+                    self._checkpoint(final=False)
+        bar.close()
+        seconds = time.perf_counter() - started
+        self._gather_failed()
+        path = self._checkpoint(final=True)
+        result = TrainResult(
+            checkpoint=path,
+            steps=self.step,
+            images_seen=self.images_seen,
+            skipped_images=sorted(self.failed_paths),
+            skipped_image_events=self.skipped_events,
+            nan_losses=self.nan_losses,
+            skipped_steps=self.skipped_steps,
+            seconds=seconds,
+            images_per_second=(self.images_seen - images_at_start) / seconds if seconds > 0 else 0.0,
+            peak_memory_bytes=peak_memory_bytes(self.device),
+            resumed_from=resumed_from,
+            last_terms=last_terms,
+        )
+        if acc.is_main_process:
+            payload = json.dumps(result.to_dict(), indent=1)
+            atomic_write(self.output / "training_report.json", lambda tmp: Path(tmp).write_text(payload, encoding="utf-8"))
+            acc.print(format_report(result))
+        acc.wait_for_everyone()
+        return result
+
+    def _optimizer_step(self, window: _Window, params: list[torch.nn.Parameter]) -> None:
+        acc, cfg = self.accelerator, self.config
+        contributed = acc.reduce(torch.tensor(float(window.count), device=self.device), "sum")
+        if self.loss_scale != 1.0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(self.loss_scale)
+        if cfg.max_grad_norm > 0:
+            norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        if float(contributed) == 0 or not math.isfinite(float(norm)):
+            self.skipped_steps += 1  # nothing usable in this window, or a non-finite gradient: leave the MLP alone
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _checkpoint(self, final: bool) -> Path:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = None
+        if acc.is_main_process:
+            path = self.save(final=final)
+        acc.wait_for_everyone()
+        return path or (self.output / f"{self.output_name}.safetensors")
+
+    def _gather_failed(self) -> None:
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            merged: set[str] = set()
+            for paths in gather_object([sorted(self.failed_paths)]):
+                merged.update(paths)
+            self.failed_paths = merged
+
+
+class _Window:
+    """Loss terms and w statistics of the micro-batches of one optimizer step (per process, reduced on demand)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.count = self.images = self.nan = self.failed = 0
+        self.loss = self.quality = self.alignment = self.w_sum = 0.0
+        self.w_n = 0
+        self.w_min, self.w_max = math.inf, -math.inf
+
+    def add(self, terms: LossTerms, images: int) -> None:
+        self.count += 1
+        self.images += images
+        self.loss += float(terms.total.detach())
+        self.quality += float(terms.quality)
+        self.alignment += float(terms.alignment)
+        w = terms.w.float()
+        self.w_sum += float(w.sum())
+        self.w_n += w.numel()
+        self.w_min = min(self.w_min, float(w.min()))
+        self.w_max = max(self.w_max, float(w.max()))
+
+    def reduce(self, acc) -> dict:
+        sums = torch.tensor([self.count, self.images, self.nan, self.failed, self.loss, self.quality, self.alignment, self.w_sum, self.w_n],
+                            dtype=torch.float64, device=self.device)
+        extremes = torch.tensor([self.w_min, -self.w_max], dtype=torch.float64, device=self.device)
+        if acc.num_processes > 1:
+            sums = acc.reduce(sums, "sum")
+            extremes = acc.gather(extremes.unsqueeze(0)).min(dim=0).values  # [min w, -max w] over processes
+        count, images, nan, failed, loss, quality, alignment, w_sum, w_n = sums.tolist()
+        out = {"count": int(count), "images": int(images), "nan": int(nan), "failed": int(failed)}
+        if count:
+            out.update(loss=loss / count, quality=quality / count, alignment=alignment / count, w_mean=w_sum / max(w_n, 1),
+                       w_min=float(extremes[0]), w_max=-float(extremes[1]))
+        return out
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def format_report(result: TrainResult) -> str:
+    lines = [
+        f"done: {result.steps} steps, {result.images_seen} images seen in {result.seconds:.1f} s ({result.images_per_second:.3g} images/s)",
+        f"checkpoint: {result.checkpoint}",
+        f"skipped unreadable images: {len(result.skipped_images)}" + (f" (e.g. {result.skipped_images[0]})" if result.skipped_images else ""),
+        f"skipped NaN/inf losses: {result.nan_losses}; skipped optimizer steps: {result.skipped_steps}",
+        f"peak memory: {result.peak_memory_bytes / 2**20:.0f} MiB",
+    ]
+    if result.last_terms:
+        t = result.last_terms
+        lines.append(f"last step: quality {t['quality']:.4g}, alignment {t['alignment']:.4g}, w mean {t['w_mean']:.3f} [{t['w_min']:.3f}, {t['w_max']:.3f}]")
+    return "\n".join(lines)
+
+
+def train(config: TrainConfig, progress: bool = True) -> TrainResult:
+    """Check everything, then train; raises :class:`TrainingError` for bad input."""
+    trainer = Trainer(config, progress=progress)
+    trainer.preflight()
+    return trainer.run()
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
