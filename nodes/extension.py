@@ -1,0 +1,26 @@
+"""The pack's ComfyExtension: registers the model folder (at import) and lists the nodes."""
+
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
+
+from .guider import AnnealingGuider, ApplyAnnealingGuidance
+from .helpers import register_model_folder
+from .loader import LoadAnnealingGuidanceModel
+from .plots import AnnealingModelExplorer, AnnealingSchedulePlot
+
+MODEL_FOLDER_PATH = register_model_folder(folder_paths.folder_names_and_paths, folder_paths.models_dir)
+
+NODES = [LoadAnnealingGuidanceModel, AnnealingGuider, ApplyAnnealingGuidance, AnnealingSchedulePlot, AnnealingModelExplorer]
+
+
+class AnnealingGuidanceExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> AnnealingGuidanceExtension:
+    return AnnealingGuidanceExtension()

@@ -1,0 +1,77 @@
+"""Annealing Guider (GUIDER for SamplerCustomAdvanced) and Apply Annealing Guidance (MODEL patch for KSampler)."""
+
+from __future__ import annotations
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from .common import CATEGORY, annealing_inputs, check_model, make_hook, patch_model
+
+
+class AnnealingCFGGuider(comfy.samplers.CFGGuider):
+    """ComfyUI's CFGGuider on a patched model: CFG at ``fallback_cfg``, replaced by the annealing hook's guided prediction.
+
+    Going through CFGGuider keeps every other pack's pre/post-CFG functions and wrappers working.
+    """
+
+    def __init__(self, model_patcher, hook):
+        super().__init__(model_patcher)
+        self.annealing_hook = hook
+
+
+class AnnealingGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AnnealingGuider",
+            display_name="Annealing Guider",
+            category=CATEGORY,
+            description="Classifier-free guidance whose scale a learned MLP anneals at every step (Yehezkel et al. 2025). "
+            "Use with SamplerCustomAdvanced and any sampler.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (EPS, V-prediction or flow)."),
+                io.Conditioning.Input("positive", tooltip="The prompt's conditioning."),
+                io.Conditioning.Input("negative", tooltip="The unconditional / negative conditioning (the MLP was trained with an empty prompt)."),
+                *annealing_inputs(),
+                io.Float.Input(
+                    "fallback_cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                    tooltip="Plain CFG scale used outside the active range (ordinary CFG units). Unused when the range is 0..1.",
+                ),
+            ],
+            outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, annealing_model, lam, renoise, normalize_delta_norm, clamp_w, w_min, w_max,
+                active_start, active_end, fallback_cfg) -> io.NodeOutput:
+        hook = make_hook(annealing_model, lam, renoise, normalize_delta_norm, clamp_w, w_min, w_max, active_start, active_end)
+        check_model(hook, model)
+        guider = AnnealingCFGGuider(patch_model(model, hook), hook)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(fallback_cfg)
+        return io.NodeOutput(guider)
+
+
+class ApplyAnnealingGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ApplyAnnealingGuidance",
+            display_name="Apply Annealing Guidance",
+            category=CATEGORY,
+            description="Patches a model so the plain KSampler uses annealing guidance (a post-CFG function; composes with other packs). "
+            "KSampler's cfg only matters outside the active range. Apply it before other guidance patches: post-CFG functions "
+            "added after it see its result.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (EPS, V-prediction or flow). It is cloned, never changed."),
+                *annealing_inputs(),
+            ],
+            outputs=[io.Model.Output(tooltip="The patched model, for KSampler (its cfg is only used outside the active range).")],
+        )
+
+    @classmethod
+    def execute(cls, model, annealing_model, lam, renoise, normalize_delta_norm, clamp_w, w_min, w_max, active_start,
+                active_end) -> io.NodeOutput:
+        hook = make_hook(annealing_model, lam, renoise, normalize_delta_norm, clamp_w, w_min, w_max, active_start, active_end)
+        check_model(hook, model)
+        return io.NodeOutput(patch_model(model, hook))

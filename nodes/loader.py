@@ -1,0 +1,33 @@
+"""Load Annealing Guidance Model: a file from models/annealing_guidance -> ANNEALING_GUIDANCE_MODEL."""
+
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..annealing import load_guidance_model
+from .common import CATEGORY, AnnealingGuidanceModel
+from .helpers import MODEL_FOLDER
+
+
+class LoadAnnealingGuidanceModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoadAnnealingGuidanceModel",
+            display_name="Load Annealing Guidance Model",
+            category=CATEGORY,
+            description="Loads a guidance-scale MLP (upstream .pt or this pack's .safetensors) with the metadata that says how to use it.",
+            inputs=[
+                io.Combo.Input(
+                    "model_name", options=folder_paths.get_filename_list(MODEL_FOLDER),
+                    tooltip="A checkpoint in models/annealing_guidance (.safetensors or .pt), e.g. the upstream SDXL checkpoint.",
+                ),
+            ],
+            outputs=[AnnealingGuidanceModel.Output(display_name="annealing_model", tooltip="The guidance-scale MLP and its metadata.")],
+        )
+
+    @classmethod
+    def execute(cls, model_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(MODEL_FOLDER, model_name)
+        return io.NodeOutput(load_guidance_model(path))  # a broken file raises CheckpointError: one line naming file and problem

@@ -1,0 +1,77 @@
+"""Tiny real ComfyUI models for the integration tests: a ComfyUI BaseModel whose diffusion model is a small conv net.
+
+Import only after ComfyUI is on sys.path (the ``comfy_host`` fixture does that).
+"""
+
+from __future__ import annotations
+
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models_base
+import torch
+
+CONTEXT_DIM = 8
+
+
+class TinyDiffusionModel(torch.nn.Module):
+    """Stands in for the UNet/DiT: called as diffusion_model(x, t, context=..., transformer_options=..., **extra)."""
+
+    def __init__(self, channels=4, context_dim=CONTEXT_DIM):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.context = torch.nn.Linear(context_dim, channels)
+        self.time = torch.nn.Linear(1, channels)
+
+    @property
+    def dtype(self):  # BaseModel.get_dtype() reads it
+        return self.conv.weight.dtype
+
+    def forward(self, x, timesteps, context=None, control=None, transformer_options={}, **kwargs):  # noqa: B006 (ComfyUI's signature)
+        h = self.conv(x)
+        h = h + self.time((timesteps.float() / 1000.0)[:, None].to(h.dtype))[:, :, None, None]
+        if context is not None:
+            h = h + self.context(context.mean(1).to(h.dtype))[:, :, None, None]
+        return 2.0 * torch.tanh(h)
+
+
+class TinyConfig(comfy.supported_models_base.BASE):
+    unet_config = {"disable_unet_model_creation": True}
+    unet_extra_config = {}
+    latent_format = comfy.latent_formats.LatentFormat
+    sampling_settings = {}
+
+
+class TinySDXL(TinyConfig):
+    """Named like ComfyUI's SDXL config, so the family check sees 'sdxl'."""
+
+
+TinySDXL.__name__ = "SDXL"
+
+
+class TinySD3(TinyConfig):
+    pass
+
+
+TinySD3.__name__ = "SD3"
+
+
+def make_tiny_model(kind: str = "eps", seed: int = 0, dtype=torch.float32, config=None):
+    """A ModelPatcher around a tiny BaseModel: kind 'eps' (SDXL-like discrete), 'v' or 'const' (SD3-like flow, shift 3)."""
+    torch.manual_seed(seed)
+    model_type = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION,
+                  "const": comfy.model_base.ModelType.FLOW}[kind]
+    config_class = config or (TinySD3 if kind == "const" else TinySDXL)
+    cfg = config_class({"disable_unet_model_creation": True})
+    cfg.sampling_settings = {"shift": 3.0, "multiplier": 1000} if kind == "const" else {}
+    base = comfy.model_base.BaseModel(cfg, model_type=model_type, device=torch.device("cpu"))
+    base.diffusion_model = TinyDiffusionModel().to(dtype)
+    base.eval()
+    return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def make_cond(seed: int, tokens: int = 3):
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, CONTEXT_DIM, generator=generator), {}]]

@@ -1,0 +1,49 @@
+"""The pack loads the way ComfyUI loads a custom-node directory, and every node registers with its inputs and outputs."""
+
+from __future__ import annotations
+
+EXPECTED = {
+    "LoadAnnealingGuidanceModel": ({"model_name"}, ("ANNEALING_GUIDANCE_MODEL",)),
+    "AnnealingGuider": ({"model", "positive", "negative", "annealing_model", "lam", "renoise", "normalize_delta_norm", "clamp_w", "w_min",
+                         "w_max", "active_start", "active_end", "fallback_cfg"}, ("GUIDER",)),
+    "ApplyAnnealingGuidance": ({"model", "annealing_model", "lam", "renoise", "normalize_delta_norm", "clamp_w", "w_min", "w_max",
+                                "active_start", "active_end"}, ("MODEL",)),
+    "AnnealingSchedulePlot": ({"samples", "guider", "model"}, ("IMAGE",)),
+    "AnnealingModelExplorer": ({"annealing_model", "lambdas"}, ("IMAGE",)),
+}
+
+
+def test_pack_loads_like_a_custom_node_and_registers_every_node(comfy_host):
+    assert comfy_host.loaded is True
+    assert sorted(EXPECTED) == sorted(name for name in comfy_host.new_nodes if name in EXPECTED)
+    mappings, display = comfy_host.nodes.NODE_CLASS_MAPPINGS, comfy_host.nodes.NODE_DISPLAY_NAME_MAPPINGS
+    # ComfyUI's own top-level `nodes` module is untouched by the pack's `nodes/` package
+    assert comfy_host.nodes.__file__.endswith("nodes.py") and "KSampler" in mappings
+    for name, (inputs, outputs) in EXPECTED.items():
+        cls = mappings[name]
+        info = cls.INPUT_TYPES()
+        declared = {**info.get("required", {}), **info.get("optional", {})}
+        assert set(declared) == inputs, name
+        assert tuple(cls.RETURN_TYPES) == outputs, name
+        assert display[name] and cls.RELATIVE_PYTHON_MODULE.startswith("custom_nodes.")
+        for input_name, (_type, options) in declared.items():
+            assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
+        for input_name, (_type, options) in declared.items():  # numeric widgets carry their range
+            if _type in ("FLOAT", "INT"):
+                assert options["min"] <= options["default"] <= options["max"], f"{name}.{input_name}"
+    assert mappings["AnnealingSchedulePlot"].OUTPUT_NODE and mappings["AnnealingModelExplorer"].OUTPUT_NODE
+    guider = mappings["AnnealingGuider"].INPUT_TYPES()["required"]
+    assert guider["lam"][1]["default"] == 0.4 and guider["lam"][1]["min"] == 0.0 and guider["lam"][1]["max"] == 1.0
+    assert guider["renoise"][1]["options"] == ["auto", "k_factor", "as_is"] and guider["renoise"][1]["default"] == "auto"
+
+
+def test_model_folder_is_registered_for_safetensors_and_pt(comfy_host):
+    paths, extensions = comfy_host.folder_paths.folder_names_and_paths["annealing_guidance"]
+    assert str(comfy_host.models_dir / "annealing_guidance") in paths
+    assert {".safetensors", ".pt"} <= set(extensions)
+    folder = comfy_host.models_dir / "annealing_guidance"
+    (folder / "listed.pt").write_bytes(b"x")
+    (folder / "ignored.txt").write_text("x")
+    listing = comfy_host.folder_paths.get_filename_list("annealing_guidance")
+    assert "listed.pt" in listing and "ignored.txt" not in listing
+    (folder / "listed.pt").unlink()

@@ -1,0 +1,421 @@
+"""The nodes inside a real ComfyUI, sampling tiny models (EPS and CONST) on CPU.
+
+References are written here from the spec (docs/spec section 1 and 2), not taken from the code under test:
+an upstream-style DDIM loop that renoises with eps_uncond (EPS), and its flow-matching twin (CONST).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+LAM = 0.4
+STEPS_DDIM = 10
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+# ----------------------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny(comfy_host):
+    import comfy_tiny_models
+
+    return comfy_tiny_models
+
+
+@pytest.fixture(scope="module")
+def node(comfy_host):
+    def call(name, **inputs):
+        return comfy_host.nodes.NODE_CLASS_MAPPINGS[name].execute(**inputs)
+
+    return call
+
+
+@pytest.fixture(scope="module")
+def upstream_model(comfy_host, upstream_pt):
+    return comfy_host.annealing.load_guidance_model(upstream_pt)
+
+
+@pytest.fixture(scope="module")
+def flow_model(comfy_host):
+    """A flow checkpoint as a user would train it (SD3, velocity space, sigma * 1000), saved into the models folder."""
+    annealing = comfy_host.annealing
+    torch.manual_seed(7)
+    config = annealing.GuidanceModelConfig(w_scale=3.0, w_bias=1.5)
+    metadata = annealing.CheckpointMetadata(model_family="sd3", prediction_space="velocity", timestep_convention="sigma_x1000",
+                                            trained_latent_numel=16 * 128 * 128, sampling_steps=28)
+    path = comfy_host.models_dir / "annealing_guidance" / "tiny_sd3.safetensors"
+    annealing.save_guidance_model(annealing.GuidanceScaleModel(config, metadata), path)
+    return annealing.load_guidance_model(path)
+
+
+def guider_inputs(annealing_model, **overrides):
+    inputs = dict(annealing_model=annealing_model, lam=LAM, renoise="auto", normalize_delta_norm=False, clamp_w=False, w_min=0.0,
+                  w_max=3.0, active_start=0.0, active_end=1.0)
+    inputs.update(overrides)
+    return inputs
+
+
+def make_guider(node, model, pos, neg, annealing_model, fallback_cfg=1.0, **overrides):
+    return node("AnnealingGuider", model=model, positive=pos, negative=neg, fallback_cfg=fallback_cfg,
+                **guider_inputs(annealing_model, **overrides)).args[0]
+
+
+def sample_guider(guider, sampler_name, sigmas, latent, seed=42):
+    import comfy.sample
+    import comfy.samplers
+
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return guider.sample(noise, latent, comfy.samplers.sampler_object(sampler_name), sigmas, disable_pbar=True, seed=seed)
+
+
+def ddim_setup(tiny, steps=STEPS_DDIM):
+    model = tiny.make_tiny_model("eps", seed=0)
+    ms = model.get_model_object("model_sampling")
+    ratio = 1000 // steps
+    timesteps = torch.arange(steps - 1, -1, -1) * ratio  # upstream's DDIM grid (980..0 for 50 steps)
+    sigmas = torch.cat([ms.sigmas[timesteps].float(), torch.zeros(1)])
+    return model, ms, timesteps, sigmas
+
+
+# --------------------------------------------------------------------------------------------------------------- references
+
+
+@torch.no_grad()
+def reference_ddim(model, abar, timesteps, mlp, pos, neg, noise, lam):
+    """Upstream's sampler from the spec: eps_hat = eps_u + w (eps_c - eps_u), z0 = (z - sqrt(1-abar) eps_hat) / sqrt(abar),
+    z_prev = sqrt(abar_prev) z0 + sqrt(1 - abar_prev) eps_u (renoise with the UNCONDITIONAL noise); abar after the last step = 1.
+    Starts from the state ComfyUI starts from: x = sigma_0 * noise, i.e. z = sqrt(1 - abar_0) * noise."""
+    net = model.model.diffusion_model
+    z = (1 - abar[timesteps[0]]).sqrt() * noise.double()
+    ctx_c, ctx_u = pos[0][0].double(), neg[0][0].double()
+    net = net.double()
+    batch = noise.shape[0]
+    for i, t in enumerate(timesteps.tolist()):
+        tt = torch.full((batch,), float(t), dtype=torch.float64)
+        eps_c = net(z, tt, context=ctx_c.expand(batch, -1, -1))
+        eps_u = net(z, tt, context=ctx_u.expand(batch, -1, -1))
+        norm = (eps_u - eps_c).reshape(batch, -1).norm(dim=1)
+        w = mlp(tt.float(), norm.float(), lam).double().reshape(-1, 1, 1, 1)
+        eps_hat = eps_u + w * (eps_c - eps_u)
+        z0 = (z - (1 - abar[t]).sqrt() * eps_hat) / abar[t].sqrt()
+        abar_prev = abar[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.tensor(1.0, dtype=torch.float64)
+        z = abar_prev.sqrt() * z0 + (1 - abar_prev).sqrt() * eps_u
+    net.float()
+    return z.float()
+
+
+@torch.no_grad()
+def reference_flow(model, sigmas, mlp, pos, neg, noise, lam):
+    """The flow-matching port from the spec: v_hat = v_u + w (v_c - v_u), x0 = x - sigma v_hat, eps_u = x + (1 - sigma) v_u,
+    x_next = (1 - sigma_next) x0 + sigma_next eps_u; delta in velocity space; MLP timestep sigma * 1000."""
+    net = model.model.diffusion_model.double()
+    x = sigmas[0].double() * noise.double()
+    batch = noise.shape[0]
+    ctx_c, ctx_u = pos[0][0].double(), neg[0][0].double()
+    for s, s_next in zip(sigmas[:-1].double().tolist(), sigmas[1:].double().tolist()):
+        tt = torch.full((batch,), s * 1000.0, dtype=torch.float64)
+        v_c = net(x, tt, context=ctx_c.expand(batch, -1, -1))
+        v_u = net(x, tt, context=ctx_u.expand(batch, -1, -1))
+        norm = (v_u - v_c).reshape(batch, -1).norm(dim=1)
+        w = mlp(tt.float(), norm.float(), lam).double().reshape(-1, 1, 1, 1)
+        v_hat = v_u + w * (v_c - v_u)
+        x0 = x - s * v_hat
+        eps_u = x + (1 - s) * v_u
+        x = (1 - s_next) * x0 + s_next * eps_u
+    net.float()
+    return x.float()
+
+
+# -------------------------------------------------------------------------------------------------------- (a) (b) (c): EPS
+
+
+@pytest.fixture(scope="module")
+def eps_runs(comfy_host, tiny, node, upstream_model):
+    import comfy.sample
+
+    model, ms, timesteps, sigmas = ddim_setup(tiny)
+    pos, neg = tiny.make_cond(1), tiny.make_cond(2)
+    latent = torch.zeros(2, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 42)
+    abar = comfy_host.annealing.schedules.scaled_linear_alphas_cumprod()  # upstream: scaled_linear 0.00085..0.012
+    reference = reference_ddim(model, abar, timesteps, upstream_model, pos, neg, noise, LAM)
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        guider_a = make_guider(node, model, pos, neg, upstream_model)
+        out_a = sample_guider(guider_a, "euler_cfg_pp", sigmas, latent)
+        guider_b = make_guider(node, model, pos, neg, upstream_model)
+        out_b = sample_guider(guider_b, "euler", sigmas, latent)
+        patched = node("ApplyAnnealingGuidance", model=model, **guider_inputs(upstream_model)).args[0]
+        out_c = comfy.sample.sample(patched, noise, STEPS_DDIM, 1.0, "euler", "normal", pos, neg, latent, sigmas=sigmas,
+                                    disable_pbar=True, seed=42)
+        out_c_pp = comfy.sample.sample(patched, noise, STEPS_DDIM, 1.0, "euler_cfg_pp", "normal", pos, neg, latent, sigmas=sigmas,
+                                       disable_pbar=True, seed=42)
+    return dict(reference=reference, a=out_a, b=out_b, c=out_c, c_pp=out_c_pp, guider_a=guider_a, guider_b=guider_b,
+                patched=patched, sigmas=sigmas, model=model, latent=latent)
+
+
+def test_a_guider_with_euler_cfg_pp_equals_upstream_ddim(eps_runs):
+    assert eps_runs["a"].shape == eps_runs["latent"].shape
+    assert rel_err(eps_runs["a"], eps_runs["reference"]) < 1e-4
+    run = eps_runs["guider_a"].annealing_hook.runs[-1]
+    assert run.sampler_name == "euler_cfg_pp" and run.renoise == "as_is" and run.exactness == "exact"
+    assert (run.trace["k"] == 1).all()
+
+
+def test_b_plain_euler_with_k_factor_equals_a(eps_runs):
+    assert rel_err(eps_runs["b"], eps_runs["a"]) < 1e-4
+    run = eps_runs["guider_b"].annealing_hook.runs[-1]
+    assert run.sampler_name == "euler" and run.renoise == "k_factor"
+    sig = eps_runs["sigmas"]
+    expected_k = sig[:-1] / (sig[:-1] - sig[1:])  # EPS: k = sigma / (sigma - sigma_next)
+    assert torch.allclose(torch.as_tensor(run.trace["k"][:, 0]), expected_k, rtol=1e-5)
+    # one w per step and sample, different per sample (different noise)
+    assert run.trace["w"].shape == (STEPS_DDIM, 2) and not torch.allclose(torch.as_tensor(run.trace["w"][:, 0]), torch.as_tensor(run.trace["w"][:, 1]))
+
+
+def test_c_ksampler_with_patch_equals_b_and_cfg_pp_keeps_working(eps_runs):
+    assert rel_err(eps_runs["c"], eps_runs["b"]) < 1e-5
+    assert rel_err(eps_runs["c_pp"], eps_runs["a"]) < 1e-5  # ComfyUI's own CFG++ sampler with the patch applied
+
+
+def test_patch_clones_and_leaves_the_input_model_alone(eps_runs, comfy_host):
+    model, patched = eps_runs["model"], eps_runs["patched"]
+    assert patched is not model
+    assert "sampler_post_cfg_function" not in model.model_options
+    assert patched.model_options.get("disable_cfg1_optimization") is True
+    assert "sampler_cfg_function" not in patched.model_options  # the single slot stays free for other packs
+
+
+def test_flow_model_guider_and_patch_equal_the_flow_reference(comfy_host, tiny, node, flow_model):
+    import comfy.sample
+    import comfy.samplers
+
+    model = tiny.make_tiny_model("const", seed=3)
+    ms = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "simple", 8).float().cpu()
+    pos, neg = tiny.make_cond(4), tiny.make_cond(5)
+    latent = torch.zeros(2, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 11)
+    reference = reference_flow(model, sigmas, flow_model, pos, neg, noise, LAM)
+    with torch.inference_mode():
+        out_pp = sample_guider(make_guider(node, model, pos, neg, flow_model), "euler_cfg_pp", sigmas, latent, seed=11)
+        guider = make_guider(node, model, pos, neg, flow_model)
+        out_k = sample_guider(guider, "euler", sigmas, latent, seed=11)
+        patched = node("ApplyAnnealingGuidance", model=model, **guider_inputs(flow_model)).args[0]
+        out_ks = comfy.sample.sample(patched, noise, 8, 1.0, "euler", "simple", pos, neg, latent, disable_pbar=True, seed=11)
+    assert rel_err(out_pp, reference) < 1e-4
+    assert rel_err(out_k, reference) < 1e-4
+    assert rel_err(out_ks, out_k) < 1e-5
+    trace = guider.annealing_hook.runs[-1].trace
+    s, s_next = sigmas[:-1], sigmas[1:]
+    expected_k = s * (1 - s_next) / (s - s_next)  # CONST: k = sigma alpha_next / (sigma alpha_next - sigma_next alpha)
+    assert torch.allclose(torch.as_tensor(trace["k"][:, 0]), expected_k, rtol=1e-5)
+    assert torch.allclose(torch.as_tensor(trace["timestep"][:, 0]), s * 1000, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- (d) other samplers
+
+
+@pytest.mark.parametrize("kind", ["eps", "const"])
+@pytest.mark.parametrize("sampler_name", ["euler_ancestral", "dpmpp_2m", "heun", "uni_pc"])
+def test_d_other_samplers_record_one_w_per_step_and_sample(comfy_host, tiny, node, upstream_model, flow_model, kind, sampler_name):
+    import comfy.samplers
+
+    model = tiny.make_tiny_model(kind, seed=1)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 6).float().cpu()
+    with torch.inference_mode():
+        guider = make_guider(node, model, tiny.make_cond(1), tiny.make_cond(2), upstream_model if kind == "eps" else flow_model,
+                             normalize_delta_norm=True)
+        out = sample_guider(guider, sampler_name, sigmas, torch.zeros(3, 4, 8, 8))
+    assert torch.isfinite(out).all()
+    run = guider.annealing_hook.runs[-1]
+    assert run.sampler_name == sampler_name and run.renoise == "k_factor"
+    assert run.trace.steps == list(range(6)) and run.trace["w"].shape == (6, 3)
+    assert run.exactness == ("exact" if sampler_name == "euler_ancestral" else "approximate")
+
+
+@pytest.mark.parametrize("kind", ["eps", "const"])
+def test_euler_ancestral_k_uses_sigma_down_and_matches_its_cfg_pp_twin(comfy_host, tiny, node, upstream_model, flow_model, kind):
+    """Exact claim: euler_ancestral with k(sigma -> sigma_down) lands where euler_ancestral_cfg_pp lands (same noise draws)."""
+    import comfy.samplers
+    from comfy.k_diffusion.sampling import get_ancestral_step
+
+    model = tiny.make_tiny_model(kind, seed=2)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 6).float().cpu()
+    annealing_model = upstream_model if kind == "eps" else flow_model
+    latent = torch.zeros(2, 4, 8, 8)
+    with torch.inference_mode():
+        guider = make_guider(node, model, tiny.make_cond(1), tiny.make_cond(2), annealing_model)
+        out_k = sample_guider(guider, "euler_ancestral", sigmas, latent)
+        out_pp = sample_guider(make_guider(node, model, tiny.make_cond(1), tiny.make_cond(2), annealing_model),
+                               "euler_ancestral_cfg_pp", sigmas, latent)
+    k = torch.as_tensor(guider.annealing_hook.runs[-1].trace["k"][:, 0])
+    for i in range(len(sigmas) - 2):  # the last step ends at 0 (k = 1)
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        if kind == "eps":
+            s_down = float(get_ancestral_step(sigmas[i], sigmas[i + 1], eta=1.0)[0])
+            expected = s / (s - s_down)
+        else:
+            s_down = s_next * (1 + (s_next / s - 1) * 1.0)
+            expected = s * (1 - s_down) / (s - s_down)
+        assert abs(float(k[i]) - expected) <= 1e-4 * abs(expected), (i, float(k[i]), expected)
+    if kind == "eps":  # EPS: euler_ancestral_cfg_pp takes the same step to sigma_down and the same noise draws
+        assert rel_err(out_k, out_pp) < 1e-4
+
+
+def test_half_precision_models_run_and_record_float32(comfy_host, tiny, node, upstream_model):
+    import comfy.samplers
+
+    for dtype in (torch.bfloat16, torch.float16):
+        model = tiny.make_tiny_model("eps", seed=0, dtype=dtype)
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 4).float().cpu()
+        with torch.inference_mode():
+            guider = make_guider(node, model, tiny.make_cond(1), tiny.make_cond(2), upstream_model)
+            out = sample_guider(guider, "euler", sigmas, torch.zeros(1, 4, 8, 8))
+        assert torch.isfinite(out).all()
+        trace = guider.annealing_hook.runs[-1].trace
+        assert trace["w"].dtype.name == "float32" and trace["w"].shape == (4, 1)
+        mlp = next(iter(guider.annealing_hook._models.values()))
+        assert next(mlp.parameters()).dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------ isolation and composition
+
+
+def test_two_guiders_keep_their_own_state_and_a_second_run_starts_fresh(comfy_host, tiny, node, upstream_model):
+    import comfy.samplers
+
+    model = tiny.make_tiny_model("eps", seed=0)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 5).float().cpu()
+    with torch.inference_mode():
+        first = make_guider(node, model, tiny.make_cond(1), tiny.make_cond(2), upstream_model, lam=0.1)
+        second = make_guider(node, model, tiny.make_cond(1), tiny.make_cond(2), upstream_model, lam=0.9)
+        out_first = sample_guider(first, "euler", sigmas, torch.zeros(1, 4, 8, 8), seed=1)
+        sample_guider(second, "heun", sigmas, torch.zeros(1, 4, 8, 8), seed=2)
+        sample_guider(first, "euler", sigmas, torch.zeros(1, 4, 8, 8), seed=3)
+    hook_first, hook_second = first.annealing_hook, second.annealing_hook
+    assert len(hook_first.runs) == 2 and len(hook_second.runs) == 1
+    assert hook_second.runs[-1].sampler_name == "heun" and hook_first.runs[-1].sampler_name == "euler"
+    latest = hook_first.runs[-1].trace
+    assert latest.evaluations == 5  # a fresh recording: the second run's 5 evaluations only
+    assert not torch.allclose(torch.as_tensor(hook_first.runs[-1].trace["w"]), torch.as_tensor(hook_second.runs[-1].trace["w"]))
+    # the plot finds the run that produced a given latent, not just the latest one
+    assert hook_first.find_run(out_first) is hook_first.runs[0]
+
+
+def test_other_packs_post_cfg_functions_still_run_after_the_patch(comfy_host, tiny, node, upstream_model):
+    import comfy.sample
+    import comfy.samplers
+
+    model = tiny.make_tiny_model("eps", seed=0)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 4).float().cpu()
+    pos, neg, latent = tiny.make_cond(1), tiny.make_cond(2), torch.zeros(1, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 5)
+    calls = []
+
+    def other_pack(args):  # another pack's post-CFG function, applied after ours (e.g. a LoRA or rescale node downstream)
+        calls.append(args["sigma"])
+        return args["denoised"]
+
+    with torch.inference_mode():
+        patched = node("ApplyAnnealingGuidance", model=model, **guider_inputs(upstream_model)).args[0]
+        both = patched.clone()
+        both.set_model_sampler_post_cfg_function(other_pack)
+        out_both = comfy.sample.sample(both, noise, 4, 7.0, "euler", "normal", pos, neg, latent, sigmas=sigmas, disable_pbar=True, seed=5)
+        out_ours = comfy.sample.sample(patched, noise, 4, 7.0, "euler", "normal", pos, neg, latent, sigmas=sigmas, disable_pbar=True, seed=5)
+        plain = comfy.sample.sample(model, noise, 4, 7.0, "euler", "normal", pos, neg, latent, sigmas=sigmas, disable_pbar=True, seed=5)
+    assert len(calls) == 4
+    assert rel_err(out_both, out_ours) < 1e-6
+    assert rel_err(out_ours, plain) > 1e-3  # the patch really changed the guidance
+    hook = comfy_host.helpers.find_hook(both.model_options)
+    assert hook is comfy_host.helpers.find_hook(patched.model_options)  # clones keep talking to the same hook
+    assert len(hook.runs) == 2
+
+
+def test_active_range_uses_ksampler_cfg_outside(comfy_host, tiny, node, upstream_model):
+    """Outside the active range the patch is plain CFG at KSampler's cfg (w * k == cfg there)."""
+    import comfy.sample
+    import comfy.samplers
+
+    model = tiny.make_tiny_model("eps", seed=0)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 8).float().cpu()
+    pos, neg, latent = tiny.make_cond(1), tiny.make_cond(2), torch.zeros(1, 4, 8, 8)
+    with torch.inference_mode():
+        patched = node("ApplyAnnealingGuidance", model=model, **guider_inputs(upstream_model, active_start=0.25, active_end=0.75)).args[0]
+        comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, 1), 8, 6.5, "euler", "normal", pos, neg, latent, sigmas=sigmas,
+                            disable_pbar=True, seed=1)
+    trace = comfy_host.helpers.find_hook(patched.model_options).runs[-1].trace
+    active = torch.as_tensor(trace["active"][:, 0])
+    assert active.tolist() == [False, False, True, True, True, True, False, False]
+    scale = torch.as_tensor(trace["w"][:, 0] * trace["k"][:, 0])
+    assert torch.allclose(scale[~active], torch.full_like(scale[~active], 6.5), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------- (e) plots
+
+
+def test_e_plot_nodes_return_images(comfy_host, eps_runs, node, upstream_model):
+    out = node("AnnealingSchedulePlot", samples={"samples": eps_runs["b"]}, guider=eps_runs["guider_b"])
+    image = out.args[0]
+    assert image.dim() == 4 and image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[1] > 100 and image.shape[2] > 100
+    assert image.dtype == torch.float32 and 0 <= float(image.min()) and float(image.max()) <= 1 and float(image.std()) > 0.01
+    assert out.ui is not None and out.ui.as_dict()["images"]
+    out_model = node("AnnealingSchedulePlot", samples={"samples": eps_runs["c"]}, model=eps_runs["patched"])
+    assert out_model.args[0].shape[0] == 1 and out_model.args[0].shape[-1] == 3
+    explorer = node("AnnealingModelExplorer", annealing_model=upstream_model, lambdas="0.1, 0.4, 0.8").args[0]
+    assert explorer.dim() == 4 and explorer.shape[0] == 1 and explorer.shape[-1] == 3 and float(explorer.std()) > 0.01
+    with pytest.raises(ValueError, match="connect the Annealing Guider"):
+        node("AnnealingSchedulePlot", samples={"samples": eps_runs["b"]})
+    cls = comfy_host.nodes.NODE_CLASS_MAPPINGS["AnnealingModelExplorer"]
+    assert "lambdas" in cls.validate_inputs(lambdas="0.5, 2")
+
+
+# ---------------------------------------------------------------------------------------------------- (f) bad inputs
+
+
+def test_f_missing_and_corrupt_files_fail_with_a_clear_message(comfy_host, node, upstream_pt):
+    folder = comfy_host.models_dir / "annealing_guidance"
+    (folder / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}" + b"\x00" * 3)
+    truncated = upstream_pt.read_bytes()[:2000]
+    (folder / "truncated.pt").write_bytes(truncated)
+    listing = comfy_host.folder_paths.get_filename_list("annealing_guidance")
+    assert "corrupt.safetensors" in listing and "truncated.pt" in listing
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        node("LoadAnnealingGuidanceModel", model_name="missing.safetensors")
+    for name in ("corrupt.safetensors", "truncated.pt"):
+        with pytest.raises(comfy_host.annealing.CheckpointError) as error:
+            node("LoadAnnealingGuidanceModel", model_name=name)
+        message = str(error.value)
+        assert name in message and "\n" not in message
+
+
+def test_f_checkpoint_model_mismatch(comfy_host, tiny, node, upstream_model, flow_model, caplog):
+    eps_model, flow = tiny.make_tiny_model("eps"), tiny.make_tiny_model("const")
+    with pytest.raises(ValueError, match="flow"):
+        make_guider(node, flow, tiny.make_cond(1), tiny.make_cond(2), upstream_model)  # DDPM-timestep checkpoint on a flow model
+    with pytest.raises(ValueError, match="EPS"):
+        node("ApplyAnnealingGuidance", model=eps_model, **guider_inputs(flow_model))  # flow checkpoint on an EPS model
+    sd15 = tiny.make_tiny_model("eps", config=type("SD15", (tiny.TinyConfig,), {}))
+    with caplog.at_level(logging.WARNING, logger="annealing_guidance"):
+        make_guider(node, sd15, tiny.make_cond(1), tiny.make_cond(2), upstream_model)
+        make_guider(node, sd15, tiny.make_cond(1), tiny.make_cond(2), upstream_model)
+    mismatch = [r.getMessage() for r in caplog.records if "sd15" in r.getMessage()]
+    assert len(mismatch) == 1 and "sdxl" in mismatch[0]  # warned once, naming both
+    v_model = tiny.make_tiny_model("v")
+    with caplog.at_level(logging.WARNING, logger="annealing_guidance"):
+        make_guider(node, v_model, tiny.make_cond(1), tiny.make_cond(2), upstream_model)
+    assert any("epsilon" in r.getMessage() and "v_prediction" in r.getMessage() for r in caplog.records)
+
+
+def test_bad_options_are_refused_by_name(comfy_host, tiny, node, upstream_model):
+    model = tiny.make_tiny_model("eps")
+    with pytest.raises(ValueError, match="w_min"):
+        node("ApplyAnnealingGuidance", model=model, **guider_inputs(upstream_model, clamp_w=True, w_min=2.0, w_max=1.0))
+    with pytest.raises(ValueError, match="active_start"):
+        node("ApplyAnnealingGuidance", model=model, **guider_inputs(upstream_model, active_start=0.8, active_end=0.2))
