@@ -175,7 +175,7 @@ class Trainer:
         return state
 
     # ------------------------------------------------------------------------------------------------ setup
-    def _setup(self) -> None:
+    def setup(self) -> None:
         from accelerate import Accelerator
 
         cfg = self.config
@@ -334,7 +334,7 @@ class Trainer:
     def run(self) -> TrainResult:
         if self.info is None:
             self.preflight()
-        self._setup()
+        self.setup()
         cfg, acc = self.config, self.accelerator
         start_step = self.step
         resumed_from = start_step if self.resume_state is not None else None

@@ -1,0 +1,243 @@
+"""Backends and the loss: model detection and its errors, conditioning against the diffusers pipelines, the loss of
+Algorithm 1 recomputed by hand from the paper's equations, gradients through the frozen model, and the shared CFG++ step."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from training_fixtures import make_config, tiny_model
+
+import annealing
+import training.algorithm
+from training.backends import detect_model
+from training.config import TrainingError
+from training.trainer import Trainer, train
+
+
+def ready_trainer(kind, tmp_path, **overrides) -> Trainer:
+    trainer = Trainer(make_config(kind, tmp_path / "out", **overrides), progress=False)
+    trainer.preflight()
+    trainer.setup()
+    return trainer
+
+
+def copy_configs(kind, dest):
+    """The JSON files of a tiny model folder (all that detection reads)."""
+    shutil.copytree(tiny_model(kind), dest, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return dest
+
+
+# ------------------------------------------------------------------------------------------------------------ detection
+
+
+def test_detects_family_prediction_and_spaces():
+    expected = {
+        ("sd15", "epsilon"): ("sd15", "epsilon", "epsilon", "ddpm_index"),
+        ("sdxl", "epsilon"): ("sdxl", "epsilon", "epsilon", "ddpm_index"),
+        ("sd3", "epsilon"): ("sd3", "flow", "velocity", "sigma_x1000"),
+        ("sd15", "v_prediction"): ("sd15", "v_prediction", "epsilon", "ddpm_index"),
+    }
+    for (kind, prediction), want in expected.items():
+        info = detect_model(tiny_model(kind, prediction))
+        assert (info.family, info.prediction_type, info.prediction_space, info.timestep_convention) == want
+    assert detect_model(tiny_model("sdxl")).force_zeros_for_empty_prompt
+    assert detect_model(tiny_model("sd3")).latent_shape(64) == (16, 8, 8)
+
+
+def test_wrong_model_kinds_are_one_line_errors(tmp_path):
+    with pytest.raises(TrainingError, match="not a diffusers pipeline folder.*single component"):
+        detect_model(tiny_model("sd15") / "unet")
+    flux = copy_configs("sd3", tmp_path / "flux")
+    index = json.loads((flux / "model_index.json").read_text())
+    index.update(_class_name="FluxPipeline", transformer=["diffusers", "FluxTransformer2DModel"])
+    (flux / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(TrainingError, match="unsupported model FluxPipeline"):
+        detect_model(flux)
+    sample = copy_configs("sd15", tmp_path / "sample")
+    sched = json.loads((sample / "scheduler" / "scheduler_config.json").read_text())
+    (sample / "scheduler" / "scheduler_config.json").write_text(json.dumps({**sched, "prediction_type": "sample"}))
+    with pytest.raises(TrainingError, match="unsupported prediction type 'sample'"):
+        detect_model(sample)
+    with pytest.raises(TrainingError, match="model not found"):
+        detect_model(tmp_path / "missing")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"x")
+    with pytest.raises(TrainingError, match="needs --config-folder"):
+        detect_model(weights)
+    (tmp_path / "model.ckpt").write_bytes(b"x")
+    with pytest.raises(TrainingError, match="pickled .ckpt files are not loaded"):
+        detect_model(tmp_path / "model.ckpt", tiny_model("sd15"))
+
+
+def test_bad_input_fails_before_training_starts(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cases = [
+        ({"output": str(blocker / "out")}, "output folder is not writable"),
+        ({"output": str(blocker)}, "exists and is not a folder"),
+        ({"model": str(tiny_model("sd15") / "vae")}, "not a diffusers pipeline folder"),
+        ({"resume": True}, "no resume state"),
+    ]
+    for change, pattern in cases:
+        config = make_config("sd15", tmp_path / "out")
+        for key, value in change.items():
+            setattr(config, key, value)
+        with pytest.raises(TrainingError, match=pattern) as info:
+            train(config, progress=False)
+        assert "\n" not in str(info.value)
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------------------ conditioning
+
+
+def test_conditioning_matches_the_pipelines(tmp_path):
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    prompts = ["a red cube", "two green spheres on a table"]
+    trainer = ready_trainer("sdxl", tmp_path)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model("sdxl"))
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=True)
+    ours = trainer.backend.encode_text(prompts)
+    assert torch.allclose(ours.embeds, embeds, atol=1e-6) and torch.allclose(ours.pooled, pooled, atol=1e-6)
+    assert trainer.backend.uncond_mode == "zeros"  # force_zeros_for_empty_prompt, as the pipeline does
+    assert torch.equal(trainer.uncond.embeds, negative[:1]) and torch.equal(trainer.uncond.pooled, negative_pooled[:1])
+
+    trainer = ready_trainer("sd3", tmp_path)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model("sd3"), text_encoder_3=None, tokenizer_3=None)
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(prompts, None, None, device="cpu", do_classifier_free_guidance=True)
+    ours = trainer.backend.encode_text(prompts)
+    assert torch.allclose(ours.embeds, embeds, atol=1e-6) and torch.allclose(ours.pooled, pooled, atol=1e-6)
+    assert torch.allclose(trainer.uncond.embeds, negative[:1], atol=1e-6) and torch.allclose(trainer.uncond.pooled, negative_pooled[:1], atol=1e-6)
+
+
+def test_cads_perturbs_tokens_and_pooled_of_the_conditional_branch_only(tmp_path):
+    trainer = ready_trainer("sdxl", tmp_path)
+    cond = trainer.backend.encode_text(["a cat", "a dog"])
+    late = trainer.backend.perturb(cond, torch.tensor([1.0, 0.0]), torch.Generator().manual_seed(0))
+    assert not torch.equal(late.embeds[0], cond.embeds[0]) and not torch.equal(late.pooled[0], cond.pooled[0])
+    assert torch.allclose(late.embeds[1], cond.embeds[1]) and torch.allclose(late.pooled[1], cond.pooled[1])  # t/T = 0: gamma = 1
+
+
+# ------------------------------------------------------------------------------------------------------------ the loss
+
+
+def test_epsilon_loss_equals_the_papers_equations(tmp_path):
+    trainer = ready_trainer("sd15", tmp_path, grid_steps=10, cads=False)
+    backend, unet = trainer.backend, trainer.backend.network
+    gen = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    lam, index = torch.tensor([0.3, 0.8]), torch.tensor([3, 7])
+    cond = backend.encode_text(["a cat", "a dog"])
+    terms = trainer.compute_loss(x0, cond, None, lam=lam, grid_index=index, noise=eps)
+
+    with torch.no_grad():
+        tok = backend.text["tokenizer"]
+        ids = tok([""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        empty = backend.text["text_encoder"](ids)[0].expand(2, -1, -1)
+        abar = backend.scheduler.alphas_cumprod.double()
+        t = torch.tensor([600, 200])  # 10-step DDIM grid 900, 800, ..., 0 at indices 3 and 7
+        t_next = t - 100
+
+        def bcast(v):
+            return v.float().reshape(-1, 1, 1, 1)
+
+        a, s, a1, s1 = (bcast(v) for v in (abar[t].sqrt(), (1 - abar[t]).sqrt(), abar[t_next].sqrt(), (1 - abar[t_next]).sqrt()))
+        z = a * x0 + s * eps
+        e_u, e_c = unet(z, t, encoder_hidden_states=empty).sample, unet(z, t, encoder_hidden_states=cond.embeds).sample
+        w = trainer.mlp(t.float(), (e_u - e_c).flatten(1).norm(dim=1), lam)
+        e_hat = e_u + w.reshape(-1, 1, 1, 1) * (e_c - e_u)
+        z0_hat = (z - s * e_hat) / a
+        z_next = a1 * z0_hat + s1 * e_u  # renoised with the UNCONDITIONAL prediction
+        delta_next = unet(z_next, t_next, encoder_hidden_states=empty).sample - unet(z_next, t_next, encoder_hidden_states=cond.embeds).sample
+        quality = ((1 - lam) * (e_hat - eps).pow(2).flatten(1).mean(1)).mean()
+        alignment = (lam * delta_next.pow(2).flatten(1).mean(1)).mean()
+    assert torch.allclose(terms.quality, quality, rtol=1e-5) and torch.allclose(terms.alignment, alignment, rtol=1e-5)
+    assert torch.allclose(terms.total, quality + alignment, rtol=1e-5)
+    assert torch.allclose(terms.w, w)
+
+
+def test_velocity_loss_equals_the_flow_equations(tmp_path):
+    trainer = ready_trainer("sd3", tmp_path, grid_steps=10, cads=False, balance="off", delta_weight=2.0)
+    backend, net = trainer.backend, trainer.backend.network
+    gen = torch.Generator().manual_seed(2)
+    x0, eps = torch.randn(2, 16, 8, 8, generator=gen), torch.randn(2, 16, 8, 8, generator=gen)
+    lam, index = torch.tensor([0.6, 0.1]), torch.tensor([2, 8])
+    cond, empty = backend.encode_text(["a cat", "a dog"]), backend.encode_text(["", ""])
+    terms = trainer.compute_loss(x0, cond, None, lam=lam, grid_index=index, noise=eps)
+
+    with torch.no_grad():
+        u = 1 - torch.arange(10, dtype=torch.float64) / 10  # t from 1 down, shifted by 3: sigma = 3u / (1 + 2u)
+        sigmas = (3 * u / (1 + 2 * u)).float()
+        s, s1 = sigmas[index].reshape(-1, 1, 1, 1), sigmas[index + 1].reshape(-1, 1, 1, 1)
+
+        def v(x, sig, c):
+            return net(hidden_states=x, timestep=sig.flatten() * 1000, encoder_hidden_states=c.embeds, pooled_projections=c.pooled).sample
+
+        z = (1 - s) * x0 + s * eps
+        v_u, v_c = v(z, s, empty), v(z, s, cond)
+        w = trainer.mlp(s.flatten() * 1000, (v_u - v_c).flatten(1).norm(dim=1), lam)
+        v_hat = v_u + w.reshape(-1, 1, 1, 1) * (v_c - v_u)
+        x0_hat = z - s * v_hat
+        eps_u = z + (1 - s) * v_u
+        z_next = (1 - s1) * x0_hat + s1 * eps_u
+        delta_next = v(z_next, s1, empty) - v(z_next, s1, cond)
+        quality = ((1 - lam) * (v_hat - (eps - x0)).pow(2).flatten(1).mean(1)).mean()
+        alignment = (lam * delta_next.pow(2).flatten(1).mean(1)).mean()
+    assert torch.allclose(terms.quality, quality, rtol=1e-5) and torch.allclose(terms.alignment, alignment, rtol=1e-5)
+    assert torch.allclose(terms.total, quality + 2.0 * alignment, rtol=1e-5)
+
+
+def test_training_uses_the_inference_cfgpp_step(tmp_path, monkeypatch):
+    assert training.algorithm.cfgpp_step is annealing.cfgpp_step is annealing.guidance.cfgpp_step
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[-1] if len(args) == 9 else kwargs.get("prediction"))
+        return annealing.guidance.cfgpp_step(*args, **kwargs)
+
+    monkeypatch.setattr(training.algorithm, "cfgpp_step", spy)
+    for kind in ("sd15", "sd3"):
+        trainer = ready_trainer(kind, tmp_path / kind)
+        x0 = torch.randn(1, *trainer.latent_shape)
+        trainer.compute_loss(x0, trainer.backend.encode_text(["a cat"]), torch.Generator().manual_seed(0))
+    assert calls == ["epsilon", "velocity"]
+
+
+# ------------------------------------------------------------------------------------------------------------ gradients
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd3"])
+def test_gradient_reaches_the_mlp_through_the_frozen_model_with_checkpointing(tmp_path, kind):
+    grads = []
+    for checkpointing in (False, True):
+        trainer = ready_trainer(kind, tmp_path / str(checkpointing), gradient_checkpointing=checkpointing, cads=False)
+        net = trainer.backend.network
+        assert not net.training and all(not p.requires_grad for p in net.parameters())
+        assert net.is_gradient_checkpointing == checkpointing
+        gen = torch.Generator().manual_seed(0)
+        x0, eps = torch.randn(2, *trainer.latent_shape, generator=gen), torch.randn(2, *trainer.latent_shape, generator=gen)
+        # lambda = 1: only the alignment term, which depends on w only through pass 2 of the frozen model
+        terms = trainer.compute_loss(x0, trainer.backend.encode_text(["a", "b"]), None, lam=torch.ones(2), grid_index=torch.tensor([10, 30]), noise=eps)
+        assert float(terms.quality) == 0.0
+        terms.total.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.mlp.parameters()]))
+        assert all(p.grad is None for p in net.parameters())
+    assert grads[0].abs().sum() > 0 and torch.isfinite(grads[0]).all()
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-10)
+
+
+def test_v_prediction_output_is_converted_to_epsilon(tmp_path):
+    trainer = Trainer(make_config("sd15", tmp_path / "out", model=str(tiny_model("sd15", "v_prediction"))), progress=False)
+    trainer.preflight()
+    trainer.setup()
+    backend = trainer.backend
+    assert backend.prediction == "epsilon" and backend.info.prediction_type == "v_prediction"
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 100.0])
+    cond = backend.encode_text(["a", "b"])
+    raw = backend.network(z, t, encoder_hidden_states=cond.embeds).sample
+    abar = backend.scheduler.alphas_cumprod[t.long()].reshape(-1, 1, 1, 1)
+    assert torch.allclose(backend.predict(z, t, cond), abar.sqrt() * raw + (1 - abar).sqrt() * z, atol=1e-6)
