@@ -1,0 +1,116 @@
+"""The example workflows: valid JSON, known node types, UI and API twins consistent, files up to date with their generator.
+
+Runs everywhere (no ComfyUI). tests/comfyui checks the same files against a real ComfyUI: the core node types and their
+inputs exist there, ComfyUI's own prompt validation accepts every API twin, and one workflow runs end to end.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / "workflows"
+UI_FILES = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json") and p.name != "node_types.json")
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def api_twin(ui_path: Path) -> Path:
+    return ui_path.with_name(ui_path.name[: -len(".json")] + ".api.json")
+
+
+def pack_node_ids() -> set[str]:
+    """node_id=... of every schema in nodes/*.py (read as text: no ComfyUI needed)."""
+    ids = set()
+    for path in (REPO / "nodes").glob("*.py"):
+        ids |= set(re.findall(r'node_id="([A-Za-z0-9_]+)"', path.read_text()))
+    return ids
+
+
+def widget_values_by_name(node: dict) -> dict:
+    """Map a UI node's widgets_values onto its widget inputs (seed widgets are followed by a control-after-generate value)."""
+    names = [entry["name"] for entry in node["inputs"] if "widget" in entry]
+    values = list(node["widgets_values"])
+    mapped = {}
+    for name in names:
+        assert values, f"node {node['id']} ({node['type']}): no value for widget {name}"
+        mapped[name] = values.pop(0)
+        if name.endswith("seed"):
+            assert values and values[0] in CONTROL_VALUES, f"node {node['id']}: {name} must be followed by a control value"
+            values.pop(0)
+    assert not values, f"node {node['id']} ({node['type']}): extra widget values {values}"
+    return mapped
+
+
+def test_all_four_workflows_and_their_twins_exist():
+    names = {p.stem for p in UI_FILES}
+    assert {"sdxl_annealing_guider", "sdxl_annealing_ksampler", "sdxl_cfg_vs_annealing", "sd3_user_checkpoint"} <= names
+    for ui_path in UI_FILES:
+        assert api_twin(ui_path).is_file(), f"{ui_path.name} has no API twin"
+
+
+@pytest.mark.parametrize("ui_path", UI_FILES, ids=lambda p: p.stem)
+def test_node_types_are_ours_or_listed_core(ui_path):
+    listed = load(WORKFLOWS / "node_types.json")
+    assert set(listed["pack"]) <= pack_node_ids()
+    known = set(listed["pack"]) | set(listed["core"])
+    for node in load(ui_path)["nodes"]:
+        assert node["type"] in known, f"{ui_path.name}: unknown node type {node['type']}"
+    for node in load(api_twin(ui_path)).values():
+        assert node["class_type"] in known
+
+
+@pytest.mark.parametrize("ui_path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_and_api_twins_agree(ui_path):
+    ui, api = load(ui_path), load(api_twin(ui_path))
+    assert ui["version"] == 0.4
+    nodes = {node["id"]: node for node in ui["nodes"]}
+    assert ui["last_node_id"] == max(nodes) and ui["last_link_id"] == max(link[0] for link in ui["links"])
+    assert set(api) == {str(i) for i in nodes}
+    linked = set()
+    for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
+        target_input = nodes[dst]["inputs"][dst_slot]
+        assert target_input["link"] == link_id and target_input["type"] == kind
+        source_output = nodes[src]["outputs"][src_slot]
+        assert link_id in source_output["links"] and source_output["type"] == kind
+        assert api[str(dst)]["inputs"][target_input["name"]] == [str(src), src_slot]
+        linked.add((str(dst), target_input["name"]))
+    for node_id, node in nodes.items():
+        entry = api[str(node_id)]
+        assert entry["class_type"] == node["type"]
+        widgets = widget_values_by_name(node)
+        api_links = {name for name, value in entry["inputs"].items() if isinstance(value, list)}
+        assert {(str(node_id), name) for name in api_links} <= linked, f"{ui_path.name} node {node_id}: API link without a UI link"
+        assert {name: v for name, v in entry["inputs"].items() if name not in api_links} == widgets
+        for socket in node["inputs"]:
+            if "widget" not in socket and socket["link"] is None:
+                assert socket.get("shape") == 7, f"{ui_path.name} node {node_id}: required input {socket['name']} is unconnected"
+
+
+@pytest.mark.parametrize("ui_path", UI_FILES, ids=lambda p: p.stem)
+def test_every_output_node_path_ends_in_a_saved_or_plotted_image(ui_path):
+    api = load(api_twin(ui_path))
+    types = [node["class_type"] for node in api.values()]
+    assert "SaveImage" in types and "AnnealingSchedulePlot" in types
+    plot = next(node for node in api.values() if node["class_type"] == "AnnealingSchedulePlot")
+    sampler = api[plot["inputs"]["samples"][0]]["class_type"]
+    assert sampler in ("KSampler", "SamplerCustomAdvanced")  # the plot runs after the sampler it depends on
+    assert ("guider" in plot["inputs"]) != ("model" in plot["inputs"])
+
+
+def test_files_match_their_generator():
+    spec = importlib.util.spec_from_file_location("build_workflows_under_test", WORKFLOWS / "build_workflows.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    for name, build in builder.WORKFLOWS.items():
+        workflow = build()
+        assert load(WORKFLOWS / f"{name}.json") == json.loads(json.dumps(workflow.ui())), f"{name}.json is stale: run workflows/build_workflows.py"
+        assert load(WORKFLOWS / f"{name}.api.json") == json.loads(json.dumps(workflow.api())), f"{name}.api.json is stale"

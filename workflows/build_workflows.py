@@ -1,0 +1,297 @@
+"""Writes the example workflows: UI format (what the ComfyUI frontend saves, version 0.4) and API twins (*.api.json).
+
+One description per workflow feeds both files, so the twins cannot drift apart. Run from anywhere:
+    python workflows/build_workflows.py
+Node definitions below mirror ComfyUI's (socket inputs, widget order, outputs); tests/comfyui checks them against
+the real ComfyUI and tests/test_workflows.py checks the twins against each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# type -> (socket inputs [(name, type, optional)], widgets [names], outputs [(name, type)])
+NODE_DEFS = {
+    "CheckpointLoaderSimple": ([], ["ckpt_name"], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "CLIPTextEncode": ([("clip", "CLIP", False)], ["text"], [("CONDITIONING", "CONDITIONING")]),
+    "EmptyLatentImage": ([], ["width", "height", "batch_size"], [("LATENT", "LATENT")]),
+    "EmptySD3LatentImage": ([], ["width", "height", "batch_size"], [("LATENT", "LATENT")]),
+    "ModelSamplingSD3": ([("model", "MODEL", False)], ["shift"], [("MODEL", "MODEL")]),
+    "KSampler": (
+        [("model", "MODEL", False), ("positive", "CONDITIONING", False), ("negative", "CONDITIONING", False), ("latent_image", "LATENT", False)],
+        ["seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+        [("LATENT", "LATENT")],
+    ),
+    "RandomNoise": ([], ["noise_seed"], [("NOISE", "NOISE")]),
+    "KSamplerSelect": ([], ["sampler_name"], [("SAMPLER", "SAMPLER")]),
+    "BasicScheduler": ([("model", "MODEL", False)], ["scheduler", "steps", "denoise"], [("SIGMAS", "SIGMAS")]),
+    "SamplerCustomAdvanced": (
+        [("noise", "NOISE", False), ("guider", "GUIDER", False), ("sampler", "SAMPLER", False), ("sigmas", "SIGMAS", False),
+         ("latent_image", "LATENT", False)],
+        [],
+        [("output", "LATENT"), ("denoised_output", "LATENT")],
+    ),
+    "VAEDecode": ([("samples", "LATENT", False), ("vae", "VAE", False)], [], [("IMAGE", "IMAGE")]),
+    "SaveImage": ([("images", "IMAGE", False)], ["filename_prefix"], []),
+    # this pack
+    "LoadAnnealingGuidanceModel": ([], ["model_name"], [("annealing_model", "ANNEALING_GUIDANCE_MODEL")]),
+    "AnnealingGuider": (
+        [("model", "MODEL", False), ("positive", "CONDITIONING", False), ("negative", "CONDITIONING", False),
+         ("annealing_model", "ANNEALING_GUIDANCE_MODEL", False)],
+        ["lam", "renoise", "normalize_delta_norm", "clamp_w", "w_min", "w_max", "active_start", "active_end", "fallback_cfg"],
+        [("GUIDER", "GUIDER")],
+    ),
+    "ApplyAnnealingGuidance": (
+        [("model", "MODEL", False), ("annealing_model", "ANNEALING_GUIDANCE_MODEL", False)],
+        ["lam", "renoise", "normalize_delta_norm", "clamp_w", "w_min", "w_max", "active_start", "active_end"],
+        [("MODEL", "MODEL")],
+    ),
+    "AnnealingSchedulePlot": ([("samples", "LATENT", False), ("guider", "GUIDER", True), ("model", "MODEL", True)], [], [("IMAGE", "IMAGE")]),
+    "AnnealingModelExplorer": ([("annealing_model", "ANNEALING_GUIDANCE_MODEL", False)], ["lambdas"], [("IMAGE", "IMAGE")]),
+}
+
+#: Widgets the frontend follows with a "control after generate" value in widgets_values.
+SEED_WIDGETS = {("KSampler", "seed"), ("RandomNoise", "noise_seed")}
+
+ANNEALING_DEFAULTS = dict(lam=0.4, renoise="auto", normalize_delta_norm=True, clamp_w=False, w_min=0.0, w_max=3.0,
+                          active_start=0.0, active_end=1.0)
+
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+SDXL_ANNEALING = "annealing_sdxl_upstream.pt"
+SD3_CHECKPOINT = "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"
+SD3_ANNEALING = "annealing_sd3_my_training.safetensors"
+PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed, dramatic lighting"
+
+
+class Workflow:
+    def __init__(self):
+        self.nodes = []  # dicts: id, type, title, widgets, pos
+        self.links = []  # (id, src, src_slot, dst, dst_input_name, type)
+
+    def add(self, node_type, pos, title=None, **widgets):
+        node_id = len(self.nodes) + 1
+        missing = set(NODE_DEFS[node_type][1]) - set(widgets)
+        if missing:
+            raise ValueError(f"{node_type}: missing widget values {sorted(missing)}")
+        self.nodes.append(dict(id=node_id, type=node_type, title=title, widgets=widgets, pos=list(pos), inputs={}))
+        return node_id
+
+    def connect(self, src, src_slot, dst, input_name):
+        src_type = NODE_DEFS[self.nodes[src - 1]["type"]][2][src_slot][1]
+        dst_inputs = {name: kind for name, kind, _ in NODE_DEFS[self.nodes[dst - 1]["type"]][0]}
+        if dst_inputs.get(input_name) != src_type:
+            raise ValueError(f"cannot link {src_type} into {self.nodes[dst - 1]['type']}.{input_name}")
+        link_id = len(self.links) + 1
+        self.links.append((link_id, src, src_slot, dst, input_name, src_type))
+        self.nodes[dst - 1]["inputs"][input_name] = (src, src_slot, link_id)
+
+    def api(self) -> dict:
+        prompt = {}
+        for node in self.nodes:
+            inputs = dict(node["widgets"])
+            for name, (src, slot, _) in node["inputs"].items():
+                inputs[name] = [str(src), slot]
+            prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs, "_meta": {"title": node["title"] or node["type"]}}
+        return prompt
+
+    def ui(self) -> dict:
+        nodes = []
+        for order, node in enumerate(self.nodes):
+            sockets, widgets, outputs = NODE_DEFS[node["type"]]
+            inputs = []
+            for name, kind, optional in sockets:
+                entry = {"name": name, "type": kind, "link": node["inputs"].get(name, (None, None, None))[2]}
+                if optional:
+                    entry["shape"] = 7  # the frontend's optional-input marker
+                inputs.append(entry)
+            values = []
+            for name in widgets:
+                value = node["widgets"][name]
+                kind = {bool: "BOOLEAN", int: "INT", float: "FLOAT"}.get(type(value), "COMBO" if name not in ("text", "filename_prefix", "lambdas") else "STRING")
+                inputs.append({"name": name, "type": kind, "widget": {"name": name}, "link": None})
+                values.append(value)
+                if (node["type"], name) in SEED_WIDGETS:
+                    values.append("fixed")
+            out = []
+            for slot, (name, kind) in enumerate(outputs):
+                out.append({"name": name, "type": kind, "links": [lk[0] for lk in self.links if lk[1] == node["id"] and lk[2] == slot],
+                            "slot_index": slot})
+            entry = {"id": node["id"], "type": node["type"], "pos": node["pos"], "size": [320, 60 + 26 * (len(inputs) + len(outputs))],
+                     "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": out,
+                     "properties": {"Node name for S&R": node["type"]}, "widgets_values": values}
+            if node["title"]:
+                entry["title"] = node["title"]
+            nodes.append(entry)
+        links = []
+        for link_id, src, src_slot, dst, input_name, kind in self.links:
+            dst_slot = [i["name"] for i in nodes[dst - 1]["inputs"]].index(input_name)
+            links.append([link_id, src, src_slot, dst, dst_slot, kind])
+        return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": nodes, "links": links, "groups": [],
+                "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def _text_encoders(wf, loader, prompt, x=420):
+    positive = wf.add("CLIPTextEncode", (x, 80), title="Positive prompt", text=prompt)
+    negative = wf.add("CLIPTextEncode", (x, 320), title="Negative prompt (empty: what the MLP was trained with)", text="")
+    wf.connect(loader, 1, positive, "clip")
+    wf.connect(loader, 1, negative, "clip")
+    return positive, negative
+
+
+def sdxl_guider() -> Workflow:
+    wf = Workflow()
+    ckpt = wf.add("CheckpointLoaderSimple", (0, 200), ckpt_name=SDXL_CHECKPOINT)
+    positive, negative = _text_encoders(wf, ckpt, PROMPT)
+    annealing = wf.add("LoadAnnealingGuidanceModel", (0, 520), model_name=SDXL_ANNEALING)
+    guider = wf.add("AnnealingGuider", (860, 80), **ANNEALING_DEFAULTS, fallback_cfg=5.0)
+    wf.connect(ckpt, 0, guider, "model")
+    wf.connect(positive, 0, guider, "positive")
+    wf.connect(negative, 0, guider, "negative")
+    wf.connect(annealing, 0, guider, "annealing_model")
+    noise = wf.add("RandomNoise", (860, 520), noise_seed=42)
+    sampler = wf.add("KSamplerSelect", (860, 660), sampler_name="euler")
+    sigmas = wf.add("BasicScheduler", (860, 780), scheduler="normal", steps=40, denoise=1.0)
+    wf.connect(ckpt, 0, sigmas, "model")
+    latent = wf.add("EmptyLatentImage", (420, 560), width=1024, height=1024, batch_size=1)
+    sample = wf.add("SamplerCustomAdvanced", (1240, 80))
+    wf.connect(noise, 0, sample, "noise")
+    wf.connect(guider, 0, sample, "guider")
+    wf.connect(sampler, 0, sample, "sampler")
+    wf.connect(sigmas, 0, sample, "sigmas")
+    wf.connect(latent, 0, sample, "latent_image")
+    decode = wf.add("VAEDecode", (1600, 80))
+    wf.connect(sample, 0, decode, "samples")
+    wf.connect(ckpt, 2, decode, "vae")
+    save = wf.add("SaveImage", (1900, 80), filename_prefix="annealing_guidance")
+    wf.connect(decode, 0, save, "images")
+    plot = wf.add("AnnealingSchedulePlot", (1600, 420))
+    wf.connect(sample, 0, plot, "samples")
+    wf.connect(guider, 0, plot, "guider")
+    return wf
+
+
+def _sdxl_patched(wf, x=860):
+    ckpt = wf.add("CheckpointLoaderSimple", (0, 200), ckpt_name=SDXL_CHECKPOINT)
+    positive, negative = _text_encoders(wf, ckpt, PROMPT)
+    annealing = wf.add("LoadAnnealingGuidanceModel", (0, 520), model_name=SDXL_ANNEALING)
+    patch = wf.add("ApplyAnnealingGuidance", (x, 520), **ANNEALING_DEFAULTS)
+    wf.connect(ckpt, 0, patch, "model")
+    wf.connect(annealing, 0, patch, "annealing_model")
+    latent = wf.add("EmptyLatentImage", (420, 560), width=1024, height=1024, batch_size=1)
+    return ckpt, positive, negative, patch, latent
+
+
+def _ksampler(wf, model, model_slot, positive, negative, latent, pos, title, cfg):
+    sampler = wf.add("KSampler", pos, title=title, seed=42, steps=40, cfg=cfg, sampler_name="dpmpp_2m", scheduler="karras", denoise=1.0)
+    wf.connect(model, model_slot, sampler, "model")
+    wf.connect(positive, 0, sampler, "positive")
+    wf.connect(negative, 0, sampler, "negative")
+    wf.connect(latent, 0, sampler, "latent_image")
+    return sampler
+
+
+def _decode_and_save(wf, sampler, ckpt, pos, prefix):
+    decode = wf.add("VAEDecode", pos)
+    wf.connect(sampler, 0, decode, "samples")
+    wf.connect(ckpt, 2, decode, "vae")
+    save = wf.add("SaveImage", (pos[0] + 300, pos[1]), filename_prefix=prefix)
+    wf.connect(decode, 0, save, "images")
+
+
+def sdxl_ksampler() -> Workflow:
+    wf = Workflow()
+    ckpt, positive, negative, patch, latent = _sdxl_patched(wf)
+    sampler = _ksampler(wf, patch, 0, positive, negative, latent, (1240, 80), "KSampler (cfg only used outside the active range)", 5.0)
+    _decode_and_save(wf, sampler, ckpt, (1600, 80), "annealing_guidance")
+    plot = wf.add("AnnealingSchedulePlot", (1600, 420))
+    wf.connect(sampler, 0, plot, "samples")
+    wf.connect(patch, 0, plot, "model")
+    return wf
+
+
+def sdxl_side_by_side() -> Workflow:
+    wf = Workflow()
+    ckpt, positive, negative, patch, latent = _sdxl_patched(wf)
+    plain = _ksampler(wf, ckpt, 0, positive, negative, latent, (1240, 80), "Plain CFG 7.5", 7.5)
+    annealed = _ksampler(wf, patch, 0, positive, negative, latent, (1240, 560), "Annealing guidance, lambda 0.4 (same seed)", 7.5)
+    _decode_and_save(wf, plain, ckpt, (1600, 80), "compare/cfg_7.5")
+    _decode_and_save(wf, annealed, ckpt, (1600, 560), "compare/annealing_lambda_0.4")
+    plot = wf.add("AnnealingSchedulePlot", (2200, 560))
+    wf.connect(annealed, 0, plot, "samples")
+    wf.connect(patch, 0, plot, "model")
+    return wf
+
+
+def sd3_user_checkpoint() -> Workflow:
+    wf = Workflow()
+    ckpt = wf.add("CheckpointLoaderSimple", (0, 200), ckpt_name=SD3_CHECKPOINT)
+    shifted = wf.add("ModelSamplingSD3", (420, 620), shift=3.0)
+    wf.connect(ckpt, 0, shifted, "model")
+    positive, negative = _text_encoders(wf, ckpt, PROMPT)
+    annealing = wf.add("LoadAnnealingGuidanceModel", (0, 520), title="Your flow checkpoint (trained with python -m training)", model_name=SD3_ANNEALING)
+    guider = wf.add("AnnealingGuider", (860, 80), **ANNEALING_DEFAULTS, fallback_cfg=4.5)
+    wf.connect(shifted, 0, guider, "model")
+    wf.connect(positive, 0, guider, "positive")
+    wf.connect(negative, 0, guider, "negative")
+    wf.connect(annealing, 0, guider, "annealing_model")
+    noise = wf.add("RandomNoise", (860, 520), noise_seed=42)
+    sampler = wf.add("KSamplerSelect", (860, 660), sampler_name="euler")
+    sigmas = wf.add("BasicScheduler", (860, 780), scheduler="simple", steps=28, denoise=1.0)
+    wf.connect(shifted, 0, sigmas, "model")
+    latent = wf.add("EmptySD3LatentImage", (420, 760), width=1024, height=1024, batch_size=1)
+    sample = wf.add("SamplerCustomAdvanced", (1240, 80))
+    wf.connect(noise, 0, sample, "noise")
+    wf.connect(guider, 0, sample, "guider")
+    wf.connect(sampler, 0, sample, "sampler")
+    wf.connect(sigmas, 0, sample, "sigmas")
+    wf.connect(latent, 0, sample, "latent_image")
+    decode = wf.add("VAEDecode", (1600, 80))
+    wf.connect(sample, 0, decode, "samples")
+    wf.connect(ckpt, 2, decode, "vae")
+    save = wf.add("SaveImage", (1900, 80), filename_prefix="annealing_sd3")
+    wf.connect(decode, 0, save, "images")
+    plot = wf.add("AnnealingSchedulePlot", (1600, 420))
+    wf.connect(sample, 0, plot, "samples")
+    wf.connect(guider, 0, plot, "guider")
+    explorer = wf.add("AnnealingModelExplorer", (420, 960), lambdas="0.0, 0.2, 0.4, 0.6, 0.8, 1.0")
+    wf.connect(annealing, 0, explorer, "annealing_model")
+    return wf
+
+
+WORKFLOWS = {
+    "sdxl_annealing_guider": sdxl_guider,
+    "sdxl_annealing_ksampler": sdxl_ksampler,
+    "sdxl_cfg_vs_annealing": sdxl_side_by_side,
+    "sd3_user_checkpoint": sd3_user_checkpoint,
+}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    for name, build in WORKFLOWS.items():
+        wf = build()
+        _write_json(HERE / f"{name}.json", wf.ui())
+        _write_json(HERE / f"{name}.api.json", wf.api())
+        print(f"wrote workflows/{name}.json and workflows/{name}.api.json ({len(wf.nodes)} nodes, {len(wf.links)} links)")
+    types = sorted({node for build in WORKFLOWS.values() for node in (n["type"] for n in build().nodes)})
+    pack = [t for t in types if t in PACK_NODES]
+    _write_json(HERE / "node_types.json", {"pack": pack, "core": [t for t in types if t not in PACK_NODES]})
+
+
+PACK_NODES = {"LoadAnnealingGuidanceModel", "AnnealingGuider", "ApplyAnnealingGuidance", "AnnealingSchedulePlot", "AnnealingModelExplorer"}
+
+if __name__ == "__main__":
+    main()
