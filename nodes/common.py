@@ -32,11 +32,13 @@ def annealing_inputs() -> list:
         io.Float.Input("w_max", default=3.0, min=-10.0, max=50.0, step=0.01, tooltip="Upper clamp of w when clamp_w is on (CFG++ units)."),
         io.Float.Input(
             "active_start", default=0.0, min=0.0, max=1.0, step=0.01,
-            tooltip="Fraction of the schedule where annealing starts (0 = first step). Before it, plain CFG at the fallback scale.",
+            tooltip="Fraction of the schedule where annealing starts (0 = first step). Before it: plain CFG at the fallback scale "
+            "(the guider's fallback_cfg; KSampler's cfg for Apply Annealing Guidance).",
         ),
         io.Float.Input(
             "active_end", default=1.0, min=0.0, max=1.0, step=0.01,
-            tooltip="Fraction of the schedule where annealing ends (1 = last step). After it, plain CFG at the fallback scale.",
+            tooltip="Fraction of the schedule where annealing ends (1 = last step). After it: plain CFG at the fallback scale "
+            "(the guider's fallback_cfg; KSampler's cfg for Apply Annealing Guidance).",
         ),
     ]
 

@@ -63,7 +63,11 @@ class ApplyAnnealingGuidance(io.ComfyNode):
             "KSampler's cfg only matters outside the active range. Apply it before other guidance patches: post-CFG functions "
             "added after it see its result.",
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (EPS, V-prediction or flow). It is cloned, never changed."),
+                io.Model.Input(
+                    "model",
+                    tooltip="The diffusion model (EPS, V-prediction or flow). It is cloned, never changed. KSampler's cfg then only "
+                    "matters outside the active range (plain CFG there); inside it, the MLP's w replaces it.",
+                ),
                 *annealing_inputs(),
             ],
             outputs=[io.Model.Output(tooltip="The patched model, for KSampler (its cfg is only used outside the active range).")],

@@ -308,9 +308,10 @@ class AnnealingHook:
         as_is = self.resolved_renoise() == RENOISE_AS_IS
         sigma_next = None
         if not as_is and sample_sigmas is not None and is_ancestral(self.sampler_name):
-            sigma_b = sigma.reshape(-1).to(torch.float32)
-            _, schedule_next, _ = locate_on_schedule(sigma_b, sample_sigmas)
-            sigma_next = ancestral_sigma_down(sigma_b, schedule_next, kind, self.sampler_eta)
+            # sigma_down belongs to the step (sigma_i -> sigma_i+1), also for evaluations inside it (dpmpp_2s_ancestral)
+            step, schedule_next, _ = locate_on_schedule(sigma.reshape(-1).to(torch.float32), sample_sigmas)
+            step_start = sample_sigmas.to(device=step.device, dtype=torch.float32)[step]
+            sigma_next = ancestral_sigma_down(step_start, schedule_next, kind, self.sampler_eta)
         sigma_to_timestep = None
         if self.metadata.timestep_convention == "ddpm_index":
             log_sigmas = model_sampling.log_sigmas
