@@ -8,13 +8,18 @@ import shutil
 
 import pytest
 import torch
-from training_fixtures import make_config, tiny_model
+from training_fixtures import make_config, one_thread, tiny_model
 
 import annealing
 import training.algorithm
 from training.backends import detect_model
 from training.config import TrainingError
 from training.trainer import Trainer, train
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    yield from one_thread()
 
 
 def ready_trainer(kind, tmp_path, **overrides) -> Trainer:

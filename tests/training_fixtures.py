@@ -53,3 +53,14 @@ def same_weights(a: dict, b: dict) -> bool:
     import torch
 
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def one_thread():
+    """Generator for an autouse fixture: tiny models run fastest on one thread, and a busy 2-core machine makes
+    2-thread OpenMP ops up to 10x slower; the previous setting is restored afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -280,6 +280,8 @@ def write_embeddings(folder: Path, captions: list[str], encode, uncond: dict[str
 
     from annealing.checkpoint import atomic_write
 
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     distinct = sorted(set(captions))
     table: dict[str, list[int]] = {}
     shards: list[str] = []

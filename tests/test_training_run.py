@@ -1,0 +1,166 @@
+"""End-to-end training runs on tiny models: every backend trains, writes a loadable checkpoint with full metadata and
+resumes; runs are deterministic; bad images and NaN losses are skipped and counted; checkpoints are written atomically;
+precomputed embeddings give the same training as the text encoders."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from training_fixtures import LATENT_NUMEL, make_config, one_thread, same_weights, state_of, tiny_dataset, tiny_model
+
+import annealing
+from training.backends import UNetBackend
+from training.cli import main as cli_main
+from training.config import TrainingError
+from training.data import write_embeddings
+from training.trainer import RESUME_FILE, Trainer, train
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    yield from one_thread()
+
+
+def initial_weights(config) -> dict:
+    torch.manual_seed(config.seed)
+    return annealing.GuidanceScaleModel(annealing.GuidanceModelConfig(hidden_size=config.mlp_hidden, n_layers=config.mlp_layers)).state_dict()
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3"])
+def test_backend_trains_writes_a_loadable_checkpoint_and_resumes(tmp_path, kind):
+    config = make_config(kind, tmp_path / "out", max_steps=3, checkpoint_every=2, lambda_min=0.1, lambda_max=0.9)
+    result = train(config, progress=False)
+    assert result.steps == 3 and result.images_seen == 6 and result.nan_losses == 0 and result.skipped_steps == 0
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2, 3]
+    for row in log:
+        assert all(math.isfinite(row[k]) for k in ("loss", "quality", "alignment", "w_mean", "w_min", "w_max"))
+        assert row["w_min"] <= row["w_mean"] <= row["w_max"]
+
+    # the loader (the nodes use annealing.load_guidance_model) reads it as is
+    model = annealing.load_guidance_model(result.checkpoint)
+    assert result.checkpoint.name == f"annealing_{kind}.safetensors"
+    assert not same_weights(model.state_dict(), initial_weights(config))
+    meta = model.metadata
+    flow = kind == "sd3"
+    assert meta.model_family == kind
+    assert meta.prediction_space == ("velocity" if flow else "epsilon")
+    assert meta.timestep_convention == ("sigma_x1000" if flow else "ddpm_index")
+    assert meta.trained_latent_numel == LATENT_NUMEL[kind]
+    assert meta.sampling_steps == 50
+    assert meta.training["steps"] == 3 and meta.training["images"] == 6
+    assert (meta.training["lambda_min"], meta.training["lambda_max"]) == (0.1, 0.9)
+    assert meta.training["base_model"] == tiny_model(kind).name and meta.training["balance"] == flow
+    w = model(torch.tensor([500.0, 100.0]), torch.tensor([3.0, 1.0]), torch.tensor([0.4, 0.8]))
+    assert w.shape == (2,) and torch.isfinite(w).all()
+    assert (tmp_path / "out" / "checkpoints" / f"annealing_{kind}-step000002.safetensors").is_file()
+
+    # resume continues from the saved step
+    config.resume, config.max_steps = True, 5
+    resumed = train(config, progress=False)
+    assert resumed.resumed_from == 3 and resumed.steps == 5 and resumed.images_seen == 10
+    assert annealing.load_guidance_model(resumed.checkpoint).metadata.training["steps"] == 5
+
+
+def test_same_seed_same_weights_and_resume_equals_an_uninterrupted_run(tmp_path):
+    straight = train(make_config("sd15", tmp_path / "a", max_steps=4), progress=False)
+    again = train(make_config("sd15", tmp_path / "b", max_steps=4), progress=False)
+    assert same_weights(state_of(straight.checkpoint), state_of(again.checkpoint))
+    other_seed = train(make_config("sd15", tmp_path / "c", max_steps=4, seed=1), progress=False)
+    assert not same_weights(state_of(straight.checkpoint), state_of(other_seed.checkpoint))
+
+    train(make_config("sd15", tmp_path / "d", max_steps=2), progress=False)
+    resumed = train(make_config("sd15", tmp_path / "d", max_steps=4, resume=True), progress=False)
+    assert resumed.resumed_from == 2
+    assert same_weights(state_of(straight.checkpoint), state_of(resumed.checkpoint))
+    state = torch.load(tmp_path / "d" / RESUME_FILE, map_location="cpu", weights_only=True)
+    assert state["step"] == 4 and state["images_seen"] == 8 and state["optimizer"]["state"]
+
+
+def test_resume_refuses_a_different_architecture(tmp_path):
+    train(make_config("sd15", tmp_path / "out", max_steps=1), progress=False)
+    with pytest.raises(TrainingError, match="cannot resume, mlp_hidden was 128 and is now 64"):
+        train(make_config("sd15", tmp_path / "out", max_steps=2, resume=True, mlp_hidden=64), progress=False)
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    result = train(make_config("sdxl", tmp_path / "out", dataset=str(tiny_dataset(6, corrupt=2)), max_steps=4), progress=False)
+    assert [p.rsplit("/", 1)[1] for p in result.skipped_images] == ["broken000.png", "broken001.png"]
+    assert result.skipped_image_events >= 2 and result.images_seen == 8 - result.skipped_image_events
+    report = json.loads((tmp_path / "out" / "training_report.json").read_text())
+    assert report["skipped_images"] == 2 and report["steps"] == 4
+    assert annealing.load_guidance_model(result.checkpoint).metadata.training["skipped_images"] == 2
+
+
+def test_nan_losses_are_skipped_and_counted(tmp_path, monkeypatch):
+    real_predict = UNetBackend.predict
+    calls = {"n": 0}
+
+    def sometimes_nan(self, z, t, cond):
+        calls["n"] += 1
+        out = real_predict(self, z, t, cond)
+        return out * float("nan") if calls["n"] in (1, 9, 10, 11, 12) else out  # micro-batch 1 and micro-batch 3 go bad
+
+    monkeypatch.setattr(UNetBackend, "predict", sometimes_nan)
+    result = train(make_config("sd15", tmp_path / "out", max_steps=3), progress=False)
+    assert result.nan_losses == 2 and result.steps == 3 and result.images_seen == 4 and result.skipped_steps == 0
+    assert all(torch.isfinite(v).all() for v in state_of(result.checkpoint).values())
+    assert annealing.load_guidance_model(result.checkpoint).metadata.training["nan_losses"] == 2
+
+
+def test_a_failed_write_leaves_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
+    trainer = Trainer(make_config("sd15", tmp_path / "out", max_steps=1), progress=False)
+    trainer.preflight()
+    result = trainer.run()
+    files = [result.checkpoint, tmp_path / "out" / RESUME_FILE]
+    before = [f.read_bytes() for f in files]
+
+    def disk_full(obj, path, *args, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(annealing.CheckpointError, match="No space left on device"):
+        trainer.save(final=True)
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(annealing.CheckpointError, match="No space left on device"):
+        trainer.save_resume()
+    assert [f.read_bytes() for f in files] == before
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+    annealing.load_guidance_model(result.checkpoint)
+
+
+def test_precomputed_embeddings_train_like_the_text_encoders(tmp_path):
+    embeddings = tmp_path / "embeds"
+    status = cli_main(["embed", "--model", str(tiny_model("sdxl")), "--dataset", str(tiny_dataset()), "--output", str(embeddings),
+                       "--dtype", "float32", "--shard-size", "4", "--quiet"])
+    assert status == 0
+    index = json.loads((embeddings / "index.json").read_text())
+    assert index["count"] == 6 and len(index["shards"]) == 2 and index["model_family"] == "sdxl" and index["has_pooled"]
+
+    trainer = Trainer(make_config("sdxl", tmp_path / "with", embeddings=str(embeddings)), progress=False)
+    trainer.preflight()
+    with_embeddings = trainer.run()
+    assert trainer.backend.text is None  # the text encoders were never loaded
+    without = train(make_config("sdxl", tmp_path / "without"), progress=False)
+    a, b = state_of(with_embeddings.checkpoint), state_of(without.checkpoint)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_embeddings_for_another_family_or_other_captions_are_refused(tmp_path):
+    def encode(captions):
+        return {"embeds": torch.zeros(len(captions), 77, 64), "pooled": torch.zeros(len(captions), 32)}
+
+    write_embeddings(tmp_path / "sd3", ["x"], encode, encode([""]), model_family="sd3", base_model="m", progress=False)
+    with pytest.raises(TrainingError, match="made for a sd3 model, the model is sdxl"):
+        train(make_config("sdxl", tmp_path / "out", embeddings=str(tmp_path / "sd3")), progress=False)
+    write_embeddings(tmp_path / "sdxl", ["x"], encode, encode([""]), model_family="sdxl", base_model="m", progress=False)
+    with pytest.raises(TrainingError, match="6 captions have no embedding"):
+        train(make_config("sdxl", tmp_path / "out", embeddings=str(tmp_path / "sdxl")), progress=False)
