@@ -1,0 +1,10 @@
+"""2D guidance benchmark with known ground truth: ``python -m training.toy --out DIR`` (see docs/toy-benchmark.md).
+
+Modules: ``problem`` (the ring mixture and its exact denoiser, the training backend), ``samplers`` (every method as one
+DDIM loop), ``train`` (annealing with Algorithm 1 of ``training.algorithm``), ``learn_to_guide``, ``metrics``,
+``benchmark`` (the run) and ``report`` (table and plots).
+"""
+
+from .problem import ExactRingDenoiser, RingProblem
+
+__all__ = ["ExactRingDenoiser", "RingProblem"]

@@ -1,0 +1,217 @@
+"""Every guidance method of the benchmark as one DDIM loop in DDPM z-space with the exact ring denoiser.
+
+At grid step i (timestep t_i, z = a_i x0 + s_i eps) a method sees eps_u, eps_c (exact) and the x0-predictions
+D_u, D_c, and returns the x0 estimate and the noise to renoise with; the step is
+
+    z_{i+1} = a_{i+1} x0_hat + s_{i+1} eps_renoise          (after the last grid point: a = 1, s = 0, i.e. x0_hat)
+
+CFG-style methods renoise with their own guided noise (a plain DDIM step, what any ComfyUI sampler does with the D they
+return); CFG++ and annealing renoise with eps_u (:func:`annealing.cfgpp_step`). The grid is upstream's: DDIM "leading"
+timesteps (980, 960, ..., 0 for 50 steps) of SD's scaled-linear VP schedule, with set_alpha_to_one at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from annealing import cfgpp_step, per_sample_norm
+from annealing.baselines import angle_domain_guidance, apg, cfg, interval_scale, tv_cfg_schedule
+from training.algorithm import SamplingGrid
+
+from .problem import RingProblem
+
+
+@dataclass
+class StepContext:
+    """What a method sees at one step (all (B, 2) or (B,) tensors, float32)."""
+
+    index: int
+    num_steps: int
+    z: torch.Tensor
+    timestep: torch.Tensor
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+    alpha_next: torch.Tensor
+    sigma_next: torch.Tensor
+    eps_u: torch.Tensor
+    eps_c: torch.Tensor
+    labels: torch.Tensor
+
+    def x0(self, eps: torch.Tensor) -> torch.Tensor:
+        return (self.z - self.sigma * eps) / self.alpha
+
+    def eps_of(self, x0: torch.Tensor) -> torch.Tensor:
+        return (self.z - self.alpha * x0) / self.sigma
+
+    @property
+    def karras_sigma(self) -> torch.Tensor:
+        """ComfyUI's x-space sigma = s / a."""
+        return (self.sigma / self.alpha).expand(self.z.shape[0])
+
+    def plain(self, eps_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A plain DDIM step with the guided noise."""
+        return self.x0(eps_hat), eps_hat
+
+    def from_x0(self, x0_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A plain DDIM step from a guided x0-prediction (what a sampler does with a hook's D)."""
+        return x0_hat, self.eps_of(x0_hat)
+
+
+class Method:
+    """A guidance method at one setting. ``family`` groups the settings of a sweep; ``param`` is the swept value."""
+
+    family = "?"
+    param_name = "w"
+
+    def __init__(self, param: float):
+        self.param = float(param)
+
+    @property
+    def label(self) -> str:
+        return f"{self.family} {self.param_name}={self.param:g}"
+
+    def reset(self, batch: int) -> None:
+        """Called before each trajectory batch (methods with state clear it here)."""
+
+    def step(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class CFG(Method):
+    family = "CFG"
+
+    def step(self, ctx):
+        return ctx.plain(cfg(ctx.eps_c, ctx.eps_u, self.param))
+
+
+class CFGPlusPlus(Method):
+    family = "CFG++"
+
+    def step(self, ctx):
+        _, x0_hat, _ = cfgpp_step(ctx.z, ctx.eps_u, ctx.eps_c, torch.full_like(ctx.timestep, self.param), ctx.alpha, ctx.sigma,
+                                  ctx.alpha_next, ctx.sigma_next)
+        return x0_hat, ctx.eps_u
+
+
+class Annealing(Method):
+    """w = MLP(t, ||eps_u - eps_c||, lambda), CFG++ step. Records every w in ``self.trace`` (steps x batch)."""
+
+    family = "annealing"
+    param_name = "lambda"
+
+    def __init__(self, param: float, model):
+        super().__init__(param)
+        self.model = model
+        self.trace: list[torch.Tensor] = []
+
+    def reset(self, batch):
+        self.trace = []
+
+    def step(self, ctx):
+        with torch.no_grad():
+            w = self.model(ctx.timestep, per_sample_norm(ctx.eps_u - ctx.eps_c), self.param)
+        self.trace.append(w)
+        _, x0_hat, _ = cfgpp_step(ctx.z, ctx.eps_u, ctx.eps_c, w, ctx.alpha, ctx.sigma, ctx.alpha_next, ctx.sigma_next)
+        return x0_hat, ctx.eps_u
+
+
+class TVCFG(Method):
+    """Stage-wise symmetric schedule around the nominal CFG scale (time average = param)."""
+
+    family = "TV-CFG"
+    param_name = "w_bar"
+
+    def step(self, ctx):
+        w = float(tv_cfg_schedule(ctx.num_steps, self.param)[ctx.index])
+        return ctx.plain(cfg(ctx.eps_c, ctx.eps_u, w))
+
+
+class AngleDomain(Method):
+    family = "ADG"
+
+    def step(self, ctx):
+        return ctx.from_x0(angle_domain_guidance(ctx.x0(ctx.eps_c), ctx.x0(ctx.eps_u), self.param))
+
+
+class APG(Method):
+    """APG with the paper's eta = 0 and momentum -0.5; the norm threshold is in x0 units of the toy (radius 1)."""
+
+    family = "APG"
+
+    def __init__(self, param, eta: float = 0.0, momentum: float = -0.5, norm_threshold: float = 1.0):
+        super().__init__(param)
+        self.eta, self.momentum, self.norm_threshold = eta, momentum, norm_threshold
+        self.running = None
+
+    def reset(self, batch):
+        self.running = None
+
+    def step(self, ctx):
+        d, self.running = apg(ctx.x0(ctx.eps_c), ctx.x0(ctx.eps_u), self.param, eta=self.eta, norm_threshold=self.norm_threshold,
+                              momentum=self.momentum, running=self.running)
+        return ctx.from_x0(d)
+
+
+class Interval(Method):
+    """CFG only for Karras sigma in (0.28, 5.42] (the SD-XL interval of Kynkaanniemi et al.), no guidance elsewhere."""
+
+    family = "interval"
+
+    def step(self, ctx):
+        w = interval_scale(ctx.karras_sigma, self.param).to(ctx.z.dtype)
+        return ctx.plain(cfg(ctx.eps_c, ctx.eps_u, w))
+
+
+class LearnedTable(Method):
+    """Learn to Guide: CFG with a learned scale w(c, t) per class and grid step (``table``: (C, N) CFG scales)."""
+
+    family = "learn-to-guide"
+    param_name = "reg"
+
+    def __init__(self, table: torch.Tensor, param: float = 0.0):
+        super().__init__(param)
+        self.table = table.detach().float()
+
+    @property
+    def label(self) -> str:
+        return "learn-to-guide"
+
+    def step(self, ctx):
+        return ctx.plain(cfg(ctx.eps_c, ctx.eps_u, self.table[ctx.labels, ctx.index]))
+
+
+@dataclass
+class ToySampler:
+    """The DDIM grid and the exact denoiser; ``run`` samples one method from given initial noise."""
+
+    problem: RingProblem
+    grid: SamplingGrid
+    alphas_cumprod: torch.Tensor
+    stats: dict = field(default_factory=lambda: {"steps": 0})
+
+    def schedule(self, index: int) -> tuple[float, float, float, float]:
+        a, s = float(self.grid.alphas[index]), float(self.grid.sigmas[index])
+        if index + 1 < len(self.grid):
+            return a, s, float(self.grid.alphas[index + 1]), float(self.grid.sigmas[index + 1])
+        return a, s, 1.0, 0.0
+
+    def run(self, method: Method, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """x0 samples (B, 2) from z_T = ``noise`` (B, 2) for class ``labels`` (B,)."""
+        batch = noise.shape[0]
+        cond = self.problem.one_hot(labels, noise.dtype)
+        uncond = self.problem.uncond(batch, noise.dtype)
+        method.reset(batch)
+        z = noise
+        steps = len(self.grid)
+        for i in range(steps):
+            a, s, a_n, s_n = self.schedule(i)
+            t = self.grid.model_timesteps[i].expand(batch)
+            eps_u = self.problem.eps(z, a, s, uncond)
+            eps_c = self.problem.eps(z, a, s, cond)
+            ctx = StepContext(i, steps, z, t, torch.tensor(a), torch.tensor(s), torch.tensor(a_n), torch.tensor(s_n), eps_u, eps_c, labels)
+            x0_hat, eps_renoise = method.step(ctx)
+            z = a_n * x0_hat + s_n * eps_renoise
+        self.stats["steps"] += steps
+        return z
