@@ -1,0 +1,224 @@
+"""The 2D benchmark: the exact denoiser against Monte Carlo, the training backend, the inference path on the trained
+checkpoint, the metrics, and the CLI pipeline in quick mode (pipeline and maths, never the ranking)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import annealing
+from annealing import AnnealingGuidance, AnnealingOptions
+from annealing.schedules import continuous_timestep, scaled_linear_alphas_cumprod, vp_sigmas
+from training.algorithm import CADSConfig, SamplingGrid, annealing_loss
+from training.toy.__main__ import main
+from training.toy.metrics import Evaluator, manifold_threshold, sliced_wasserstein
+from training.toy.problem import ExactRingDenoiser, RingProblem
+from training.toy.samplers import Annealing, ToySampler
+from training.toy.train import TOY_MODEL_CONFIG
+
+ABAR = scaled_linear_alphas_cumprod()
+
+
+def _model_samples(problem: RingProblem, cond: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:
+    """x0 ~ the model's mixture under condition ``cond`` (1, C): component by its weight pi_k, then N(mu_k, s^2 I)."""
+    weights = problem.log_mode_weights(cond.double()).exp().reshape(-1)
+    comp = torch.multinomial(weights, count, replacement=True, generator=gen)
+    return problem.means(torch.float64)[comp] + problem.mode_std * torch.randn(count, 2, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("leak", [0.0, 0.5])
+@pytest.mark.parametrize("timestep", [100, 450, 900])
+def test_exact_eps_matches_a_monte_carlo_posterior_mean(timestep, leak):
+    """E[eps | z] by self-normalised importance sampling over prior draws x0: weights N(z; a x0, sig^2 I), eps = (z - a x0) / sig."""
+    problem = RingProblem(condition_leak=leak)
+    gen = torch.Generator().manual_seed(timestep)
+    a, sig = float(ABAR[timestep].sqrt()), float((1 - ABAR[timestep]).sqrt())
+    conds = [problem.one_hot(torch.tensor([1]), torch.float64), problem.uncond(1, torch.float64)]
+    z = torch.tensor([[0.9, 0.3], [-0.2, 0.7], [0.1, -1.1]], dtype=torch.float64) * a + torch.tensor([[0.1, -0.2], [0.3, 0.1], [-0.2, 0.2]], dtype=torch.float64) * sig
+    for cond in conds:
+        x0 = _model_samples(problem, cond, 400_000, gen)
+        exact = problem.eps(z, a, sig, cond.expand(z.shape[0], -1))
+        for i in range(z.shape[0]):
+            logw = -((z[i] - a * x0) ** 2).sum(1) / (2 * sig**2)
+            weights = torch.softmax(logw, 0)
+            eps_samples = (z[i] - a * x0) / sig
+            estimate = weights @ eps_samples
+            # standard error of the self-normalised estimate, from the effective sample size
+            ess = 1.0 / float((weights**2).sum())
+            spread = float(((eps_samples - estimate) ** 2).sum(1).mul(weights).sum().sqrt())
+            tolerance = 5 * spread / math.sqrt(ess) + 1e-6
+            assert ess > 200, f"too few effective samples ({ess:.0f}) for a meaningful check"
+            assert float((exact[i] - estimate).norm()) < tolerance, (timestep, leak, i, exact[i], estimate, tolerance)
+
+
+def test_exact_eps_is_tweedie_on_the_closed_form_marginal():
+    """eps = -sig * grad_z log p_t(z), with p_t the mixture of N(a mu_k, (a^2 s^2 + sig^2) I): an independent exact identity."""
+    problem = RingProblem()
+    a, sig = 0.6, 0.8
+    z = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    cond = problem.one_hot(torch.arange(16) % 3, torch.float64)
+    log_marginal = torch.logsumexp(problem.component_log_joint(z, cond, a, sig), dim=1).sum()
+    (grad,) = torch.autograd.grad(log_marginal, z)
+    torch.testing.assert_close(problem.eps(z.detach(), a, sig, cond), -sig * grad)
+
+
+def test_condition_vectors_and_leak():
+    problem = RingProblem(condition_leak=0.5)
+    one_hot = problem.one_hot(torch.tensor([0, 2]))
+    torch.testing.assert_close(problem.class_weights(one_hot), torch.tensor([[2 / 3, 1 / 6, 1 / 6], [1 / 6, 1 / 6, 2 / 3]]))
+    torch.testing.assert_close(problem.class_weights(problem.uncond(2)), torch.full((2, 3), 1 / 3))
+    exact = RingProblem(condition_leak=0.0)
+    torch.testing.assert_close(exact.class_weights(one_hot), one_hot)
+    # class c owns the arc of modes 4c .. 4c + 3, and samples of class c land nearest to those modes
+    assert exact.mode_class().tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1, 2]).repeat(500)
+    x = exact.sample(labels, gen)
+    assert (exact.mode_class()[exact.nearest_mode(x)] == labels).double().mean() > 0.8
+    with pytest.raises(ValueError, match="condition_leak"):
+        RingProblem(condition_leak=1.0)
+    with pytest.raises(ValueError, match="multiple"):
+        RingProblem(num_modes=10, num_classes=3)
+
+
+def test_backend_trains_through_annealing_loss_and_pass_two_is_differentiable():
+    problem = RingProblem()
+    backend = ExactRingDenoiser(problem, ABAR)
+    grid = SamplingGrid.vp_ddim(50, ABAR)
+    model = annealing.GuidanceScaleModel(TOY_MODEL_CONFIG)
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (64,), generator=gen)
+    x0 = problem.sample(labels, gen)
+    # lambda = 1: only the alignment term, which reaches the MLP only through pass 2 (the exact denoiser at z_{t-1})
+    terms = annealing_loss(backend, model, x0, problem.one_hot(labels), problem.uncond(64), grid, lam=torch.ones(64),
+                           grid_index=torch.full((64,), 30), generator=gen)
+    terms.total.backward()
+    assert float(terms.quality) == 0.0 and float(terms.alignment) > 0
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_cads_analogue_perturbs_only_at_high_noise():
+    problem = RingProblem()
+    backend = ExactRingDenoiser(problem, ABAR, CADSConfig())
+    cond = problem.one_hot(torch.tensor([0, 1, 2, 0]))
+    gen = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(backend.perturb(cond, torch.zeros(4), gen), cond)  # t = 0: gamma = 1, unchanged
+    noisy = backend.perturb(cond, torch.full((4,), 0.98), gen)
+    assert not torch.allclose(noisy, cond)
+    weights = problem.class_weights(noisy)
+    torch.testing.assert_close(weights.sum(1), torch.ones(4))
+    assert torch.all(weights >= 0)
+
+
+def test_metrics_behave_on_known_cases():
+    problem = RingProblem()
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.arange(3).repeat_interleave(1000)
+    reference = problem.sample(labels, gen)
+    evaluator = Evaluator(problem, reference, labels, manifold_threshold(problem, gen, count=50_000), gen)
+    exact = evaluator(problem.sample(labels, gen))
+    assert exact["coverage"] == 1.0
+    assert 0.0 <= exact["off"] < 0.03  # ~1% by construction
+    assert exact["sw"] < 0.06 and abs(exact["mmd"]) < 5
+    assert 0.85 < exact["align"] < 0.99  # neighbouring arcs overlap
+    # every sample of a class on one mode: coverage 1/4 of the modes, far from p(x | c)
+    collapsed = problem.means()[labels * 4 + 1]
+    worse = evaluator(collapsed)
+    assert worse["coverage"] == pytest.approx(0.25) and worse["sw"] > exact["sw"] and worse["mmd"] > 50
+    # far outside the ring: all off the manifold
+    assert evaluator(3 * reference)["off"] > 0.99
+    # SW of a translated copy: |delta| * sqrt(mean cos^2) ~ |delta| / sqrt(2)
+    directions = evaluator.directions
+    x = reference[:1000].double()
+    assert sliced_wasserstein(x, x, directions) == 0.0
+    shifted = sliced_wasserstein(x, x + torch.tensor([0.3, 0.0], dtype=torch.float64), directions)
+    assert shifted == pytest.approx(0.3 / math.sqrt(2), rel=0.1)
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline (CLI)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy") / "run"
+    assert main(["--out", str(out), "--quick", "--no-progress", "--samples", "120"]) == 0
+    return out
+
+
+def test_quick_run_writes_every_result(quick_run, capsys):
+    names = {p.name for p in quick_run.iterdir()}
+    expected = {"results.json", "results.md", "toy-front.png", "toy-samples.png", "toy-w-trajectories.png", "annealing_toy2d_seed0.safetensors"}
+    assert expected <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    for png in ("toy-front.png", "toy-samples.png", "toy-w-trajectories.png"):
+        size = (quick_run / png).stat().st_size
+        assert 10_000 < size < 300_000, (png, size)
+    data = json.loads((quick_run / "results.json").read_text())
+    families = {row["family"] for row in data["methods"]}
+    assert families == {"exact", "CFG", "CFG++", "annealing", "TV-CFG", "ADG", "APG", "interval", "learn-to-guide"}
+    for row in data["methods"]:
+        for metric, summary in row["metrics"].items():
+            assert math.isfinite(summary["mean"]) and len(summary["per_seed"]) == 1, (row["label"], metric)
+    table = (quick_run / "results.md").read_text()
+    assert "| annealing | lambda=0.4 |" in table and "| learn-to-guide |" in table
+
+
+def test_checkpoint_metadata(quick_run):
+    model = annealing.load_guidance_model(quick_run / "annealing_toy2d_seed0.safetensors")
+    meta = model.metadata
+    assert (meta.model_family, meta.prediction_space, meta.timestep_convention) == ("toy2d", "epsilon", "ddpm_index")
+    assert meta.trained_latent_numel == 2 and meta.sampling_steps == 50
+    assert meta.training["seed"] == 0 and meta.training["problem"]["num_classes"] == 3
+    assert model.config == TOY_MODEL_CONFIG
+
+
+def test_refuses_a_non_empty_output_folder(quick_run, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(quick_run), "--quick"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "not empty" in err and "--force" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit):
+        main(["--out", str(quick_run / "x"), "--samples", "3"])
+    assert "--samples" in capsys.readouterr().err
+
+
+def test_help_explains_the_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--out", "--quick", "--force", "--seeds", "--samples"):
+        assert option in text
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.7])
+def test_trained_checkpoint_cfgpp_loop_equals_guide_with_euler(quick_run, lam):
+    """The inference path: AnnealingGuidance.guide with a plain Euler sampler in x-space (k factor) retraces the DDIM CFG++
+    loop the benchmark samples with, on the checkpoint the benchmark trained and saved."""
+    model = annealing.load_guidance_model(quick_run / "annealing_toy2d_seed0.safetensors")
+    problem = RingProblem()
+    grid = SamplingGrid.vp_ddim(50, ABAR)
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.arange(3).repeat(8)
+    noise = torch.randn(labels.shape[0], 2, generator=gen, dtype=torch.float64)
+    reference = ToySampler(problem, grid, ABAR).run(Annealing(lam, model), noise, labels)
+
+    sigmas = torch.cat([vp_sigmas(ABAR)[grid.model_timesteps.long()], torch.zeros(1, dtype=torch.float64)])
+    log_sigmas = vp_sigmas(ABAR).log().float()
+    guide = AnnealingGuidance(model, AnnealingOptions(lam=lam))
+    cond, uncond = problem.one_hot(labels, torch.float64), problem.uncond(labels.shape[0], torch.float64)
+    x = noise * (1 + sigmas[0] ** 2).sqrt()  # z_T -> x = z / a = z sqrt(1 + sigma^2)
+    for i in range(len(grid)):
+        s = sigmas[i]
+        a, sig = 1 / (1 + s**2).sqrt(), s / (1 + s**2).sqrt()
+        d_c = problem.posterior_mean(x * a, a, sig, cond)
+        d_u = problem.posterior_mean(x * a, a, sig, uncond)
+        d = guide.guide(s.expand(labels.shape[0]), d_c, d_u, sampling="eps", sample_sigmas=sigmas,
+                        sigma_to_timestep=lambda sigma: continuous_timestep(sigma, log_sigmas))
+        x = x + (sigmas[i + 1] - s) * (x - d) / s
+    torch.testing.assert_close(x, reference.double(), rtol=1e-4, atol=1e-4)
