@@ -345,6 +345,7 @@ class Trainer:
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                                              persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None)
         generator = torch.Generator(device=self.device)
+        zero = torch.zeros(1, device=self.device)
         params = list(self.mlp.parameters())
         log_path = self.output / "train_log.jsonl"
         from tqdm.auto import tqdm
@@ -387,8 +388,9 @@ class Trainer:
                 else:
                     if terms is not None:
                         window.nan += 1
-                    # No usable loss: a zero loss on every MLP parameter keeps the processes' collective calls in step.
-                    acc.backward(sum(p.sum() for p in params) * 0.0)
+                    # No usable loss: a zero loss through the (DDP-wrapped) MLP's forward keeps the processes' gradient
+                    # all-reduce calls in step; a backward without a wrapped forward would not take part in it.
+                    acc.backward(self.mlp(zero, zero, zero).sum() * 0.0)
                 if acc.sync_gradients:
                     self._optimizer_step(window, params)
             if acc.sync_gradients:
