@@ -419,3 +419,18 @@ def test_bad_options_are_refused_by_name(comfy_host, tiny, node, upstream_model)
         node("ApplyAnnealingGuidance", model=model, **guider_inputs(upstream_model, clamp_w=True, w_min=2.0, w_max=1.0))
     with pytest.raises(ValueError, match="active_start"):
         node("ApplyAnnealingGuidance", model=model, **guider_inputs(upstream_model, active_start=0.8, active_end=0.2))
+
+
+def test_v_prediction_model_k_factor_matches_cfg_pp(comfy_host, tiny, node, upstream_model):
+    """V-prediction models share EPS's x-space: plain euler with k equals euler_cfg_pp with w as is."""
+    import comfy.samplers
+
+    model = tiny.make_tiny_model("v", seed=4)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 6).float().cpu()
+    latent = torch.zeros(2, 4, 8, 8)
+    with torch.inference_mode():
+        guider = make_guider(node, model, tiny.make_cond(1), tiny.make_cond(2), upstream_model)
+        out_k = sample_guider(guider, "euler", sigmas, latent)
+        out_pp = sample_guider(make_guider(node, model, tiny.make_cond(1), tiny.make_cond(2), upstream_model), "euler_cfg_pp", sigmas, latent)
+    assert rel_err(out_k, out_pp) < 1e-4
+    assert guider.annealing_hook.runs[-1].trace["w"].shape == (6, 2)
