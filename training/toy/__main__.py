@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,8 @@ DESCRIPTION = """\
 
 A class-conditional Gaussian mixture on a ring (12 modes, 3 classes owning an arc of 4 modes each) is sampled with
 exact denoisers on SD's VP schedule (50 DDIM steps), so every difference between methods comes from the guidance.
+The model's conditional leaks towards the unconditional (--leak), as an imperfect network's does, so that some
+guidance is needed to reach the true conditional and too much overshoots it.
 Compared on identical initial noise: CFG, CFG++, annealing guidance (the MLP is trained here with the paper's
 Algorithm 1 and saved as a checkpoint), the stage-wise schedule (TV-CFG), Angle Domain Guidance, APG, guidance on
 a limited interval, and Learn to Guide (a learned w(c, t)). Metrics, per class against exact samples: sliced
@@ -32,6 +35,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="seeds (each: reference samples, initial noise, training); default 0 1 2, or 0 with --quick")
     parser.add_argument("--samples", type=int, default=None, help="samples per class and method (default 2000, or 300 with --quick)")
+    parser.add_argument("--steps", type=int, default=50,
+                        help="DDIM sampling steps, also the grid annealing and Learn to Guide train on (default 50, as upstream)")
+    parser.add_argument("--leak", type=float, default=0.5,
+                        help="how much the model's conditional leaks towards the unconditional, rho in [0, 1): the conditional "
+                             "denoiser is exact for (1 - rho) p(x | c) + rho p(x), like an under-trained network (default 0.5; "
+                             "0 = a perfect conditional model, where any guidance only trades fidelity for alignment)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: the tensors are small, more threads only add overhead)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -49,6 +58,10 @@ def main(argv=None) -> int:
         fail(f"--samples must be at least 10, got {args.samples}")
     if args.seeds is not None and (any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds)):
         fail(f"--seeds must be distinct non-negative integers, got {args.seeds}")
+    if not 2 <= args.steps <= 1000:
+        fail(f"--steps must be in [2, 1000], got {args.steps}")
+    if not 0.0 <= args.leak < 1.0:
+        fail(f"--leak must be in [0, 1), got {args.leak}")
     if args.threads < 1:
         fail(f"--threads must be >= 1, got {args.threads}")
     out = args.out
@@ -60,6 +73,7 @@ def main(argv=None) -> int:
     import torch
 
     from .benchmark import BenchmarkConfig, run_benchmark
+    from .problem import RingProblem
     from .report import write_report
 
     torch.set_num_threads(args.threads)
@@ -67,6 +81,9 @@ def main(argv=None) -> int:
         config = BenchmarkConfig.quick_mode(seeds=tuple(args.seeds or (0,)), samples_per_class=args.samples or 300)
     else:
         config = BenchmarkConfig(seeds=tuple(args.seeds or (0, 1, 2)), samples_per_class=args.samples or 2000)
+    config.problem = RingProblem(condition_leak=args.leak)
+    config.sampling_steps = args.steps
+    config.annealing_training = dataclasses.replace(config.annealing_training, sampling_steps=args.steps)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

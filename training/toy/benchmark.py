@@ -26,7 +26,7 @@ from .train import AnnealingTrainConfig, save_toy_checkpoint, train_annealing
 
 #: Swept settings per method (CFG scales; CFG++ and annealing in their own units). Quick mode keeps a few of each.
 FULL_GRIDS = {
-    "CFG": [1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 8.0],
+    "CFG": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0],
     "CFG++": [0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0],
     "annealing": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
     "TV-CFG": [1.25, 1.5, 2.0, 3.0, 5.0],
@@ -86,6 +86,8 @@ def _summary(values: list[float]) -> dict:
 
 def run_benchmark(config: BenchmarkConfig, out_dir: Path, progress: bool = True) -> dict:
     """Run everything; writes the annealing checkpoints into ``out_dir`` and returns the results (plus samples for plots)."""
+    if config.annealing_training.sampling_steps != config.sampling_steps:
+        raise ValueError(f"annealing is trained on {config.annealing_training.sampling_steps} steps but sampled with {config.sampling_steps}")
     problem = config.problem
     alphas_cumprod = scaled_linear_alphas_cumprod()
     grid = SamplingGrid.vp_ddim(config.sampling_steps, alphas_cumprod)

@@ -92,7 +92,7 @@ def plot_front(results: dict, path: Path) -> None:
 
 
 def plot_samples(results: dict, problem: RingProblem, path: Path, per_class: int = 250) -> None:
-    """Samples of the first seed for a few settings over the true density (grey: log p(x), the ring)."""
+    """Samples of the first seed for a few settings over the true density (grey: p(x), the ring)."""
     samples, labels = results["_samples"], results["_labels"]
     picks = []
     for family, param in SCATTER_PICKS:
@@ -107,9 +107,9 @@ def plot_samples(results: dict, problem: RingProblem, path: Path, per_class: int
     lim = 1.9
     axis = torch.linspace(-lim, lim, 160, dtype=torch.float64)
     gx, gy = torch.meshgrid(axis, axis, indexing="xy")
-    logp = problem.log_density(torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)).reshape(gx.shape)
+    density = problem.log_density(torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)).exp().reshape(gx.shape)
     for ax, row in zip(axes, picks):
-        ax.contourf(gx.numpy(), gy.numpy(), logp.clamp_min(-8).numpy(), levels=12, cmap="Greys", alpha=0.6)
+        ax.contourf(gx.numpy(), gy.numpy(), density.numpy(), levels=8, cmap="Greys", alpha=0.45)
         points = samples[row["label"]].double()
         for c in range(problem.num_classes):
             chosen = points[labels == c][:per_class]
