@@ -145,7 +145,8 @@ def test_precomputed_embeddings_train_like_the_text_encoders(tmp_path):
     index = json.loads((embeddings / "index.json").read_text())
     assert index["count"] == 6 and len(index["shards"]) == 2 and index["model_family"] == "sdxl" and index["has_pooled"]
 
-    trainer = Trainer(make_config("sdxl", tmp_path / "with", embeddings=str(embeddings)), progress=False)
+    # one loader worker: the embedding store must travel to worker processes
+    trainer = Trainer(make_config("sdxl", tmp_path / "with", embeddings=str(embeddings), num_workers=1), progress=False)
     trainer.preflight()
     with_embeddings = trainer.run()
     assert trainer.backend.text is None  # the text encoders were never loaded
