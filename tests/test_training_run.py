@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from training_fixtures import LATENT_NUMEL, make_config, one_thread, same_weights, state_of, tiny_dataset, tiny_model
+from training_fixtures import LATENT_NUMEL, make_config, one_thread, pack_module, same_weights, state_of, tiny_dataset, tiny_model
 
 import annealing
 from training.backends import UNetBackend
@@ -40,7 +40,12 @@ def test_backend_trains_writes_a_loadable_checkpoint_and_resumes(tmp_path, kind)
         assert all(math.isfinite(row[k]) for k in ("loss", "quality", "alignment", "w_mean", "w_min", "w_max"))
         assert row["w_min"] <= row["w_mean"] <= row["w_max"]
 
-    # the loader (the nodes use annealing.load_guidance_model) reads it as is
+    # the loader node's code path (the pack's annealing.load_guidance_model) reads it as is, and the nodes' compatibility
+    # check accepts it for the host model it was trained for
+    node_model = pack_module("annealing").load_guidance_model(result.checkpoint)
+    host = {"sd15": ("eps", "SD15", True), "sdxl": ("eps", "SDXL", True), "sd3": ("const", "SD3", False)}[kind]
+    helpers = pack_module("nodes.helpers")
+    assert helpers.compatibility_problems(node_model.metadata, host[0], helpers.model_family(host[1]), host[2]) == (None, [])
     model = annealing.load_guidance_model(result.checkpoint)
     assert result.checkpoint.name == f"annealing_{kind}.safetensors"
     assert not same_weights(model.state_dict(), initial_weights(config))

@@ -64,3 +64,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def pack_module(name: str):
+    """A module of the node pack imported the way ComfyUI sees it (repository root as a package), as the node tests do."""
+    import importlib
+    import sys
+    import types
+
+    pack = "annealing_guidance_pack_under_test"
+    if pack not in sys.modules:
+        package = types.ModuleType(pack)
+        package.__path__ = [str(Path(__file__).resolve().parents[1])]
+        sys.modules[pack] = package
+    return importlib.import_module(f"{pack}.{name}")
