@@ -100,6 +100,23 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
     assert annealing.load_guidance_model(result.checkpoint).metadata.training["skipped_images"] == 2
 
 
+def test_a_dataset_of_only_unreadable_images_stops_with_an_error(tmp_path):
+    with pytest.raises(TrainingError, match=r"none of the 2 images could be read \(e.g. .*broken000.png\)"):
+        train(make_config("sd15", tmp_path / "out", dataset=str(tiny_dataset(0, corrupt=2)), max_steps=3), progress=False)
+    assert not (tmp_path / "out" / "annealing_sd15.safetensors").exists()
+
+
+def test_images_without_captions_are_skipped_when_asked_and_reported(tmp_path):
+    from training.tiny_models import make_image_dataset
+
+    data = make_image_dataset(tmp_path / "data", count=4, without_caption=2)
+    with pytest.raises(TrainingError, match="nocap000.png: no caption file"):
+        train(make_config("sd15", tmp_path / "out", dataset=str(data)), progress=False)
+    result = train(make_config("sd15", tmp_path / "out", dataset=str(data), skip_missing_captions=True, max_steps=1), progress=False)
+    assert result.missing_captions == 2 and result.images_seen == 2
+    assert json.loads((tmp_path / "out" / "training_report.json").read_text())["skipped_missing_captions"] == 2
+
+
 def test_nan_losses_are_skipped_and_counted(tmp_path, monkeypatch):
     real_predict = UNetBackend.predict
     calls = {"n": 0}

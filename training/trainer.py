@@ -90,6 +90,7 @@ class TrainResult:
     images_seen: int
     skipped_images: list[str] = field(default_factory=list)
     skipped_image_events: int = 0
+    missing_captions: int = 0
     nan_losses: int = 0
     skipped_steps: int = 0
     seconds: float = 0.0
@@ -106,6 +107,7 @@ class TrainResult:
             "skipped_images": len(self.skipped_images),
             "skipped_image_paths": self.skipped_images[:50],
             "skipped_image_events": self.skipped_image_events,
+            "skipped_missing_captions": self.missing_captions,
             "nan_losses": self.nan_losses,
             "skipped_steps": self.skipped_steps,
             "seconds": round(self.seconds, 3),
@@ -415,6 +417,8 @@ class Trainer:
                            "skipped_images": len(self.failed_paths), "seconds": round(time.perf_counter() - started, 3)}
                     with open(log_path, "a", encoding="utf-8") as handle:
                         handle.write(json.dumps(row) + "\n")
+                if self.images_seen == 0 and micro >= sampler.per_epoch:
+                    raise TrainingError(f"{cfg.dataset}: none of the {len(dataset)} images could be read (e.g. {sorted(self.failed_paths)[0]})")
                 if self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
                     self._checkpoint(final=False)
         bar.close()
@@ -427,6 +431,7 @@ class Trainer:
             images_seen=self.images_seen,
             skipped_images=sorted(self.failed_paths),
             skipped_image_events=self.skipped_events,
+            missing_captions=len(self.scan.missing_captions),
             nan_losses=self.nan_losses,
             skipped_steps=self.skipped_steps,
             seconds=seconds,
@@ -530,6 +535,7 @@ def format_report(result: TrainResult) -> str:
         f"done: {result.steps} steps, {result.images_seen} images seen in {result.seconds:.1f} s ({result.images_per_second:.3g} images/s)",
         f"checkpoint: {result.checkpoint}",
         f"skipped unreadable images: {len(result.skipped_images)}" + (f" (e.g. {result.skipped_images[0]})" if result.skipped_images else ""),
+        f"skipped images without a caption: {result.missing_captions}",
         f"skipped NaN/inf losses: {result.nan_losses}; skipped optimizer steps: {result.skipped_steps}",
         f"peak memory: {result.peak_memory_bytes / 2**20:.0f} MiB",
     ]
