@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,14 @@ def test_cli_help_and_one_line_errors(tmp_path):
     assert failed.returncode == 2
     assert failed.stderr.strip().count("\n") == 0 and failed.stderr.startswith("error: ") and "empty dataset" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def test_plot_command_draws_the_training_log(tmp_path):
+    from training.cli import main
+
+    rows = [{"step": s, "quality": 1.0 / s, "alignment": 0.01 / s, "w_mean": 1.0, "w_min": 0.8, "w_max": 1.3, "delta_weight": 100.0} for s in (1, 2, 3)]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["plot", str(tmp_path)]) == 0
+    image = Image.open(tmp_path / "training_curves.png")
+    assert image.size[0] > 400 and image.size[1] > 400
+    assert main(["plot", str(tmp_path / "missing")]) == 2  # one-line error, no traceback

@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   python -m training --config training/configs/sd3.yaml --model ./sd3-medium --dataset data.jsonl --output ./runs/sd3
   accelerate launch --multi_gpu --num_processes 4 -m training --config training/configs/sdxl.yaml ...
   python -m training embed --model ./sdxl-base --dataset ./laion-20k --output ./laion-20k-sdxl-embeds
+  python -m training plot ./runs/sdxl
 """
 
 
@@ -28,7 +29,7 @@ def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training",
         description="Train an annealing-guidance checkpoint (a guidance-scale MLP) for a local SD1.x/SD2.x, SDXL or SD3-family model. "
-        "Subcommand `embed` precomputes text embeddings (python -m training embed --help).",
+        "Subcommands: `embed` precomputes text embeddings (python -m training embed --help); `plot OUTPUT` draws the training curves.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -107,11 +108,24 @@ def run_embed(argv: list[str]) -> int:
     return 0
 
 
+def run_plot(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training plot", description="Plot train_log.jsonl of a training output folder.")
+    parser.add_argument("output", help="training output folder (or its train_log.jsonl)")
+    parser.add_argument("--image", help="PNG to write (default: OUTPUT/training_curves.png)")
+    args = parser.parse_args(argv)
+    from .plots import plot_training_log
+
+    print(f"wrote {plot_training_log(args.output, args.image)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "embed":
             return run_embed(argv[1:])
+        if argv and argv[0] == "plot":
+            return run_plot(argv[1:])
         if argv and argv[0] == "train":
             argv = argv[1:]
         return run_train(argv)
