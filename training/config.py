@@ -226,8 +226,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
         elif suffix == ".toml":
-            import tomllib
-
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                try:
+                    import tomli as tomllib
+                except ImportError:
+                    raise TrainingError(f"{path}: TOML configs need Python 3.11+ or `pip install tomli`; or use YAML") from None
             data = tomllib.loads(text)
         else:
             raise TrainingError(f"{path}: config files must end in .yaml, .yml or .toml")
