@@ -39,6 +39,8 @@ def test_backend_trains_writes_a_loadable_checkpoint_and_resumes(tmp_path, kind)
     for row in log:
         assert all(math.isfinite(row[k]) for k in ("loss", "quality", "alignment", "w_mean", "w_min", "w_max"))
         assert row["w_min"] <= row["w_mean"] <= row["w_max"]
+    # flow: the velocity term dwarfs the delta term, and the running balance weights the delta term up (both are logged)
+    assert log[-1]["delta_weight"] > 10 if kind == "sd3" else log[-1]["delta_weight"] == 1.0
 
     # the loader node's code path (the pack's annealing.load_guidance_model) reads it as is, and the nodes' compatibility
     # check accepts it for the host model it was trained for
@@ -83,6 +85,30 @@ def test_same_seed_same_weights_and_resume_equals_an_uninterrupted_run(tmp_path)
     assert same_weights(state_of(straight.checkpoint), state_of(resumed.checkpoint))
     state = torch.load(tmp_path / "d" / RESUME_FILE, map_location="cpu", weights_only=True)
     assert state["step"] == 4 and state["images_seen"] == 8 and state["optimizer"]["state"]
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd3"])
+def test_bf16_frozen_model_with_gradient_checkpointing(tmp_path, kind):
+    """The GPU settings (bf16 frozen model, checkpointing) on CPU: the MLP still trains in float32."""
+    config = make_config(kind, tmp_path / "out", precision="bf16", gradient_checkpointing=True, max_steps=1)
+    trainer = Trainer(config, progress=False)
+    trainer.preflight()
+    result = trainer.run()
+    assert next(trainer.backend.network.parameters()).dtype == torch.bfloat16
+    assert trainer.backend.network.is_gradient_checkpointing
+    assert all(p.dtype == torch.float32 for p in trainer.mlp.parameters())
+    assert result.nan_losses == 0 and math.isfinite(result.last_terms["loss"])
+    assert not same_weights(state_of(result.checkpoint), initial_weights(config))
+    assert annealing.load_guidance_model(result.checkpoint).metadata.training["precision"] == "bfloat16"
+
+
+def test_command_line_with_a_config_file(tmp_path):
+    (tmp_path / "run.yaml").write_text("grid_steps: 10\nlambda_max: 0.5\nresolution: 64\ngradient_accumulation: 2\nnum_workers: 0\ndevice: cpu\n")
+    status = cli_main(["--config", str(tmp_path / "run.yaml"), "--model", str(tiny_model("sd15")), "--dataset", str(tiny_dataset()),
+                       "--output", str(tmp_path / "out"), "--max-steps", "1", "--lambda-max", "0.7", "--output-name", "mine", "--quiet"])
+    assert status == 0
+    meta = annealing.load_guidance_model(tmp_path / "out" / "mine.safetensors").metadata
+    assert meta.sampling_steps == 10 and meta.training["lambda_max"] == 0.7 and meta.training["effective_batch"] == 2
 
 
 def test_resume_refuses_a_different_architecture(tmp_path):

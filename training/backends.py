@@ -327,7 +327,8 @@ class SD3Backend(FrozenDiffusionBackend):
         batch = z.shape[0]
         cond = cond.expand(batch) if cond.batch == 1 and batch > 1 else cond
         with self._grad_context(z):
-            return self.network(hidden_states=z.to(self.dtype), timestep=model_timestep.to(self.dtype),
+            # float32 timesteps, as the pipeline passes them: bf16 cannot even represent 981 exactly
+            return self.network(hidden_states=z.to(self.dtype), timestep=model_timestep.to(torch.float32),
                                 encoder_hidden_states=cond.embeds.to(self.dtype),
                                 pooled_projections=cond.pooled.to(self.dtype)).sample.float()
 
