@@ -268,3 +268,17 @@ def test_single_file_checkpoints_load_offline_through_the_config_folder(tmp_path
     assert trainer.info.single_file and trainer.metadata().training["base_model"] == "my-finetune.safetensors"
     terms = trainer.compute_loss(torch.randn(1, 4, 8, 8), trainer.backend.encode_text(["a cat"]), torch.Generator().manual_seed(0))
     assert torch.isfinite(terms.total)
+
+
+def test_bf16_transformer_gets_float32_timesteps(tmp_path):
+    trainer = ready_trainer("sd3", tmp_path, precision="bf16")
+    network, seen = trainer.backend.network, []
+    original = network.forward
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["hidden_states"].dtype, kwargs["timestep"].dtype, kwargs["timestep"].tolist()))
+        return original(*args, **kwargs)
+
+    network.forward = spy
+    out = trainer.backend.predict(torch.randn(1, 16, 8, 8), torch.tensor([981.0]), trainer.backend.encode_text(["a"]))
+    assert seen == [(torch.bfloat16, torch.float32, [981.0])] and out.dtype == torch.float32
