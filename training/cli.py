@@ -14,7 +14,7 @@ from pathlib import Path
 
 from annealing.errors import AnnealingError
 
-from .config import HELP, TrainingError, _field_kind, build_config, config_fields, read_config_file
+from .config import CHOICES, HELP, TrainingError, _field_kind, build_config, config_fields, read_config_file
 
 EXAMPLES = """examples:
   python -m training --model ./sdxl-base --dataset ./laion-20k --output ./runs/sdxl
@@ -41,7 +41,8 @@ def train_parser() -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=HELP[f.name] + default_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=HELP[f.name] + default_text)
+            options = {"choices": CHOICES[f.name]} if f.name in CHOICES else {"metavar": f.name.upper()}
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=HELP[f.name] + default_text, **options)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 

@@ -71,6 +71,15 @@ HELP = {
 }
 
 
+#: Settings with a fixed set of values (checked by ``validate`` and offered as choices by the CLI).
+CHOICES = {
+    "balance": ("auto", "on", "off"),
+    "uncond": ("auto", "empty_prompt", "zeros"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a training run. Defaults are the paper's (AdamW 1e-3, wd 0.01, batch 1 x 16, 50-step grid,
@@ -157,13 +166,7 @@ class TrainConfig:
             raise TrainingError(f"cads_psi must be in [0, 1], got {self.cads_psi}")
         if self.cads_tau2 <= self.cads_tau1:
             raise TrainingError(f"cads_tau2 must exceed cads_tau1, got {self.cads_tau1} and {self.cads_tau2}")
-        choices = {
-            "balance": ("auto", "on", "off"),
-            "uncond": ("auto", "empty_prompt", "zeros"),
-            "precision": ("auto", "fp32", "bf16", "fp16"),
-            "device": ("auto", "cpu", "cuda"),
-        }
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise TrainingError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if not self.caption_extension.startswith("."):
