@@ -136,7 +136,6 @@ def annealing_loss(
     grid_index: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     lambda_range: tuple[float, float] = (0.0, 1.0),
-    cads: CADSConfig = CADSConfig(),
     delta_weight: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> LossTerms:

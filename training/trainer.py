@@ -330,7 +330,7 @@ class Trainer:
         cfg = self.config
         weight = cfg.delta_weight * (self.balance.weight if self.balance is not None else 1.0)
         return annealing_loss(self.backend, self.mlp, latents, cond, self.uncond, self.grid, lambda_range=(cfg.lambda_min, cfg.lambda_max),
-                              cads=self.cads, delta_weight=weight, generator=generator, **overrides)
+                              delta_weight=weight, generator=generator, **overrides)
 
     # ------------------------------------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
