@@ -143,35 +143,37 @@ def _text_encoders(wf, loader, prompt, x=420):
     return positive, negative
 
 
-def sdxl_guider() -> Workflow:
-    wf = Workflow()
-    ckpt = wf.add("CheckpointLoaderSimple", (0, 200), ckpt_name=SDXL_CHECKPOINT)
-    positive, negative = _text_encoders(wf, ckpt, PROMPT)
-    annealing = wf.add("LoadAnnealingGuidanceModel", (0, 520), model_name=SDXL_ANNEALING)
-    guider = wf.add("AnnealingGuider", (860, 80), **ANNEALING_DEFAULTS, fallback_cfg=5.0)
-    wf.connect(ckpt, 0, guider, "model")
+def _guided_sampling(wf, ckpt, model, positive, negative, annealing, *, fallback_cfg, scheduler, steps, latent_type, prefix):
+    """Annealing Guider -> SamplerCustomAdvanced -> decode/save, plus the schedule plot fed by the sampler's output."""
+    guider = wf.add("AnnealingGuider", (860, 80), **ANNEALING_DEFAULTS, fallback_cfg=fallback_cfg)
+    wf.connect(model, 0, guider, "model")
     wf.connect(positive, 0, guider, "positive")
     wf.connect(negative, 0, guider, "negative")
     wf.connect(annealing, 0, guider, "annealing_model")
     noise = wf.add("RandomNoise", (860, 520), noise_seed=42)
     sampler = wf.add("KSamplerSelect", (860, 660), sampler_name="euler")
-    sigmas = wf.add("BasicScheduler", (860, 780), scheduler="normal", steps=40, denoise=1.0)
-    wf.connect(ckpt, 0, sigmas, "model")
-    latent = wf.add("EmptyLatentImage", (420, 560), width=1024, height=1024, batch_size=1)
+    sigmas = wf.add("BasicScheduler", (860, 780), scheduler=scheduler, steps=steps, denoise=1.0)
+    wf.connect(model, 0, sigmas, "model")
+    latent = wf.add(latent_type, (420, 560 if latent_type == "EmptyLatentImage" else 760), width=1024, height=1024, batch_size=1)
     sample = wf.add("SamplerCustomAdvanced", (1240, 80))
     wf.connect(noise, 0, sample, "noise")
     wf.connect(guider, 0, sample, "guider")
     wf.connect(sampler, 0, sample, "sampler")
     wf.connect(sigmas, 0, sample, "sigmas")
     wf.connect(latent, 0, sample, "latent_image")
-    decode = wf.add("VAEDecode", (1600, 80))
-    wf.connect(sample, 0, decode, "samples")
-    wf.connect(ckpt, 2, decode, "vae")
-    save = wf.add("SaveImage", (1900, 80), filename_prefix="annealing_guidance")
-    wf.connect(decode, 0, save, "images")
+    _decode_and_save(wf, sample, ckpt, (1600, 80), prefix)
     plot = wf.add("AnnealingSchedulePlot", (1600, 420))
     wf.connect(sample, 0, plot, "samples")
     wf.connect(guider, 0, plot, "guider")
+
+
+def sdxl_guider() -> Workflow:
+    wf = Workflow()
+    ckpt = wf.add("CheckpointLoaderSimple", (0, 200), ckpt_name=SDXL_CHECKPOINT)
+    positive, negative = _text_encoders(wf, ckpt, PROMPT)
+    annealing = wf.add("LoadAnnealingGuidanceModel", (0, 520), model_name=SDXL_ANNEALING)
+    _guided_sampling(wf, ckpt, ckpt, positive, negative, annealing, fallback_cfg=5.0, scheduler="normal", steps=40,
+                     latent_type="EmptyLatentImage", prefix="annealing_guidance")
     return wf
 
 
@@ -234,30 +236,8 @@ def sd3_user_checkpoint() -> Workflow:
     wf.connect(ckpt, 0, shifted, "model")
     positive, negative = _text_encoders(wf, ckpt, PROMPT)
     annealing = wf.add("LoadAnnealingGuidanceModel", (0, 520), title="Your flow checkpoint (trained with python -m training)", model_name=SD3_ANNEALING)
-    guider = wf.add("AnnealingGuider", (860, 80), **ANNEALING_DEFAULTS, fallback_cfg=4.5)
-    wf.connect(shifted, 0, guider, "model")
-    wf.connect(positive, 0, guider, "positive")
-    wf.connect(negative, 0, guider, "negative")
-    wf.connect(annealing, 0, guider, "annealing_model")
-    noise = wf.add("RandomNoise", (860, 520), noise_seed=42)
-    sampler = wf.add("KSamplerSelect", (860, 660), sampler_name="euler")
-    sigmas = wf.add("BasicScheduler", (860, 780), scheduler="simple", steps=28, denoise=1.0)
-    wf.connect(shifted, 0, sigmas, "model")
-    latent = wf.add("EmptySD3LatentImage", (420, 760), width=1024, height=1024, batch_size=1)
-    sample = wf.add("SamplerCustomAdvanced", (1240, 80))
-    wf.connect(noise, 0, sample, "noise")
-    wf.connect(guider, 0, sample, "guider")
-    wf.connect(sampler, 0, sample, "sampler")
-    wf.connect(sigmas, 0, sample, "sigmas")
-    wf.connect(latent, 0, sample, "latent_image")
-    decode = wf.add("VAEDecode", (1600, 80))
-    wf.connect(sample, 0, decode, "samples")
-    wf.connect(ckpt, 2, decode, "vae")
-    save = wf.add("SaveImage", (1900, 80), filename_prefix="annealing_sd3")
-    wf.connect(decode, 0, save, "images")
-    plot = wf.add("AnnealingSchedulePlot", (1600, 420))
-    wf.connect(sample, 0, plot, "samples")
-    wf.connect(guider, 0, plot, "guider")
+    _guided_sampling(wf, ckpt, shifted, positive, negative, annealing, fallback_cfg=4.5, scheduler="simple", steps=28,
+                     latent_type="EmptySD3LatentImage", prefix="annealing_sd3")
     explorer = wf.add("AnnealingModelExplorer", (420, 960), lambdas="0.0, 0.2, 0.4, 0.6, 0.8, 1.0")
     wf.connect(annealing, 0, explorer, "annealing_model")
     return wf
