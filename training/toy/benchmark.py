@@ -7,6 +7,7 @@ benchmark exercises the inference path), the Learn-to-Guide table, and one sampl
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -158,7 +159,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir: Path, progress: bool = True)
     for row in rows.values():
         methods_out.append({
             "family": row["family"], "param_name": row["param_name"],
-            "param": None if row["param"] != row["param"] else row["param"], "label": row["label"],
+            "param": None if math.isnan(row["param"]) else row["param"], "label": row["label"],
             "metrics": {m: _summary(row["per_seed"][m]) for m in METRICS},
         })
     return {

@@ -12,7 +12,7 @@ timesteps (980, 960, ..., 0 for 50 steps) of SD's scaled-linear VP schedule, wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -168,10 +168,10 @@ class LearnedTable(Method):
     """Learn to Guide: CFG with a learned scale w(c, t) per class and grid step (``table``: (C, N) CFG scales)."""
 
     family = "learn-to-guide"
-    param_name = "reg"
+    param_name = ""
 
-    def __init__(self, table: torch.Tensor, param: float = 0.0):
-        super().__init__(param)
+    def __init__(self, table: torch.Tensor):
+        super().__init__(float("nan"))
         self.table = table.detach().float()
 
     @property
@@ -189,7 +189,6 @@ class ToySampler:
     problem: RingProblem
     grid: SamplingGrid
     alphas_cumprod: torch.Tensor
-    stats: dict = field(default_factory=lambda: {"steps": 0})
 
     def schedule(self, index: int) -> tuple[float, float, float, float]:
         a, s = float(self.grid.alphas[index]), float(self.grid.sigmas[index])
@@ -213,5 +212,4 @@ class ToySampler:
             ctx = StepContext(i, steps, z, t, torch.tensor(a), torch.tensor(s), torch.tensor(a_n), torch.tensor(s_n), eps_u, eps_c, labels)
             x0_hat, eps_renoise = method.step(ctx)
             z = a_n * x0_hat + s_n * eps_renoise
-        self.stats["steps"] += steps
         return z
