@@ -47,3 +47,20 @@ def test_model_folder_is_registered_for_safetensors_and_pt(comfy_host):
     listing = comfy_host.folder_paths.get_filename_list("annealing_guidance")
     assert "listed.pt" in listing and "ignored.txt" not in listing
     (folder / "listed.pt").unlink()
+
+
+def test_comfy_registry_reads_our_pyproject(comfy_host):
+    """ComfyUI's own registry parser accepts pyproject.toml: node id, version, OS and accelerator classifiers, minimum ComfyUI."""
+    from pathlib import Path
+
+    from comfy_config import config_parser
+
+    config = config_parser.extract_node_configuration(str(Path(__file__).resolve().parents[2]))
+    assert config is not None, "ComfyUI could not parse pyproject.toml"
+    project, comfy = config.project, config.tool_comfy
+    assert project.name and "comfyui" not in project.name.lower()
+    assert project.version.count(".") == 2
+    assert project.supported_os == ["OS Independent"]
+    assert "GPU :: NVIDIA CUDA" in project.supported_accelerators  # an unknown accelerator classifier would empty the list
+    assert project.supported_comfyui_version == ">=0.3.48"
+    assert comfy.publisher_id and comfy.display_name and comfy.icon.startswith("https://")
