@@ -134,6 +134,7 @@ def test_pickle_asking_for_arbitrary_callables_is_refused_without_running(tmp_pa
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 def test_raw_pickle_stream_is_refused_too(tmp_path):
     marker = tmp_path / "pwned2"
     path = tmp_path / "legacy.pt"
