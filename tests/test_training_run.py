@@ -239,3 +239,21 @@ def test_two_processes_with_accelerate_on_cpu(tmp_path):
     report = json.loads((tmp_path / "out" / "training_report.json").read_text())
     assert report["images_seen"] + report["skipped_image_events"] == 12 and report["skipped_images"] == 2
     shutil.rmtree(tmp_path / "out")
+
+
+def test_sd3_resolution_must_fit_the_transformer_patches_before_anything_loads(tmp_path):
+    # 72 px -> a 9 x 9 latent: a multiple of the VAE's factor 8, but not of the SD3 transformer's 2 x 2 patches
+    trainer = Trainer(make_config("sd3", tmp_path / "out", resolution=72), progress=False)
+    with pytest.raises(TrainingError, match="not a multiple of 16 .*patch size 2"):
+        trainer.preflight()
+
+
+def test_resume_rewrites_the_log_without_rows_past_the_resumed_step(tmp_path):
+    out = tmp_path / "out"
+    train(make_config("sd15", out, max_steps=2), progress=False)
+    log = out / "train_log.jsonl"
+    # rows a crashed run logged after its last resume state, and a line the crash cut short
+    log.write_text(log.read_text() + '{"step": 3, "quality": 1.0}\n{"step": 4, "qual', encoding="utf-8")
+    train(make_config("sd15", out, max_steps=3, resume=True), progress=False)
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [1, 2, 3]

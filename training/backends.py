@@ -32,7 +32,12 @@ from .config import TrainingError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # training never downloads; a missing file is an error, not a fetch
 
 SUPPORTED = "SD1.x/SD2.x UNets, SDXL UNets (incl. Pony/Illustrious/NoobAI fine-tunes) and SD3-family transformers"
-DEFAULT_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024}
+DEFAULT_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024}  # sd2: 768 for the v-prediction models, 512 for SD2-base
+
+
+def default_resolution(family: str, prediction_type: str) -> int:
+    """The resolution a model was trained at: SD2-base (epsilon) is a 512 px model, SD2 768-v a 768 px one."""
+    return 512 if family == "sd2" and prediction_type == "epsilon" else DEFAULT_RESOLUTION[family]
 SD3_T5_TOKENS = 256
 
 
@@ -68,8 +73,10 @@ class ModelInfo:
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         """(C, H, W) of the VAE latents of a resolution x resolution image."""
         factor = 2 ** (len(self.vae_config.get("block_out_channels", (0, 0, 0, 0))) - 1)
-        if resolution % factor:
-            raise TrainingError(f"resolution {resolution} is not a multiple of the VAE's downsampling factor {factor}")
+        patch = int(self.network_config.get("patch_size", 1) or 1)  # SD3 transformers cut the latent into patch x patch tokens
+        if resolution % (factor * patch):
+            raise TrainingError(f"resolution {resolution} is not a multiple of {factor * patch} (the VAE's downsampling factor {factor}"
+                                f"{f' x the transformer patch size {patch}' if patch > 1 else ''})")
         return (int(self.vae_config.get("latent_channels", 4)), resolution // factor, resolution // factor)
 
 

@@ -82,7 +82,7 @@ def run_train(argv: list[str]) -> int:
 def run_embed(argv: list[str]) -> int:
     import torch
 
-    from .backends import DEFAULT_RESOLUTION, detect_model, load_backend
+    from .backends import default_resolution, detect_model, load_backend
     from .data import scan_dataset, write_embeddings
     from .trainer import ensure_writable
 
@@ -95,7 +95,7 @@ def run_embed(argv: list[str]) -> int:
     info = detect_model(args.model, args.config_folder)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     compute_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    backend = load_backend(info, device=device, dtype=compute_dtype, resolution=DEFAULT_RESOLUTION[info.family], use_t5=args.sd3_t5,
+    backend = load_backend(info, device=device, dtype=compute_dtype, resolution=default_resolution(info.family, info.prediction_type), use_t5=args.sd3_t5,
                            uncond="empty_prompt", text_only=True)
 
     def encode(captions):

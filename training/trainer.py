@@ -39,7 +39,7 @@ import annealing
 from annealing.checkpoint import atomic_write
 
 from .algorithm import CADSConfig, LossTerms, RunningBalance, annealing_loss
-from .backends import DEFAULT_RESOLUTION, FrozenDiffusionBackend, ModelInfo, TextCondition, detect_model, load_backend
+from .backends import FrozenDiffusionBackend, ModelInfo, TextCondition, default_resolution, detect_model, load_backend
 from .config import TrainConfig, TrainingError
 from .data import EmbeddingStore, ImageCaptionDataset, MicroBatchSampler, collate, scan_dataset
 
@@ -135,7 +135,7 @@ class Trainer:
         self.scan = scan_dataset(cfg.dataset, cfg.caption_extension, cfg.skip_missing_captions)
         self.info = detect_model(cfg.model, cfg.config_folder)
         self.family = cfg.model_family or self.info.family
-        self.resolution = cfg.resolution or DEFAULT_RESOLUTION[self.info.family]
+        self.resolution = cfg.resolution or default_resolution(self.info.family, self.info.prediction_type)
         self.latent_shape = self.info.latent_shape(self.resolution)
         self.embeddings = None
         if cfg.embeddings:
@@ -271,6 +271,9 @@ class Trainer:
         }
         if self.info.prediction_type == "flow":
             training["flow_shift"] = float(self.info.scheduler_config.get("shift", 1.0))
+            training["sd3_t5"] = bool(self.info.has_t5 and cfg.sd3_t5)  # False: zero T5 tokens, as the pipeline without T5
+        if self.balance is not None:
+            training["final_delta_weight"] = cfg.delta_weight * self.balance.weight
         return annealing.CheckpointMetadata(
             model_family=self.family,
             prediction_space=self.info.prediction_space,
@@ -350,6 +353,8 @@ class Trainer:
         zero = torch.zeros(1, device=self.device)
         params = list(self.mlp.parameters())
         log_path = self.output / "train_log.jsonl"
+        if self.resume_state is not None and acc.is_main_process:
+            _truncate_log(log_path, self.step)
         from tqdm.auto import tqdm
 
         acc.print(
@@ -402,9 +407,10 @@ class Trainer:
                 self.skipped_events += summary["failed"]
                 if summary["count"]:
                     last_terms = {k: summary[k] for k in ("loss", "quality", "alignment", "w_mean", "w_min", "w_max")}
+                    # the weight this step's loss used, read before the EMA moves on to the next step's
+                    last_terms["delta_weight"] = cfg.delta_weight * (self.balance.weight if self.balance else 1.0)
                     if self.balance is not None:
                         self.balance.update(SimpleNamespace(quality=summary["quality"], alignment=summary["alignment"]))
-                    last_terms["delta_weight"] = cfg.delta_weight * (self.balance.weight if self.balance else 1.0)
                 window = _Window(self.device)
                 self.step += 1
                 bar.update(1)
@@ -553,3 +559,19 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log rows up to ``step`` (a resumed run logs the later ones again) and drop a line a crash cut short."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(json.dumps(row))
+    text = "".join(f"{line}\n" for line in kept)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
