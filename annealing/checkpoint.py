@@ -97,7 +97,7 @@ def upstream_metadata(checkpoint: dict | None = None) -> CheckpointMetadata:
     checkpoint = checkpoint or {}
     diffusion = (checkpoint.get("config") or {}).get("diffusion") or {}
     steps = diffusion.get("num_timesteps", 50)
-    training = {"source": "annealing-guidance upstream release (arXiv 2506.24108)"}
+    training = {"source": "annealing-guidance upstream release (arXiv 2506.24108)", "base_prediction_type": "epsilon"}
     if isinstance(diffusion.get("model_id"), str):
         training["base_model"] = diffusion["model_id"]
     if isinstance(checkpoint.get("step"), int):

@@ -76,7 +76,10 @@ FAMILY_BY_CONFIG = {
     "SD21UnclipH": "sd2", "SD3": "sd3", "Flux": "flux", "FluxSchnell": "flux", "FluxInpaint": "flux",
 }
 
-NATIVE_PREDICTION = {"eps": "epsilon", "v_prediction": "v_prediction", "const": "velocity"}
+#: ComfyUI sampling type -> what the model predicts (the names our training records as base_prediction_type).
+HOST_PREDICTION = {"eps": "epsilon", "v_prediction": "v_prediction", "const": "flow"}
+#: ComfyUI sampling type -> the delta space its predictions give without conversion (V-prediction x-space is EPS's).
+NATIVE_DELTA_SPACE = {"eps": "epsilon", "v_prediction": "epsilon", "const": "velocity"}
 
 
 def sampling_kind(model_sampling) -> str:
@@ -122,11 +125,15 @@ def compatibility_problems(metadata, kind: str, family: str | None, discrete_ddp
                 f"{kind.upper()} model; use a checkpoint trained for it"), warnings
     if family is not None and family != metadata.model_family:
         warnings.append(f"{source} was trained for {metadata.model_family} but the loaded model is {family}: w may be off-scale")
-    native = NATIVE_PREDICTION[kind]
-    trained_space = metadata.prediction_space
-    if trained_space != native:
-        warnings.append(f"{source} was trained on a model predicting {trained_space} but the loaded model predicts {native}: "
-                        f"delta is converted to {trained_space} space, w may be off-scale")
+    # What the base model predicted, when the checkpoint says (our training records it); else the delta space it measures.
+    host = HOST_PREDICTION[kind]
+    trained = metadata.training.get("base_prediction_type") if isinstance(metadata.training, dict) else None
+    if trained in HOST_PREDICTION.values():
+        if trained != host:
+            warnings.append(f"{source} was trained on a model predicting {trained} but the loaded model predicts {host}: w may be off-scale")
+    elif metadata.prediction_space != NATIVE_DELTA_SPACE[kind]:
+        warnings.append(f"{source} measures delta in {metadata.prediction_space} space but the loaded model is a {host} model: "
+                        f"delta is converted, w may be off-scale")
     return None, warnings
 
 

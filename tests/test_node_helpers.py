@@ -211,6 +211,15 @@ def test_compatibility_problems():
     error, warnings = helpers.compatibility_problems(upstream, "v_prediction", "sdxl", True)
     assert error is None and "epsilon" in warnings[0] and "v_prediction" in warnings[0]
     assert helpers.compatibility_problems(flow_metadata(), "const", "sd3", False) == (None, [])
+    # our training on a v-prediction model writes an epsilon-space checkpoint: no warning on that same kind of model
+    trained_on_v = core.CheckpointMetadata(model_family="sd2", training={"base_prediction_type": "v_prediction"})
+    assert helpers.compatibility_problems(trained_on_v, "v_prediction", "sd2", True) == (None, [])
+    _, warnings = helpers.compatibility_problems(trained_on_v, "eps", "sd2", True)  # SD2-base is another model
+    assert len(warnings) == 1 and "v_prediction" in warnings[0] and "epsilon" in warnings[0]
+    # a checkpoint that does not say what it was trained on: compared by delta space
+    unknown = core.CheckpointMetadata(model_family="sd3", prediction_space="epsilon", timestep_convention="sigma_x1000")
+    _, warnings = helpers.compatibility_problems(unknown, "const", "sd3", False)
+    assert len(warnings) == 1 and "epsilon space" in warnings[0]
 
 
 def test_warn_once(caplog):
