@@ -155,13 +155,6 @@ def _schedule_value(value, like: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1, *([1] * (like.dim() - 1))) if tensor.dim() == 1 else tensor
 
 
-def guided_prediction(d_cond: torch.Tensor, d_uncond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """D_u + scale * (D_c - D_u) with one scale per sample; computed in float32, returned in D_c's dtype."""
-    d_c, d_u = d_cond.to(torch.float32), d_uncond.to(torch.float32)
-    out = d_u + _bcast(scale.to(device=d_c.device, dtype=torch.float32), d_c) * (d_c - d_u)
-    return out.to(d_cond.dtype)
-
-
 def cfgpp_step(
     z: torch.Tensor,
     pred_uncond: torch.Tensor,
@@ -244,15 +237,17 @@ class AnnealingOptions:
 # ----------------------------------------------------------------------------------------------------------- recorder
 
 
-RECORD_FIELDS = ("sigma", "timestep", "delta_norm", "mlp_delta_norm", "w", "k", "step", "on_schedule", "active")
+RECORD_FIELDS = ("sigma", "timestep", "delta_norm", "mlp_delta_norm", "w", "k", "cfg_scale", "step", "on_schedule", "active")
 
 
 @dataclass
 class GuidanceTrace:
     """What was applied, one row per sampling step (``steps``) and one column per batch item.
 
-    w is in CFG++ units (the MLP's output, or fallback_cfg / k outside the active range); the CFG-equivalent
-    scale an ordinary sampler saw is ``w * k``. ``evaluations`` counts every guidance call, including intermediate ones.
+    w is in CFG++ units (the MLP's output, or fallback_cfg / k outside the active range); k is the factor applied to it
+    (1 under samplers that renoise with the uncond); cfg_scale = w * k_step is the CFG-equivalent scale of the step in
+    ordinary CFG units, whatever the sampler (fallback_cfg outside the active range). ``evaluations`` counts every
+    guidance call, including intermediate ones.
     """
 
     steps: list
@@ -385,7 +380,7 @@ class AnnealingGuidance:
         guided = torch.addcmul(d_uncond.to(torch.float32), difference, _bcast(w * k, difference)).to(d_cond.dtype)
         if recorder is not None:
             recorder.record(
-                sigma=sigma, timestep=timestep, delta_norm=norm, mlp_delta_norm=mlp_norm, w=w, k=k,
+                sigma=sigma, timestep=timestep, delta_norm=norm, mlp_delta_norm=mlp_norm, w=w, k=k, cfg_scale=w * k_step,
                 step=step, on_schedule=on_schedule, active=active,
             )
         return guided

@@ -115,7 +115,11 @@ class GuidanceScaleModel(nn.Module):
     def features(self, timestep: TensorLike, delta_norm: TensorLike, lam: TensorLike) -> torch.Tensor:
         """The (B, input_size) float32 input of the MLP; scalar inputs broadcast to the batch."""
         named = {"timestep": timestep, "delta_norm": delta_norm, "lam": lam}
-        values = {k: torch.as_tensor(v).to(device=self.device, dtype=torch.float32) for k, v in named.items()}
+        # Python numbers become a fill on the device: torch.as_tensor(0.4).to("cuda") would be a host copy that synchronises.
+        values = {
+            k: v.to(device=self.device, dtype=torch.float32) if torch.is_tensor(v) else torch.full((), float(v), device=self.device)
+            for k, v in named.items()
+        }
         batch = max((v.shape[0] for v in values.values() if v.dim() == 1), default=1)
         for name, value in values.items():
             if value.dim() == 0:

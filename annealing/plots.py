@@ -129,7 +129,8 @@ def plot_model_explorer(model, lambdas=DEFAULT_LAMBDAS, delta_norms=None, title:
 
 def plot_trace(trace: GuidanceTrace, title: str | None = None, dpi: int = 100):
     """What a sampling run applied, per step and batch item. Top: w (solid, left axis) and the delta norm the MLP saw
-    (dotted, right axis). Bottom: the CFG-equivalent scale w * k. Steps outside the active range are shaded."""
+    (dotted, right axis). Bottom: the CFG-equivalent scale w * k (ordinary CFG units, also under *_cfg_pp samplers).
+    Steps outside the active range are shaded."""
     fig = _figure(8.0, 6.0, dpi)
     top, bottom = fig.subplots(2, 1, sharex=True)
     fig.suptitle(title or "Annealing guidance: applied schedule", fontsize=11)
@@ -140,7 +141,7 @@ def plot_trace(trace: GuidanceTrace, title: str | None = None, dpi: int = 100):
     import matplotlib
 
     steps = np.asarray(trace.steps)
-    w, k, norm = trace["w"], trace["k"], trace["mlp_delta_norm"]
+    w, cfg_scale, norm = trace["w"], trace["cfg_scale"], trace["mlp_delta_norm"]
     active = trace["active"].astype(bool)
     batch = w.shape[1]
     cmap = matplotlib.colormaps["tab10"]
@@ -150,7 +151,7 @@ def plot_trace(trace: GuidanceTrace, title: str | None = None, dpi: int = 100):
         label = f"item {b}" if batch > 1 else "w"
         top.plot(steps, w[:, b], color=color, marker="o", markersize=2.5, label=label)
         norm_axis.plot(steps, norm[:, b], color=color, linestyle=":", alpha=0.8)
-        bottom.plot(steps, w[:, b] * k[:, b], color=color, marker="o", markersize=2.5)
+        bottom.plot(steps, cfg_scale[:, b], color=color, marker="o", markersize=2.5)
     for ax in (top, bottom):
         for s in steps[~active[:, 0]]:
             ax.axvspan(s - 0.5, s + 0.5, color="0.85", zorder=0)

@@ -292,3 +292,31 @@ def test_guidance_step_never_reads_a_value_back_to_the_host(upstream_model):
     with ForbidHostReads():
         bool(torch.ones(1) > 0)
     assert ForbidHostReads.reads == 1  # the detector does see a host read
+
+
+def test_guidance_step_copies_nothing_from_the_host(upstream_model):
+    """A host -> device copy (torch.as_tensor(0.4).to("cuda")) synchronises too. On the meta device every tensor of the
+    step must be made there: any copy from a CPU tensor is a host -> device transfer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FindHostCopies(TorchDispatchMode):
+        copies = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and any(t.device.type == "cpu" for t in tensors):
+                FindHostCopies.copies.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = annealing.GuidanceScaleModel(upstream_model.config, upstream_model.metadata).to("meta").eval()
+    guide = AnnealingGuidance(model, AnnealingOptions(lam=0.3, w_max=1.2, active_start=0.1, fallback_cfg=2.0))
+    sigmas = ddim_sigmas(6).to("meta")
+    log_sigmas = LOG_SIGMAS.to("meta")
+    d_c, d_u = torch.randn(2, 4, 8, 8, device="meta"), torch.randn(2, 4, 8, 8, device="meta")
+    rec = GuidanceRecorder()
+    with FindHostCopies():
+        out = guide.guide(sigmas[2].expand(2), d_c, d_u, sampling="eps", sample_sigmas=sigmas, recorder=rec,
+                          sigma_to_timestep=lambda s: continuous_timestep(s, log_sigmas))
+        torch.ones(1).to("meta")  # the detector sees a host copy
+    assert out.device.type == "meta"
+    assert FindHostCopies.copies == ["aten._to_copy.default"], FindHostCopies.copies
