@@ -40,6 +40,15 @@ _FAMILY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 SDXL_LATENT_NUMEL = 4 * 128 * 128  # SDXL at 1024x1024
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once: flipping the process-wide umask per write would race with other threads
+
+
 @dataclass(frozen=True)
 class CheckpointMetadata:
     """How a checkpoint must be used, stored next to its weights.
@@ -94,8 +103,9 @@ class CheckpointMetadata:
 
 def upstream_metadata(checkpoint: dict | None = None) -> CheckpointMetadata:
     """Metadata for the released SDXL checkpoint (SDXL base 1.0, epsilon, DDPM index, 50 DDIM steps at 1024x1024)."""
-    checkpoint = checkpoint or {}
-    diffusion = (checkpoint.get("config") or {}).get("diffusion") or {}
+    checkpoint = checkpoint if isinstance(checkpoint, dict) else {}
+    config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
+    diffusion = config.get("diffusion") if isinstance(config.get("diffusion"), dict) else {}
     steps = diffusion.get("num_timesteps", 50)
     training = {"source": "annealing-guidance upstream release (arXiv 2506.24108)", "base_prediction_type": "epsilon"}
     if isinstance(diffusion.get("model_id"), str):
@@ -184,7 +194,8 @@ def _read_torch(path: Path) -> tuple[dict, GuidanceModelConfig, CheckpointMetada
         raise CheckpointError(path, f"expected a dict checkpoint, found a {type(data).__name__}")
     if "guidance_scale_model" in data:
         state = data["guidance_scale_model"]
-        raw_config = (data.get("config") or {}).get("guidance_scale_model")
+        config = data.get("config")
+        raw_config = config.get("guidance_scale_model") if isinstance(config, dict) else None
         if not isinstance(raw_config, dict):
             raise CheckpointError(path, "missing config['guidance_scale_model'] (the architecture)")
     elif any(isinstance(k, str) and k.startswith("combined_head.") for k in data):
@@ -312,9 +323,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the result ordinary permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the result ordinary permissions
         os.replace(tmp, path)
     except BaseException as exc:
         if os.path.exists(tmp):
@@ -350,7 +359,3 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **metadat
         raise CheckpointError(dst, f"invalid metadata option: {exc}") from None
     save_guidance_model(model, dst, metadata)
     return metadata
-
-
-def describe_parameters(model: GuidanceScaleModel) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -166,6 +166,19 @@ def test_missing_and_unexpected_keys(tmp_path):
     assert_one_line_error(excinfo, path, "unexpected", "combined_head.9.weight")
 
 
+def test_malformed_upstream_config(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save({"config": ["not", "a", "dict"], "guidance_scale_model": small_model().state_dict()}, path)
+    with pytest.raises(CheckpointError) as excinfo:
+        annealing.load_guidance_model(path)
+    assert_one_line_error(excinfo, path, "config")
+    # an odd 'diffusion' entry only loses the provenance it would have given
+    path = tmp_path / "odd.pt"
+    torch.save({"config": {"diffusion": "sdxl", "guidance_scale_model": {"hidden_size": 8, "n_layers": 1}},
+                "guidance_scale_model": small_model().state_dict()}, path)
+    assert annealing.load_guidance_model(path).metadata.sampling_steps == 50
+
+
 def test_not_a_guidance_checkpoint(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"model": {"w": torch.zeros(2)}}, path)
