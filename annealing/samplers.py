@@ -24,19 +24,12 @@ ANCESTRAL_SAMPLERS = frozenset({"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_
 #: Samplers where the k factor reproduces the CFG++ step exactly (first-order, one model call per step).
 EXACT_WITH_K_FACTOR = frozenset({"euler", "ddim", "euler_ancestral"})
 
-#: Samplers that renoise with the unconditional prediction themselves: exact with w as is.
-# (Any name ending in _cfg_pp qualifies; this list only documents ComfyUI's current ones.)
-KNOWN_CFG_PP_SAMPLERS = frozenset(
-    {
-        "euler_cfg_pp",
-        "euler_ancestral_cfg_pp",
-        "dpmpp_2m_cfg_pp",
-        "dpmpp_2s_ancestral_cfg_pp",
-        "res_multistep_cfg_pp",
-        "res_multistep_ancestral_cfg_pp",
-        "gradient_estimation_cfg_pp",
-    }
-)
+#: Samplers whose next state is built from the x0-prediction alone plus fresh noise (LCM: x = D, then renoise): the CFG++
+#: step's x0 is reproduced with w as is; a k factor would over-guide by k.
+X0_ONLY_SAMPLERS = frozenset({"lcm"})
+
+#: Ancestral samplers whose sigma_down ComfyUI computes with the variance-exploding formula even for flow models.
+VE_SIGMA_DOWN_SAMPLERS = frozenset({"res_multistep_ancestral"})
 
 # k-diffusion-style function names that differ from the sampler's public name.
 _FUNCTION_ALIASES = {"sample_unipc": "uni_pc", "sample_unipc_bh2": "uni_pc_bh2", "dpm_fast_function": "dpm_fast", "dpm_adaptive_function": "dpm_adaptive"}
@@ -67,13 +60,26 @@ def renoises_with_uncond(sampler_name: str | None) -> bool:
     return bool(sampler_name) and sampler_name.endswith(CFG_PP_SUFFIX)
 
 
+def takes_w_as_is(sampler_name: str | None) -> bool:
+    """True where w must be applied unchanged: ``*_cfg_pp`` samplers, and samplers that use only the x0-prediction (lcm)."""
+    return renoises_with_uncond(sampler_name) or sampler_name in X0_ONLY_SAMPLERS
+
+
 def is_ancestral(sampler_name: str | None) -> bool:
     """True for the ancestral samplers in :data:`ANCESTRAL_SAMPLERS` (not their ``_cfg_pp`` twins, which need no k)."""
     return sampler_name in ANCESTRAL_SAMPLERS
 
 
 def k_factor_exactness(sampler_name: str | None, renoise_as_is: bool) -> str:
-    """'exact' or 'approximate': whether the guided step equals the trained CFG++ step for this sampler."""
+    """'exact', 'approximate' or 'mismatched': whether the guided step equals the trained CFG++ step for this sampler.
+
+    'mismatched': a forced mode that contradicts the sampler (w as is under a sampler that renoises with the guided
+    prediction under-guides by k; the k factor under a *_cfg_pp sampler applies k twice).
+    """
+    if sampler_name is None:
+        return "approximate"
+    if renoise_as_is != takes_w_as_is(sampler_name):
+        return "mismatched"
     if renoise_as_is:
         return "exact" if renoises_with_uncond(sampler_name) else "approximate"
     return "exact" if sampler_name in EXACT_WITH_K_FACTOR else "approximate"

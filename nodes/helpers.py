@@ -22,7 +22,14 @@ from dataclasses import dataclass
 import torch
 
 from ..annealing import AnnealingGuidance, AnnealingOptions, GuidanceRecorder, GuidanceTrace, locate_on_schedule
-from ..annealing.samplers import ancestral_sigma_down, is_ancestral, k_factor_exactness, renoises_with_uncond, sampler_name_from_function
+from ..annealing.samplers import (
+    VE_SIGMA_DOWN_SAMPLERS,
+    ancestral_sigma_down,
+    is_ancestral,
+    k_factor_exactness,
+    sampler_name_from_function,
+    takes_w_as_is,
+)
 from ..annealing.schedules import continuous_timestep
 
 LOG = logging.getLogger("annealing_guidance")
@@ -153,8 +160,10 @@ def warn_once(message: str) -> bool:
 
 
 def samples_fingerprint(samples: torch.Tensor) -> tuple:
-    """A cheap identity of a latent batch: its shape and per-item sums (one host sync, once per run)."""
-    flat = samples.detach().reshape(samples.shape[0], -1).to(torch.float64)
+    """A cheap identity of a latent batch: its shape and per-item sums (one host sync, once per run).
+
+    Summed in float64 on the CPU: some devices (Apple MPS) have no float64."""
+    flat = samples.detach().reshape(samples.shape[0], -1).to(device="cpu", dtype=torch.float64)
     sums = torch.stack([flat.sum(dim=1), flat.abs().sum(dim=1)], dim=1).cpu()
     return tuple(samples.shape), sums
 
@@ -268,7 +277,7 @@ class AnnealingHook:
         if self.sampler_name is None:
             warn_once("could not tell which sampler is running; applying w with the k factor (set renoise to as_is for CFG++ samplers)")
             return RENOISE_K_FACTOR
-        return RENOISE_AS_IS if renoises_with_uncond(self.sampler_name) else RENOISE_K_FACTOR
+        return RENOISE_AS_IS if takes_w_as_is(self.sampler_name) else RENOISE_K_FACTOR
 
     # ------------------------------------------------------------------------------------------------- guidance
 
@@ -300,8 +309,12 @@ class AnnealingHook:
     def post_cfg(self, args: dict) -> torch.Tensor:
         """ComfyUI post-CFG function: the guided x0-prediction for this evaluation (replaces the plain CFG result)."""
         d_cond, d_uncond = args.get("cond_denoised"), args.get("uncond_denoised")
-        if d_cond is None or d_uncond is None:  # no uncond pass (should not happen: the cfg1 optimisation is disabled)
+        if d_cond is None or d_uncond is None:  # no uncond pass (the cfg1 optimisation is disabled; another patch dropped it)
+            warn_once("no unconditional prediction reached the hook (another patch removed it?): annealing guidance is off for this run")
             return args["denoised"]
+        if args.get("model_options", {}).get("sampler_cfg_function") is not None:
+            warn_once("another node set a sampler_cfg_function (e.g. RescaleCFG, PerpNeg): inside the active range annealing "
+                      "guidance replaces its result")
         base_model = args["model"]
         model_sampling = base_model.model_sampling
         if self._checked_model_sampling is not model_sampling:  # once per run (a later patch may change the sampling)
@@ -318,13 +331,17 @@ class AnnealingHook:
             # sigma_down belongs to the step (sigma_i -> sigma_i+1), also for evaluations inside it (dpmpp_2s_ancestral)
             step, schedule_next, _ = locate_on_schedule(sigma.reshape(-1).to(torch.float32), sample_sigmas)
             step_start = sample_sigmas.to(device=step.device, dtype=torch.float32)[step]
-            sigma_next = ancestral_sigma_down(step_start, schedule_next, kind, self.sampler_eta)
+            formula = "eps" if self.sampler_name in VE_SIGMA_DOWN_SAMPLERS else kind  # as ComfyUI computes it for that sampler
+            sigma_next = ancestral_sigma_down(step_start, schedule_next, formula, self.sampler_eta)
         sigma_to_timestep = None
         if self.metadata.timestep_convention == "ddpm_index":
             log_sigmas = model_sampling.log_sigmas
+            if log_sigmas.shape[0] == getattr(model_sampling, "num_timesteps", log_sigmas.shape[0]):
 
-            def sigma_to_timestep(s):
-                return continuous_timestep(s, log_sigmas)
+                def sigma_to_timestep(s):  # a float DDPM index (ComfyUI's own timestep() rounds to the nearest index)
+                    return continuous_timestep(s, log_sigmas)
+            else:  # a distilled schedule (LCM) keeps a subset of the sigmas: only the host knows their DDPM indices
+                sigma_to_timestep = model_sampling.timestep
 
         guide = self._guide_for(d_cond.device, float(args.get("cond_scale", 1.0)))
         return guide.guide(

@@ -163,7 +163,11 @@ def test_sampler_names_from_functions():
     assert not samplers.renoises_with_uncond(None)
     assert samplers.is_ancestral("euler_ancestral") and not samplers.is_ancestral("euler_ancestral_cfg_pp")
     assert samplers.k_factor_exactness("euler", False) == "exact" and samplers.k_factor_exactness("dpmpp_2m", False) == "approximate"
-    assert samplers.k_factor_exactness("euler_cfg_pp", True) == "exact" and samplers.k_factor_exactness("euler", True) == "approximate"
+    assert samplers.k_factor_exactness("euler_cfg_pp", True) == "exact"
+    # a forced mode that contradicts the sampler is called out, not passed off as an approximation
+    assert samplers.k_factor_exactness("euler", True) == "mismatched" and samplers.k_factor_exactness("euler_cfg_pp", False) == "mismatched"
+    # lcm rebuilds x from the x0-prediction alone: w as is reproduces the CFG++ x0 (k would over-guide by k)
+    assert samplers.takes_w_as_is("lcm") and samplers.k_factor_exactness("lcm", True) == "approximate"
 
 
 def test_ancestral_sigma_down_eps_matches_k_diffusion_formula():
@@ -257,7 +261,45 @@ def test_hook_post_cfg_applies_w_times_k_and_records(tmp_path):
     hook.set_sampler(FakeSampler(sample_euler_cfg_pp))
     out_pp = hook.post_cfg(post_cfg_args(base, sigma, d_cond, d_uncond, sample_sigmas))
     assert torch.allclose(out_pp, d_uncond + w.reshape(-1, 1, 1, 1) * (d_cond - d_uncond), rtol=1e-4, atol=1e-5)
-    assert hook.end_run(out_pp).renoise == "as_is"
+    run_pp = hook.end_run(out_pp)
+    assert run_pp.renoise == "as_is"
+    # the plot's CFG-equivalent scale is w * k in ordinary CFG units under a CFG++ sampler too (not w again)
+    assert torch.allclose(torch.from_numpy(run_pp.trace["cfg_scale"][0]), w * k, rtol=1e-4)
+
+
+def test_hook_uses_the_hosts_timesteps_for_a_distilled_schedule():
+    """LCM's ModelSamplingDiscreteDistilled keeps 50 of the 1000 sigmas: interpolating over them would give 0..49."""
+    base = FakeBaseModel("eps")
+    full = base.model_sampling.sigmas
+    base.model_sampling.num_timesteps = 1000
+    base.model_sampling.log_sigmas = full[19::20].log()  # 50 points, DDPM indices 19, 39, ..., 999
+    base.model_sampling.timestep = lambda s: (s.log().reshape(1, -1) - base.model_sampling.log_sigmas.reshape(-1, 1)).abs().argmin(0) * 20.0 + 19
+    sample_sigmas = torch.cat([full[torch.tensor([999, 499, 19])], torch.zeros(1)])
+    hook = helpers.AnnealingHook(sdxl_model())
+    hook.begin_run()
+    hook.set_sampler(FakeSampler(sample_euler))
+    for sigma in sample_sigmas[:3]:
+        hook.post_cfg(post_cfg_args(base, sigma.expand(1), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), sample_sigmas))
+    assert hook.end_run(None).trace["timestep"][:, 0].tolist() == [999.0, 499.0, 19.0]
+
+
+def test_hook_warns_when_another_pack_set_the_cfg_function(caplog):
+    base = FakeBaseModel("eps")
+    sample_sigmas = torch.cat([base.model_sampling.sigmas[torch.tensor([800, 400])], torch.zeros(1)])
+    args = post_cfg_args(base, sample_sigmas[:1], torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), sample_sigmas)
+    args["model_options"]["sampler_cfg_function"] = lambda a: a["cond"]
+    hook = helpers.AnnealingHook(sdxl_model())
+    hook.begin_run()
+    with caplog.at_level("WARNING", logger="annealing_guidance"):
+        hook.post_cfg(args)
+    assert any("sampler_cfg_function" in r.getMessage() for r in caplog.records)
+
+
+def test_fingerprint_sums_on_the_cpu_in_float64():
+    samples = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16)
+    shape, sums = helpers.samples_fingerprint(samples)
+    assert shape == (2, 4, 8, 8) and sums.dtype == torch.float64 and sums.device.type == "cpu"
+    assert helpers.same_fingerprint((shape, sums), helpers.samples_fingerprint(samples.clone()))
 
 
 def test_hook_renoise_override_and_unknown_sampler():
@@ -365,7 +407,7 @@ def test_plot_helpers_return_comfy_images():
     for step in range(3):
         ones = torch.ones(2)
         recorder.record(sigma=ones * (3 - step), timestep=ones * 100 * step, delta_norm=ones * 5, mlp_delta_norm=ones * 5, w=ones + step,
-                        k=ones * 2, step=torch.full((2,), step), on_schedule=torch.ones(2, dtype=torch.bool),
+                        k=ones * 2, cfg_scale=(ones + step) * 2, step=torch.full((2,), step), on_schedule=torch.ones(2, dtype=torch.bool),
                         active=torch.ones(2, dtype=torch.bool))
     run = helpers.SamplingRun(trace=recorder.trace(), sampler_name="euler", renoise="k_factor", exactness="exact", fingerprint=None)
     image = helpers.schedule_plot(run, 0.4, "x.pt")
