@@ -282,3 +282,21 @@ def test_bf16_transformer_gets_float32_timesteps(tmp_path):
     network.forward = spy
     out = trainer.backend.predict(torch.randn(1, 16, 8, 8), torch.tensor([981.0]), trainer.backend.encode_text(["a"]))
     assert seen == [(torch.bfloat16, torch.float32, [981.0])] and out.dtype == torch.float32
+
+
+def test_edm_schedulers_and_per_channel_latent_normalisation_are_refused(tmp_path):
+    """SDXL-architecture models with an EDM scheduler (Playground v2.5) pass the UNet check but are another model."""
+    folder = tmp_path / "edm"
+    shutil.copytree(tiny_model("sdxl"), folder)
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(scheduler.read_text())
+    config.update({"_class_name": "EDMDPMSolverMultistepScheduler"})
+    config.pop("beta_schedule", None)
+    scheduler.write_text(json.dumps(config))
+    with pytest.raises(TrainingError, match="no DDPM beta schedule"):
+        detect_model(str(folder))
+    shutil.copy(tiny_model("sdxl") / "scheduler" / "scheduler_config.json", scheduler)
+    vae = folder / "vae" / "config.json"
+    vae.write_text(json.dumps({**json.loads(vae.read_text()), "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}))
+    with pytest.raises(TrainingError, match="latents_mean"):
+        detect_model(str(folder))

@@ -154,10 +154,15 @@ def detect_model(model: str | os.PathLike, config_folder: str | os.PathLike | No
     else:
         if family == "sd3":
             raise TrainingError(f"{folder}: an SD3 transformer needs a flow-matching scheduler, found {scheduler_class}")
+        if "EDM" in scheduler_class or scheduler_config.get("beta_schedule") is None:
+            raise TrainingError(f"{folder}: {scheduler_class or 'the scheduler'} has no DDPM beta schedule (an EDM/continuous-time model such as "
+                                f"Playground v2.5?); supported: {SUPPORTED}")
         prediction = scheduler_config.get("prediction_type", "epsilon")
         if prediction not in ("epsilon", "v_prediction"):
             raise TrainingError(f"{folder}: unsupported prediction type {prediction!r} (supported: epsilon, v_prediction, flow matching)")
     vae_config = _read_json(folder / "vae" / "config.json", "the VAE config")
+    if vae_config.get("latents_mean") is not None:
+        raise TrainingError(f"{folder}: the VAE normalises latents per channel (latents_mean/latents_std), which is not supported")
     has_t5 = family == "sd3" and component("text_encoder_3") is not None
     return ModelInfo(
         family=family,
