@@ -9,11 +9,11 @@ the real ComfyUI and tests/test_workflows.py checks the twins against each other
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the repository root, for annealing.checkpoint.atomic_write
 
 # type -> (socket inputs [(name, type, optional)], widgets [names], outputs [(name, type)])
 NODE_DEFS = {
@@ -252,12 +252,10 @@ WORKFLOWS = {
 
 
 def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    from annealing.checkpoint import atomic_write
+
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def main() -> None:
