@@ -26,9 +26,13 @@ import torch
 
 from .errors import CheckpointError
 from .model import GuidanceModelConfig, GuidanceScaleModel
+from .training_grid import FlowGrid, TrainingGrid, VPGrid, grid_from_dict
 
 FORMAT_NAME = "annealing-guidance"
-FORMAT_VERSION = 1
+#: 2: the training grid is described completely (``training_grid``) and the guidance method is named (``method``).
+#: Version 1 files (only ``sampling_steps``) are read with the grid their trainer used.
+FORMAT_VERSION = 2
+METHODS = ("annealing",)
 
 PREDICTION_SPACES = ("epsilon", "velocity")
 #: ddpm_index: DDPM timestep 0..999 of a discrete VP model; sigma_x1000: flow sigma * 1000 (SD3); sigma: flow sigma (Flux).
@@ -57,16 +61,20 @@ class CheckpointMetadata:
     prediction_space:     the space delta is measured in: "epsilon" (noise) or "velocity" (flow matching).
     timestep_convention:  the MLP's timestep input: "ddpm_index", "sigma_x1000" or "sigma".
     trained_latent_numel: latent elements per sample at the training resolution (for delta-norm normalisation), or None.
-    sampling_steps:       the sampling grid it was trained on (upstream: 50 DDIM steps), or None.
+    training_grid:        the sampling grid it was trained on (:mod:`annealing.training_grid`); it fixes what w means.
+                          Default: the grid of the timestep convention's usual model (upstream SDXL's 50-step DDIM grid for
+                          ddpm_index, SD3's 28-step flow grid otherwise).
     training:             provenance: steps, images, lambda_min, lambda_max, base_model, source, ... (JSON-serialisable).
+    method:               the guidance method the weights implement ("annealing").
     """
 
     model_family: str = "sdxl"
     prediction_space: str = "epsilon"
     timestep_convention: str = "ddpm_index"
     trained_latent_numel: int | None = SDXL_LATENT_NUMEL
-    sampling_steps: int | None = 50
+    training_grid: TrainingGrid | None = None
     training: dict = field(default_factory=dict)
+    method: str = "annealing"
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -76,43 +84,76 @@ class CheckpointMetadata:
             raise ValueError(f"prediction_space must be one of {PREDICTION_SPACES}, got {self.prediction_space!r}")
         if self.timestep_convention not in TIMESTEP_CONVENTIONS:
             raise ValueError(f"timestep_convention must be one of {TIMESTEP_CONVENTIONS}, got {self.timestep_convention!r}")
-        for name in ("trained_latent_numel", "sampling_steps"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        value = self.trained_latent_numel
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"trained_latent_numel must be a positive integer or None, got {value!r}")
         if not isinstance(self.training, dict):
             raise ValueError(f"training must be a dict, got {type(self.training).__name__}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        grid = self.training_grid
+        if grid is None:
+            grid = VPGrid() if self.timestep_convention == "ddpm_index" else FlowGrid()
+            object.__setattr__(self, "training_grid", grid)
+        if not isinstance(grid, (VPGrid, FlowGrid)):
+            raise ValueError(f"training_grid must be a VPGrid or FlowGrid, got {type(grid).__name__}")
+        if (grid.kind == "vp") != (self.timestep_convention == "ddpm_index"):
+            raise ValueError(f"a {grid.kind} training grid does not go with timestep convention {self.timestep_convention!r} "
+                             "(ddpm_index needs a vp grid; sigma and sigma_x1000 a flow grid)")
+
+    @property
+    def sampling_steps(self) -> int:
+        """Steps of the training grid (the paper's N; upstream: 50)."""
+        return self.training_grid.num_steps
 
     def to_strings(self, config: GuidanceModelConfig) -> dict[str, str]:
         """The safetensors metadata (a flat str -> str mapping)."""
         return {
             "format": FORMAT_NAME,
-            "format_version": str(self.format_version),
+            "format_version": str(FORMAT_VERSION),  # written in the current format, whatever version it was read from
             "architecture": json.dumps(config.to_dict(), sort_keys=True),
             "model_family": self.model_family,
             "prediction_space": self.prediction_space,
             "timestep_convention": self.timestep_convention,
             "trained_latent_numel": "" if self.trained_latent_numel is None else str(self.trained_latent_numel),
-            "sampling_steps": "" if self.sampling_steps is None else str(self.sampling_steps),
+            "training_grid": json.dumps(self.training_grid.to_dict(), sort_keys=True),
             "training": json.dumps(self.training, sort_keys=True),
+            "method": self.method,
         }
 
+    def to_dict(self) -> dict:
+        """JSON-ready form (the grid as its dict)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["training_grid"] = self.training_grid.to_dict()
+        return data
+
     def replace(self, **changes) -> CheckpointMetadata:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``; ``sampling_steps`` changes the grid's step count, and a timestep convention of the other
+        kind (DDPM index vs flow sigma) brings that kind's default grid unless ``training_grid`` is given too."""
+        steps = changes.pop("sampling_steps", None)
+        convention = changes.get("timestep_convention")
+        if convention is not None and "training_grid" not in changes and (convention == "ddpm_index") != (self.training_grid.kind == "vp"):
+            changes["training_grid"] = None
+        new = dataclasses.replace(self, **changes)
+        if steps is not None:
+            new = dataclasses.replace(new, training_grid=dataclasses.replace(new.training_grid, num_steps=steps))
+        return new
 
 
 def upstream_metadata(checkpoint: dict | None = None) -> CheckpointMetadata:
-    """Metadata for the released SDXL checkpoint (SDXL base 1.0, epsilon, DDPM index, 50 DDIM steps at 1024x1024)."""
+    """Metadata for the released SDXL checkpoint (SDXL base 1.0, epsilon, DDPM index, 1024x1024), trained on diffusers'
+    DDIM grid: 50 steps, leading spacing, steps_offset 0, scaled_linear betas 0.00085..0.012 (timesteps 980, 960, ..., 0)."""
     checkpoint = checkpoint if isinstance(checkpoint, dict) else {}
     config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
     diffusion = config.get("diffusion") if isinstance(config.get("diffusion"), dict) else {}
     steps = diffusion.get("num_timesteps", 50)
+    steps = steps if isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= 1000 else 50
     training = {"source": "annealing-guidance upstream release (arXiv 2506.24108)", "base_prediction_type": "epsilon"}
     if isinstance(diffusion.get("model_id"), str):
         training["base_model"] = diffusion["model_id"]
     if isinstance(checkpoint.get("step"), int):
         training["steps"] = checkpoint["step"]
-    return CheckpointMetadata(sampling_steps=steps if isinstance(steps, int) and steps > 0 else 50, training=training)
+    return CheckpointMetadata(training_grid=VPGrid(num_steps=steps), training=training)
 
 
 # ----------------------------------------------------------------------------------------------------------------- reading
@@ -268,19 +309,35 @@ def parse_metadata(path: str | os.PathLike, meta: dict[str, str]) -> tuple[Guida
     for key in ("model_family", "prediction_space", "timestep_convention"):
         if key not in meta:
             raise CheckpointError(path, f"missing metadata {key!r}")
+    training = json_field("training")
     try:
+        if version >= 2:
+            grid = grid_from_dict(json_field("training_grid"))
+            method = meta.get("method", "")
+        else:
+            grid, method = _version1_grid(meta["timestep_convention"], int_field("sampling_steps"), training), "annealing"
         metadata = CheckpointMetadata(
             model_family=meta["model_family"],
             prediction_space=meta["prediction_space"],
             timestep_convention=meta["timestep_convention"],
             trained_latent_numel=int_field("trained_latent_numel"),
-            sampling_steps=int_field("sampling_steps"),
-            training=json_field("training"),
+            training_grid=grid,
+            training=training,
+            method=method,
             format_version=version,
         )
     except ValueError as exc:
         raise CheckpointError(path, f"invalid metadata: {exc}") from None
     return config, metadata
+
+
+def _version1_grid(convention: str, steps: int | None, training: dict) -> TrainingGrid:
+    """The grid a version-1 file was trained on: our trainer's DDIM grid (leading, offset 0, SD's betas) for DDPM timesteps,
+    its flow grid (u linear from 1 to 1/N, the model's shift) otherwise."""
+    if convention == "ddpm_index":
+        return VPGrid(num_steps=steps or 50)
+    shift = training.get("flow_shift", 3.0)
+    return FlowGrid(num_steps=steps or 28, shift=float(shift) if isinstance(shift, (int, float)) else 3.0, spacing="simple")
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], GuidanceModelConfig, CheckpointMetadata, str]:

@@ -12,6 +12,7 @@ import torch
 from training_fixtures import LATENT_NUMEL, make_config, one_thread, pack_module, same_weights, state_of, tiny_dataset, tiny_model
 
 import annealing
+from annealing.training_grid import FlowGrid, VPGrid
 from training.backends import UNetBackend
 from training.cli import main as cli_main
 from training.config import TrainingError
@@ -45,9 +46,9 @@ def test_backend_trains_writes_a_loadable_checkpoint_and_resumes(tmp_path, kind)
     # the loader node's code path (the pack's annealing.load_guidance_model) reads it as is, and the nodes' compatibility
     # check accepts it for the host model it was trained for
     node_model = pack_module("annealing").load_guidance_model(result.checkpoint)
-    host = {"sd15": ("eps", "SD15", True), "sdxl": ("eps", "SDXL", True), "sd3": ("const", "SD3", False)}[kind]
-    helpers = pack_module("nodes.helpers")
-    assert helpers.compatibility_problems(node_model.metadata, host[0], helpers.model_family(host[1]), host[2]) == (None, [])
+    sampling, config_name, discrete = {"sd15": ("eps", "SD15", True), "sdxl": ("eps", "SDXL", True), "sd3": ("const", "SD3", False)}[kind]
+    host = pack_module("nodes.host")
+    assert host.compatibility_problems(node_model.metadata, sampling, host.model_family(config_name), discrete) == (None, [])
     model = annealing.load_guidance_model(result.checkpoint)
     assert result.checkpoint.name == f"annealing_{kind}.safetensors"
     assert not same_weights(model.state_dict(), initial_weights(config))
@@ -57,7 +58,7 @@ def test_backend_trains_writes_a_loadable_checkpoint_and_resumes(tmp_path, kind)
     assert meta.prediction_space == ("velocity" if flow else "epsilon")
     assert meta.timestep_convention == ("sigma_x1000" if flow else "ddpm_index")
     assert meta.trained_latent_numel == LATENT_NUMEL[kind]
-    assert meta.sampling_steps == 50
+    assert meta.training_grid == (FlowGrid(num_steps=50, shift=3.0, spacing="simple") if flow else VPGrid(num_steps=50))
     assert meta.training["steps"] == 3 and meta.training["images"] == 6
     assert (meta.training["lambda_min"], meta.training["lambda_max"]) == (0.1, 0.9)
     assert meta.training["base_model"] == tiny_model(kind).name and meta.training["balance"] == flow

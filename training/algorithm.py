@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from annealing import cfgpp_step, per_sample_norm
-from annealing.schedules import ddim_timesteps, flow_sigmas, scaled_linear_alphas_cumprod
+from annealing.training_grid import TrainingGrid, VPGrid
 
 
 class DenoiserBackend(Protocol):
@@ -44,10 +44,11 @@ class DenoiserBackend(Protocol):
 class SamplingGrid:
     """The sampling grid training draws timesteps from, noisiest first, all tensors of length N (float32).
 
-    alphas, sigmas:  z = alpha * x0 + sigma * eps at each grid point.
+    alphas, sigmas:  z = alpha * x0 + sigma * eps at each grid point (DDPM z-space for VP grids).
     model_timesteps: the timestep the network is conditioned on.
     mlp_timesteps:   the MLP's timestep input, in the checkpoint's convention.
     t_fractions:     t / T in [0, 1], for CADS.
+    training_grid:   the core's description of the grid (recorded in the checkpoint: it fixes what w means).
     """
 
     alphas: torch.Tensor
@@ -56,30 +57,38 @@ class SamplingGrid:
     mlp_timesteps: torch.Tensor
     t_fractions: torch.Tensor
     timestep_convention: str
+    training_grid: TrainingGrid
 
     def __len__(self) -> int:
         return self.alphas.shape[0]
 
     @classmethod
-    def vp_ddim(cls, num_steps: int = 50, alphas_cumprod: torch.Tensor | None = None) -> SamplingGrid:
-        """DDPM/DDIM grid (SD1.x, SDXL): timesteps 980, 960, ..., 0 for 50 steps; MLP timestep = DDPM index."""
-        abar = scaled_linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod.double()
-        steps = ddim_timesteps(num_steps, abar.shape[0])
-        a = abar[steps]
-        t = steps.to(torch.float32)
-        return cls(a.sqrt().float(), (1 - a).sqrt().float(), t, t, t / abar.shape[0], "ddpm_index")
+    def from_training_grid(cls, grid: TrainingGrid, timestep_convention: str | None = None) -> SamplingGrid:
+        """VP grids: DDPM timesteps of the DDIM grid, MLP timestep = DDPM index. Flow grids: the network and (by default)
+        the MLP see sigma * 1000 ("sigma_x1000"; "sigma" for Flux-style checkpoints)."""
+        if isinstance(grid, VPGrid):
+            if timestep_convention not in (None, "ddpm_index"):
+                raise ValueError(f"a DDPM grid's timestep convention is ddpm_index, got {timestep_convention!r}")
+            abar = grid.alphas_cumprod()
+            steps = grid.timesteps()
+            a = abar[steps]
+            t = steps.to(torch.float32)
+            return cls(a.sqrt().float(), (1 - a).sqrt().float(), t, t, t / abar.shape[0], "ddpm_index", grid)
+        convention = timestep_convention or "sigma_x1000"
+        if convention not in ("sigma_x1000", "sigma"):
+            raise ValueError(f"a flow grid's timestep convention is sigma_x1000 or sigma, got {convention!r}")
+        sigmas = grid.sigmas()[:-1].to(torch.float32)
+        mlp = sigmas * 1000 if convention == "sigma_x1000" else sigmas
+        return cls(1 - sigmas, sigmas, sigmas * 1000, mlp, sigmas, convention, grid)
 
     @classmethod
-    def flow(cls, num_steps: int = 28, shift: float = 3.0, timestep_convention: str = "sigma_x1000") -> SamplingGrid:
-        """Flow-matching grid (SD3): shifted sigmas; the network and (by default) the MLP see sigma * 1000."""
-        sigmas = flow_sigmas(num_steps, shift)[:-1]
-        if timestep_convention not in ("sigma_x1000", "sigma"):
-            raise ValueError(f"a flow grid's timestep convention is sigma_x1000 or sigma, got {timestep_convention!r}")
-        mlp = sigmas * 1000 if timestep_convention == "sigma_x1000" else sigmas
-        return cls(1 - sigmas, sigmas, sigmas * 1000, mlp, sigmas, timestep_convention)
+    def vp_ddim(cls, num_steps: int = 50) -> SamplingGrid:
+        """Upstream's DDIM grid on SD's scaled_linear schedule: timesteps 980, 960, ..., 0 for 50 steps."""
+        return cls.from_training_grid(VPGrid(num_steps=num_steps))
 
     def to(self, device) -> SamplingGrid:
-        return SamplingGrid(*(getattr(self, f).to(device) for f in ("alphas", "sigmas", "model_timesteps", "mlp_timesteps", "t_fractions")), self.timestep_convention)
+        moved = (getattr(self, f).to(device) for f in ("alphas", "sigmas", "model_timesteps", "mlp_timesteps", "t_fractions"))
+        return SamplingGrid(*moved, self.timestep_convention, self.training_grid)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from annealing.training_grid import BETA_SCHEDULES, FlowGrid, TrainingGrid, VPGrid
+
 from .algorithm import CADSConfig, SamplingGrid, cads_perturb
 from .config import TrainingError
 
@@ -69,6 +71,17 @@ class ModelInfo:
     @property
     def base_model(self) -> str:
         return self.source.name
+
+    def training_grid(self, num_steps: int) -> TrainingGrid:
+        """The grid training samples on, from the model's own schedule: upstream's DDIM grid (leading spacing, offset 0)
+        on the scheduler's betas, or the flow grid at the scheduler's shift (u linear from 1 to 1/N)."""
+        cfg = self.scheduler_config
+        if self.prediction_type == "flow":
+            return FlowGrid(num_steps=num_steps, shift=float(cfg.get("shift", 1.0)), spacing="simple",
+                            num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
+        return VPGrid(num_steps=num_steps, beta_schedule=cfg.get("beta_schedule", "scaled_linear"),
+                      beta_start=float(cfg.get("beta_start", 0.00085)), beta_end=float(cfg.get("beta_end", 0.012)),
+                      num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         """(C, H, W) of the VAE latents of a resolution x resolution image."""
@@ -157,6 +170,11 @@ def detect_model(model: str | os.PathLike, config_folder: str | os.PathLike | No
         if "EDM" in scheduler_class or scheduler_config.get("beta_schedule") is None:
             raise TrainingError(f"{folder}: {scheduler_class or 'the scheduler'} has no DDPM beta schedule (an EDM/continuous-time model such as "
                                 f"Playground v2.5?); supported: {SUPPORTED}")
+        if scheduler_config.get("beta_schedule") not in BETA_SCHEDULES or scheduler_config.get("trained_betas") is not None:
+            raise TrainingError(f"{folder}: beta schedule {scheduler_config.get('beta_schedule')!r} is not supported (supported: "
+                                f"{', '.join(BETA_SCHEDULES)})")
+        if scheduler_config.get("rescale_betas_zero_snr"):
+            raise TrainingError(f"{folder}: zero-terminal-SNR schedules (rescale_betas_zero_snr) are not supported")
         prediction = scheduler_config.get("prediction_type", "epsilon")
         if prediction not in ("epsilon", "v_prediction"):
             raise TrainingError(f"{folder}: unsupported prediction type {prediction!r} (supported: epsilon, v_prediction, flow matching)")
@@ -287,7 +305,11 @@ class UNetBackend(FrozenDiffusionBackend):
         self.time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32, device=self.device)
 
     def grid(self, num_steps: int) -> SamplingGrid:
-        return SamplingGrid.vp_ddim(num_steps, self.alphas_cumprod).to(self.device)
+        grid = self.info.training_grid(num_steps)
+        if not torch.allclose(grid.alphas_cumprod(), self.alphas_cumprod, rtol=1e-5, atol=1e-7):
+            raise TrainingError(f"{self.info.source}: the scheduler's alphas_cumprod differ from its {grid.beta_schedule} betas "
+                                f"{grid.beta_start:g}..{grid.beta_end:g}; such a schedule cannot be recorded in the checkpoint")
+        return SamplingGrid.from_training_grid(grid).to(self.device)
 
     def condition_width(self):
         cfg = self.info.network_config
@@ -328,8 +350,7 @@ class SD3Backend(FrozenDiffusionBackend):
     prediction = "velocity"
 
     def grid(self, num_steps: int) -> SamplingGrid:
-        shift = float(self.info.scheduler_config.get("shift", 1.0))
-        return SamplingGrid.flow(num_steps, shift=shift, timestep_convention="sigma_x1000").to(self.device)
+        return SamplingGrid.from_training_grid(self.info.training_grid(num_steps), "sigma_x1000").to(self.device)
 
     def condition_width(self):
         cfg = self.info.network_config

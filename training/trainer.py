@@ -279,7 +279,7 @@ class Trainer:
             prediction_space=self.info.prediction_space,
             timestep_convention=self.grid.timestep_convention,
             trained_latent_numel=int(math.prod(self.latent_shape)),
-            sampling_steps=cfg.grid_steps,
+            training_grid=self.grid.training_grid,
             training=training,
         )
 

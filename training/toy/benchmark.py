@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 import annealing
-from annealing.schedules import scaled_linear_alphas_cumprod
+from annealing.training_grid import VPGrid
 from training.algorithm import SamplingGrid
 
 from .learn_to_guide import LearnToGuideConfig, train_learn_to_guide
@@ -90,8 +90,8 @@ def run_benchmark(config: BenchmarkConfig, out_dir: Path, progress: bool = True)
     if config.annealing_training.sampling_steps != config.sampling_steps:
         raise ValueError(f"annealing is trained on {config.annealing_training.sampling_steps} steps but sampled with {config.sampling_steps}")
     problem = config.problem
-    alphas_cumprod = scaled_linear_alphas_cumprod()
-    grid = SamplingGrid.vp_ddim(config.sampling_steps, alphas_cumprod)
+    alphas_cumprod = VPGrid().alphas_cumprod()
+    grid = SamplingGrid.vp_ddim(config.sampling_steps)
     sampler = ToySampler(problem, grid, alphas_cumprod)
     n = config.samples_per_class
     labels = torch.arange(problem.num_classes).repeat_interleave(n)

@@ -45,7 +45,7 @@ def train_annealing(
     generator = torch.Generator().manual_seed(seed)
     model = GuidanceScaleModel(TOY_MODEL_CONFIG)
     backend = ExactRingDenoiser(problem, alphas_cumprod, CADSConfig())
-    grid = SamplingGrid.vp_ddim(config.sampling_steps, alphas_cumprod)
+    grid = SamplingGrid.vp_ddim(config.sampling_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history = {"loss": [], "quality": [], "alignment": [], "w_mean": []}
     bar = tqdm(range(config.steps), desc=f"train annealing (seed {seed})", leave=False, disable=not progress)
@@ -65,7 +65,7 @@ def train_annealing(
         prediction_space="epsilon",
         timestep_convention="ddpm_index",
         trained_latent_numel=2,
-        sampling_steps=config.sampling_steps,
+        training_grid=grid.training_grid,
         training={
             "source": "training.toy (2D ring benchmark), Algorithm 1 via training.algorithm.annealing_loss",
             "problem": asdict(problem),
