@@ -17,15 +17,10 @@ import math
 
 import torch
 
-from .guidance import renoise_factor
+from .broadcast import batch_view
+from .schedules import renoise_factor
 
 # --------------------------------------------------------------------------------------------------------------- helpers
-
-
-def _per_sample(value, like: torch.Tensor) -> torch.Tensor:
-    """A scalar or (B,) value as a tensor broadcastable against ``like`` (B, ...)."""
-    tensor = torch.as_tensor(value, dtype=like.dtype, device=like.device)
-    return tensor.reshape(-1, *([1] * (like.dim() - 1))) if tensor.dim() == 1 else tensor
 
 
 def _flat_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -42,7 +37,7 @@ def cfg(d_cond: torch.Tensor, d_uncond: torch.Tensor, scale) -> torch.Tensor:
     Linear, so it is the same in x0-, eps- and velocity-space. ``scale`` w: scalar or (B,); w = 1 is the conditional
     model alone, w = 0 the unconditional one; typical image values 3..15 (SDXL default 7.5).
     """
-    return d_uncond + _per_sample(scale, d_cond) * (d_cond - d_uncond)
+    return d_uncond + batch_view(scale, d_cond) * (d_cond - d_uncond)
 
 
 def cfgpp_equivalent_scale(scale, sigma: torch.Tensor, sigma_next: torch.Tensor, sampling: str = "eps") -> torch.Tensor:
@@ -100,7 +95,7 @@ def apg(
     cond_sq = _flat_dot(d_cond, d_cond).clamp_min(1e-12)
     parallel = _flat_dot(guidance, d_cond) / cond_sq * d_cond
     orthogonal = guidance - parallel
-    out = d_cond + (_per_sample(scale, d_cond) - 1) * (orthogonal + eta * parallel)
+    out = d_cond + (batch_view(scale, d_cond) - 1) * (orthogonal + eta * parallel)
     return out, new_running
 
 
@@ -139,7 +134,7 @@ def angle_domain_guidance(d_cond: torch.Tensor, d_uncond: torch.Tensor, scale, m
     ``scale`` w is a CFG scale (w = 1 gives D ~= D_c). Guidance acts on the angle between the predictions, so the
     update stays bounded (theta' <= pi / 3) however large w gets.
     """
-    w_prime = (_per_sample(scale, d_cond) - 1).clamp_min(0) + 1e-3
+    w_prime = (batch_view(scale, d_cond) - 1).clamp_min(0) + 1e-3
     dot = _flat_dot(d_cond, d_uncond)
     norms = (_flat_dot(d_cond, d_cond) * _flat_dot(d_uncond, d_uncond)).sqrt().clamp_min(1e-12)
     theta = torch.arccos((dot / norms).clamp(-1.0, 1.0))

@@ -1,8 +1,10 @@
 """Command line of the core library.
 
-    python -m annealing inspect CKPT                 metadata, parameter count, and a table of w
+    python -m annealing inspect CKPT                 metadata, the CFG-equivalent scale per lambda, and tables of w
     python -m annealing convert IN OUT [options]     upstream .pt (or any readable checkpoint) -> our .safetensors
-    python -m annealing plot CKPT --out FILE.png     w against timestep and heatmaps over (timestep, delta norm)
+    python -m annealing plot CKPT --out FILE.png     omega and w against timestep, heatmaps over (timestep, delta norm)
+
+Writing commands refuse an existing output unless --force is given.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 
 from .checkpoint import PREDICTION_SPACES, TIMESTEP_CONVENTIONS, convert_checkpoint, load_guidance_model
 from .errors import AnnealingError
+from .plots import DELTA_NORM_MULTIPLES, omega_profile, parse_lambdas
 
 TABLE_LAMBDAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -29,11 +32,10 @@ def _float_list(text: str) -> list[float]:
 
 
 def _lambda_list(text: str) -> list[float]:
-    values = _float_list(text)
-    bad = [v for v in values if not 0.0 <= v <= 1.0]
-    if bad:
-        raise argparse.ArgumentTypeError(f"lambdas must be in [0, 1], got {bad[0]}")
-    return values
+    try:
+        return list(parse_lambdas(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def w_table(model, lambdas=TABLE_LAMBDAS, delta_norm: float | None = None, rows: int = 6) -> str:
@@ -42,7 +44,7 @@ def w_table(model, lambdas=TABLE_LAMBDAS, delta_norm: float | None = None, rows:
 
     from .plots import timestep_axis, w_grid
 
-    timesteps, label = timestep_axis(model)
+    timesteps, _, label = timestep_axis(model)
     picks = timesteps[np.linspace(0, len(timesteps) - 1, rows).round().astype(int)]
     delta_norm = float(model.config.delta_embed_normalization) if delta_norm is None else delta_norm
     width = len(label)
@@ -60,7 +62,7 @@ def cmd_inspect(args) -> int:
     params = sum(p.numel() for p in model.parameters())
     if args.json:
         print(json.dumps({"file": args.checkpoint, "format": model.source_format, "parameters": params,
-                          "architecture": config.to_dict(), "metadata": {**meta.__dict__}}, indent=2, sort_keys=True))
+                          "architecture": config.to_dict(), "metadata": meta.to_dict()}, indent=2, sort_keys=True))
         return 0
     print(f"file:                 {args.checkpoint} ({model.source_format})")
     print(f"parameters:           {params:,}  (MLP {config.hidden_size} x {config.n_layers} hidden layers)")
@@ -68,15 +70,29 @@ def cmd_inspect(args) -> int:
     print(f"delta space:          {meta.prediction_space}")
     print(f"timestep convention:  {meta.timestep_convention}")
     print(f"trained latent size:  {meta.trained_latent_numel if meta.trained_latent_numel else 'unknown'} elements per sample")
-    print(f"sampling steps:       {meta.sampling_steps if meta.sampling_steps else 'unknown'}")
+    print(f"training grid:        {meta.training_grid.describe()}")
+    print(f"method:               {meta.method}")
     print(f"format version:       {meta.format_version}")
     print(f"training:             {json.dumps(meta.training, sort_keys=True)}")
     print(f"architecture:         {json.dumps(config.to_dict(), sort_keys=True)}")
     base = float(config.delta_embed_normalization)
+    print()
+    print(omega_table(model, [m * base for m in DELTA_NORM_MULTIPLES]))
     for norm in (base, 4 * base):
         print()
         print(w_table(model, delta_norm=norm))
     return 0
+
+
+def omega_table(model, delta_norms, lambdas=TABLE_LAMBDAS) -> str:
+    """Per lambda, the range of the CFG-equivalent scale omega = w * k_train over the training grid, at a few delta norms:
+    what the checkpoint gives as an ordinary CFG scale (anchored mode)."""
+    head = "lambda | " + " | ".join(f"{f'||delta|| = {d:g}':<20}" for d in delta_norms)
+    lines = ["CFG-equivalent scale omega = w * k_train on the training grid: first step / middle step / peak", head, "-" * len(head)]
+    for lam in lambdas:
+        cells = [f"{a:5.1f} /{b:5.1f} /{c:5.1f}" for a, b, c in (omega_profile(model, lam, d) for d in delta_norms)]
+        lines.append(f"{lam:<6g} | " + " | ".join(f"{cell:<20}" for cell in cells))
+    return "\n".join(lines)
 
 
 def cmd_convert(args) -> int:
@@ -97,6 +113,9 @@ def cmd_convert(args) -> int:
 def cmd_plot(args) -> int:
     from .plots import plot_model_explorer, save_figure
 
+    if os.path.exists(args.out) and not args.force:
+        print(f"error: {args.out}: already exists (use --force to overwrite)", file=sys.stderr)
+        return 2
     model = load_guidance_model(args.checkpoint)
     fig = plot_model_explorer(model, lambdas=args.lambdas, delta_norms=args.delta_norms, dpi=args.dpi)
     save_figure(fig, args.out)
@@ -134,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambdas", type=_lambda_list, default=list(TABLE_LAMBDAS), help="comma-separated lambdas (default 0,0.2,...,1)")
     p.add_argument("--delta-norms", type=_float_list, default=None, help="comma-separated delta norms for the line plots "
                    "(default: 0.2, 1, 2 and 4 x the checkpoint's delta normalisation)")
-    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default 100)")
+    p.add_argument("--dpi", type=int, default=100, choices=range(30, 401), metavar="{30..400}", help="resolution of the PNG (default 100)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.set_defaults(func=cmd_plot)
     return parser
 
@@ -146,3 +166,7 @@ def main(argv=None) -> int:
     except (AnnealingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `inspect ... | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0

@@ -1,48 +1,36 @@
-"""Annealing guidance math, host-agnostic: pure functions on tensors plus one small stateful wrapper.
+"""Annealing guidance math, host-agnostic: pure functions on tensors, the user's options, and the guide.
 
-Conventions (those of ComfyUI, see docs/spec): x-space x = alpha * x0 + sigma * eps, with alpha = 1 for EPS and
-V-prediction models and alpha = 1 - sigma for CONST (flow) models. A sampler hook has the input x, sigma per
-sample, and the x0-predictions D_c (cond) and D_u (uncond). From these:
+Conventions (ComfyUI's, spec section 2): x-space x = alpha * x0 + sigma * eps, with alpha = 1 for EPS and V-prediction
+models and alpha = 1 - sigma for CONST (flow) models. A sampler hook has sigma per sample and the x0-predictions D_c (cond)
+and D_u (uncond). From these:
 
     delta_eps = alpha * (D_c - D_u) / sigma          (= eps_u - eps_c)
     delta_vel =         (D_c - D_u) / sigma          (= v_u - v_c, v = dx/dsigma: eps for EPS, eps - x0 for flow)
-    w         = MLP(timestep(sigma), ||delta|| * sqrt(trained_numel / numel), lambda)
-    D_g       = D_u + w * k * (D_c - D_u)
+    w         = MLP(t(sigma), ||delta|| * sqrt(trained_numel / numel), lambda)           (CFG++ units on the training grid)
+    D_g       = D_u + w * factor * (D_c - D_u)
 
-``k`` makes an Euler/DDIM step sigma -> sigma_next with D_g land exactly where the CFG++ step (guided x0,
-renoised with the unconditional noise) with scale w lands:
-
-    k = sigma * alpha_next / (sigma * alpha_next - sigma_next * alpha)       (EPS: sigma / (sigma - sigma_next); 1 at the last step)
-
-Samplers that already renoise with the unconditional prediction (ComfyUI's ``*_cfg_pp``) take w as is (k = 1).
+where ``factor`` is decided per evaluation by :func:`annealing.scale_rule.evaluation_scale` (anchored: k_train(sigma), the
+training grid's k, so w * k_train is one CFG scale per noise level; per_step: the k of the sampler's own step; as_is: 1).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from .broadcast import as_batch, batch_view
+from .recorder import GuidanceRecorder
+from .samplers import SamplerInfo
+from .scale_rule import MODES, check_mode, evaluation_scale
 from .schedules import check_sampling, signal_scale
+from .training_grid import GridLookup
 
-#: "This sigma is schedule point j" when it is within SCHEDULE_RTOL of it, or within SCHEDULE_GAP_FRACTION of the gap to
-#: its nearest neighbour (half-precision sigmas are rounded by up to 0.4%; 50-step schedules have gaps of ~10%).
-SCHEDULE_RTOL = 1e-4
-SCHEDULE_GAP_FRACTION = 0.1
-
+#: The MLP never sees a delta norm above this many times its normalisation (training sees about 1 to 8 times).
+MAX_DELTA_NORM_MULTIPLE = 1e4
 
 # --------------------------------------------------------------------------------------------------------- pure functions
-
-
-def per_sample(value: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
-    """A scalar or (B,) tensor as a float32 (B,) tensor on ``device``."""
-    tensor = torch.as_tensor(value, device=device, dtype=torch.float32).reshape(-1)
-    return tensor.expand(batch) if tensor.numel() == 1 else tensor
-
-
-def _bcast(per_batch: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return per_batch.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def prediction_delta(sigma: torch.Tensor, d_cond: torch.Tensor, d_uncond: torch.Tensor, sampling: str, space: str) -> torch.Tensor:
@@ -50,10 +38,10 @@ def prediction_delta(sigma: torch.Tensor, d_cond: torch.Tensor, d_uncond: torch.
 
     sigma: (B,) per sample. See the module docstring for the formulas; the sign does not matter (only the norm is used).
     """
-    sigma = per_sample(sigma, d_cond.shape[0], d_cond.device)
-    diff = (d_cond.to(torch.float32) - d_uncond.to(torch.float32)) / _bcast(sigma, d_cond)
+    sigma = as_batch(sigma, d_cond.shape[0], d_cond.device)
+    diff = (d_cond.to(torch.float32) - d_uncond.to(torch.float32)) / batch_view(sigma, d_cond)
     if space == "epsilon":
-        return diff * _bcast(signal_scale(sigma, sampling), d_cond)
+        return diff * batch_view(signal_scale(sigma, sampling), diff)
     if space == "velocity":
         check_sampling(sampling)
         return diff
@@ -75,8 +63,13 @@ def delta_norm_from_difference(sigma: torch.Tensor, difference_norm: torch.Tenso
 
 
 def per_sample_norm(tensor: torch.Tensor) -> torch.Tensor:
-    """L2 norm over everything but the batch dimension, float32, shape (B,)."""
-    return tensor.reshape(tensor.shape[0], -1).to(torch.float32).norm(dim=1)
+    """L2 norm over everything but the batch dimension, shape (B,), float32; overflow-safe (a sum of squares of values
+    around 1e20 overflows float32, so it is accumulated in float64, or scaled by the largest value where float64 is missing)."""
+    flat = tensor.reshape(tensor.shape[0], -1)
+    if flat.device.type == "mps":  # no float64 there
+        peak = flat.detach().abs().amax(dim=1, keepdim=True).to(torch.float32).clamp_min(1e-30)
+        return (torch.linalg.vector_norm(flat.to(torch.float32) / peak, dim=1) * peak[:, 0]).to(torch.float32)
+    return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).to(torch.float32)
 
 
 def delta_norm_scale(latent_numel: int, trained_latent_numel: int | None) -> float:
@@ -84,75 +77,6 @@ def delta_norm_scale(latent_numel: int, trained_latent_numel: int | None) -> flo
     if not trained_latent_numel:
         return 1.0
     return math.sqrt(trained_latent_numel / latent_numel)
-
-
-def mlp_timestep(sigma: torch.Tensor, convention: str, sigma_to_timestep=None) -> torch.Tensor:
-    """The MLP's timestep input for ``sigma`` in a checkpoint's convention.
-
-    ddpm_index: ``sigma_to_timestep(sigma)`` (the host's discrete schedule, e.g. ``schedules.continuous_timestep``);
-    sigma_x1000: 1000 * sigma (SD3-style flow); sigma: sigma itself (Flux-style flow).
-    """
-    if convention == "ddpm_index":
-        if sigma_to_timestep is None:
-            raise ValueError("the checkpoint's timestep convention is ddpm_index: pass sigma_to_timestep (the model's sigma -> timestep)")
-        return sigma_to_timestep(sigma).to(torch.float32)
-    if convention == "sigma_x1000":
-        return sigma.to(torch.float32) * 1000.0
-    if convention == "sigma":
-        return sigma.to(torch.float32)
-    raise ValueError(f"unknown timestep convention {convention!r}")
-
-
-def renoise_factor(sigma: torch.Tensor, sigma_next: torch.Tensor, sampling: str) -> torch.Tensor:
-    """k = sigma * alpha_next / (sigma * alpha_next - sigma_next * alpha), per sample.
-
-    Scaling the guidance by k makes a first-order (Euler/DDIM) step sigma -> sigma_next equal the CFG++ step that
-    renoises with the unconditional prediction. k = 1 when sigma_next = 0; k = 1 where the step is degenerate.
-    """
-    alpha = signal_scale(sigma, sampling)
-    alpha_next = signal_scale(sigma_next, sampling)
-    numerator = sigma * alpha_next
-    denominator = numerator - sigma_next * alpha
-    safe = denominator > 1e-12 * numerator.abs().clamp_min(1e-30)
-    return torch.where(safe, numerator / torch.where(safe, denominator, torch.ones_like(denominator)), torch.ones_like(sigma))
-
-
-def locate_on_schedule(sigma: torch.Tensor, sample_sigmas: torch.Tensor, rtol: float = SCHEDULE_RTOL):
-    """Where ``sigma`` stands on a decreasing sampler schedule. Returns (step, sigma_next, on_schedule), each (B,).
-
-    * sigma equal (to rtol) to schedule point i: step i, sigma_next = sigmas[i + 1].
-    * sigma strictly between points i and i + 1 (an intermediate evaluation of heun, dpmpp_2s, uni_pc, ...):
-      step i, sigma_next = sigmas[i + 1], the end of the step in progress (the documented fallback).
-    * above the first point: step 0 with sigma_next = sigmas[1]; at or below the last point: sigma_next = 0.
-    No host synchronisation: everything stays on the device.
-    """
-    sigmas = sample_sigmas.to(device=sigma.device, dtype=torch.float32).reshape(-1)
-    sig = sigma.to(torch.float32).reshape(-1, 1)
-    gaps = (sigmas[:-1] - sigmas[1:]).abs()
-    if gaps.numel():
-        left = torch.cat([gaps[:1], gaps])
-        right = torch.cat([gaps, gaps[-1:]])
-        neighbour_gap = torch.minimum(left, right)
-    else:
-        neighbour_gap = torch.zeros_like(sigmas)
-    tol = torch.maximum(rtol * sigmas.abs().clamp_min(1e-8), SCHEDULE_GAP_FRACTION * neighbour_gap)
-    close = (sigmas.unsqueeze(0) - sig).abs() <= tol
-    above = (sigmas.unsqueeze(0) > sig + tol).sum(dim=1)  # schedule points strictly above sigma
-    count = sigmas.shape[0]
-    on_schedule = close.any(dim=1)
-    # on a point: that point is index `above`; in between: the step in progress started at `above - 1`.
-    step = torch.where(on_schedule, above, above - 1).clamp(0, max(count - 2, 0))
-    next_index = (step + 1).clamp(max=count - 1)
-    sigma_next = torch.where(next_index > step, sigmas[next_index], torch.zeros_like(sig[:, 0]))
-    below_last = sig[:, 0] <= sigmas[-1] + tol[-1]
-    sigma_next = torch.where(below_last, torch.zeros_like(sigma_next), sigma_next)
-    return step, sigma_next, on_schedule
-
-
-def _schedule_value(value, like: torch.Tensor) -> torch.Tensor:
-    """A scalar or (B,) schedule value broadcastable against ``like`` (B, ...), keeping autograd and dtype."""
-    tensor = value if torch.is_tensor(value) else torch.tensor(float(value), device=like.device, dtype=like.dtype)
-    return tensor.reshape(-1, *([1] * (like.dim() - 1))) if tensor.dim() == 1 else tensor
 
 
 def cfgpp_step(
@@ -178,8 +102,8 @@ def cfgpp_step(
     All schedule arguments are per sample (B,) or scalars. Returns (z_next, x0_hat, pred_hat). Differentiable in w.
     This is the one implementation shared by inference tests, training and the 2D benchmark.
     """
-    a, s, a_n, s_n = (_schedule_value(v, z) for v in (alpha, sigma, alpha_next, sigma_next))
-    pred_hat = pred_uncond + _bcast(w, z) * (pred_cond - pred_uncond)
+    a, s, a_n, s_n = (batch_view(v, z) for v in (alpha, sigma, alpha_next, sigma_next))
+    pred_hat = pred_uncond + batch_view(w, z) * (pred_cond - pred_uncond)
     if prediction == "epsilon":
         x0_hat = (z - s * pred_hat) / a
         eps_u = pred_uncond
@@ -194,109 +118,56 @@ def cfgpp_step(
 # ------------------------------------------------------------------------------------------------------------ options
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class AnnealingOptions:
-    """What a user sets. Validated on creation.
+    """Everything a user sets, declared once and validated on creation (a ValueError naming the setting).
 
     lam:                  trade-off in [0, 1]; higher = stronger prompt alignment, lower = quality. Paper default 0.4.
+    mode:                 how w (CFG++ units on the training grid) becomes the scale a sampler gets
+                          (:mod:`annealing.scale_rule`): "anchored" (default), "per_step" or "as_is".
     normalize_delta_norm: scale ||delta|| by sqrt(trained_numel / numel) so other resolutions see in-range inputs (default on;
-                          off reproduces upstream exactly).
+                          the same at the training resolution).
     w_min, w_max:         optional clamp of the MLP's w (CFG++ units); None = no clamp.
-    active_start, active_end: fraction of the schedule (0 = first step, 1 = end) where annealing applies; outside,
-                          plain CFG with scale ``fallback_cfg`` (ordinary CFG units, whatever the sampler).
-    fallback_cfg:         CFG scale outside the active range (1 = no guidance there).
+    active_start, active_end: fraction of the sampler's schedule (0 = first step, 1 = end) where annealing applies; outside,
+                          plain CFG at the fallback scale.
+    fallback_cfg:         the plain CFG scale outside the active range (ordinary CFG units, whatever the sampler); None =
+                          the host's own CFG scale (KSampler's cfg), passed to each call.
     """
 
     lam: float = 0.4
+    mode: str = "anchored"
     normalize_delta_norm: bool = True
     w_min: float | None = None
     w_max: float | None = None
     active_start: float = 0.0
     active_end: float = 1.0
-    fallback_cfg: float = 1.0
+    fallback_cfg: float | None = None
 
     def __post_init__(self):
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0.0 <= self.lam <= 1.0:
+        if not _is_number(self.lam) or not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"lambda must be a number in [0, 1], got {self.lam!r}")
+        check_mode(self.mode)
         for name in ("w_min", "w_max"):
             value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                raise ValueError(f"{name} must be finite or None, got {value!r}")
+            if value is not None and not _is_number(value):
+                raise ValueError(f"{name} must be a finite number or None, got {value!r}")
         if self.w_min is not None and self.w_max is not None and self.w_min > self.w_max:
             raise ValueError(f"w_min ({self.w_min}) must not exceed w_max ({self.w_max})")
+        for name in ("active_start", "active_end"):
+            if not _is_number(getattr(self, name)):
+                raise ValueError(f"{name} must be a number in [0, 1], got {getattr(self, name)!r}")
         if not 0.0 <= self.active_start < self.active_end <= 1.0:
-            raise ValueError(f"need 0 <= active_start < active_end <= 1, got {self.active_start} and {self.active_end}")
-        if not math.isfinite(self.fallback_cfg) or self.fallback_cfg < 0:
-            raise ValueError(f"fallback_cfg must be a finite number >= 0, got {self.fallback_cfg!r}")
+            raise ValueError(f"need 0 <= active_start < active_end <= 1, got active_start {self.active_start} and active_end {self.active_end}")
+        if self.fallback_cfg is not None and (not _is_number(self.fallback_cfg) or self.fallback_cfg < 0):
+            raise ValueError(f"fallback_cfg must be a finite number >= 0 or None, got {self.fallback_cfg!r}")
 
     @property
     def full_range(self) -> bool:
         return self.active_start == 0.0 and self.active_end == 1.0
-
-
-# ----------------------------------------------------------------------------------------------------------- recorder
-
-
-RECORD_FIELDS = ("sigma", "timestep", "delta_norm", "mlp_delta_norm", "w", "k", "cfg_scale", "step", "on_schedule", "active")
-
-
-@dataclass
-class GuidanceTrace:
-    """What was applied, one row per sampling step (``steps``) and one column per batch item.
-
-    w is in CFG++ units (the MLP's output, or fallback_cfg / k outside the active range); k is the factor applied to it
-    (1 under samplers that renoise with the uncond); cfg_scale = w * k_step is the CFG-equivalent scale of the step in
-    ordinary CFG units, whatever the sampler (fallback_cfg outside the active range). ``evaluations`` counts every
-    guidance call, including intermediate ones.
-    """
-
-    steps: list
-    values: dict = field(default_factory=dict)
-    evaluations: int = 0
-
-    def __getitem__(self, name):
-        return self.values[name]
-
-    @property
-    def batch_size(self) -> int:
-        return 0 if not self.steps else self.values["w"].shape[1]
-
-    def to_dict(self) -> dict:
-        return {"steps": list(self.steps), "evaluations": self.evaluations, **{k: v.tolist() for k, v in self.values.items()}}
-
-
-class GuidanceRecorder:
-    """Keeps every guidance evaluation's per-sample values as device tensors; converts once in :meth:`trace`.
-
-    Recording never synchronises the device (no ``.item()``/``.cpu()`` in the sampling step).
-    """
-
-    def __init__(self):
-        self._rows: list[dict[str, torch.Tensor]] = []
-
-    def reset(self) -> None:
-        self._rows = []
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def record(self, **values: torch.Tensor) -> None:
-        self._rows.append({name: values[name].detach() for name in RECORD_FIELDS})
-
-    def trace(self) -> GuidanceTrace:
-        """One row per schedule step: the last evaluation made exactly on that step's sigma (an intermediate
-        evaluation only where a step has none on its sigma)."""
-        if not self._rows:
-            return GuidanceTrace(steps=[], values={}, evaluations=0)
-        stacked = {name: torch.stack([row[name].reshape(-1) for row in self._rows]).cpu() for name in RECORD_FIELDS}
-        chosen: dict[int, tuple[int, bool]] = {}  # step -> (row, made exactly on the step's sigma)
-        for row, (step, exact) in enumerate(zip(stacked["step"][:, 0].tolist(), stacked["on_schedule"][:, 0].tolist())):
-            if exact or step not in chosen:  # the last exact evaluation wins; else the first intermediate one
-                chosen[step] = (row, bool(exact))
-        steps = sorted(chosen)
-        rows = torch.tensor([chosen[s][0] for s in steps], dtype=torch.long)
-        values = {name: stacked[name][rows].numpy() for name in RECORD_FIELDS if name != "step"}
-        return GuidanceTrace(steps=steps, values=values, evaluations=len(self._rows))
 
 
 # ---------------------------------------------------------------------------------------------------------- the guide
@@ -305,82 +176,105 @@ class GuidanceRecorder:
 class AnnealingGuidance:
     """Applies a guidance-scale model inside any sampler: ``guide(...)`` returns the guided x0-prediction.
 
-    Holds the model and the user's :class:`AnnealingOptions`; keeps no state between calls except the optional recorder.
+    Holds the model, the user's :class:`AnnealingOptions` and the checkpoint's grid lookup (the MLP's timestep and
+    k_train of any sigma); keeps no state between calls except the optional recorder.
     """
 
     def __init__(self, model, options: AnnealingOptions | None = None):
-        if getattr(model, "metadata", None) is None:
+        metadata = getattr(model, "metadata", None)
+        if metadata is None:
             raise ValueError("the guidance model has no metadata; load it with annealing.load_guidance_model")
         self.model = model
         self.options = options or AnnealingOptions()
+        self.lookup = GridLookup(metadata.training_grid, metadata.timestep_convention)
 
     def guide(
         self,
-        sigma: torch.Tensor,
+        sigma: torch.Tensor | float,
         d_cond: torch.Tensor,
         d_uncond: torch.Tensor,
         *,
         sampling: str,
-        sigma_to_timestep=None,
+        sampler: SamplerInfo | None = None,
         sample_sigmas: torch.Tensor | None = None,
-        sigma_next: torch.Tensor | None = None,
-        sampler_renoises_with_uncond: bool = False,
+        host_cfg: float = 1.0,
         recorder: GuidanceRecorder | None = None,
     ) -> torch.Tensor:
-        """The guided x0-prediction D_g for one model evaluation.
+        """The guided x0-prediction D_g for one model evaluation, in d_cond's dtype.
 
-        sigma:          (B,) or scalar noise level of this evaluation.
-        d_cond/d_uncond: x0-predictions, any float dtype; D_g comes back in d_cond's dtype.
+        sigma:          (B,) or scalar noise level of this evaluation (x-space, as the sampler sees it).
+        d_cond/d_uncond: x0-predictions of equal shape (B, ...), any float dtype; the math runs in float32.
         sampling:       "eps", "v_prediction" or "const" (the host model's type).
-        sigma_to_timestep: the host's sigma -> DDPM timestep (needed by ddpm_index checkpoints).
-        sample_sigmas:  the running sampler's schedule (decreasing, ending at 0); gives sigma_next and the progress.
-        sigma_next:     overrides the schedule's next sigma (e.g. an ancestral step's sigma_down).
-        sampler_renoises_with_uncond: True under *_cfg_pp samplers: w is applied as is (k = 1).
-        recorder:       optional :class:`GuidanceRecorder`.
+        sampler:        the running sampler (:class:`annealing.samplers.SamplerInfo`); None = an ordinary sampler.
+        sample_sigmas:  the running sampler's schedule (decreasing, ending at 0). Needed by per_step mode, *_cfg_pp
+                        samplers and an active range; anchored mode with an ordinary sampler needs none.
+        host_cfg:       the host's own CFG scale, used outside the active range when ``options.fallback_cfg`` is None.
+        recorder:       optional :class:`annealing.GuidanceRecorder`.
+
+        At sigma <= 0 the two predictions coincide and no guidance is applied (scale 1). fp16 results are clamped to
+        fp16's range before the cast back.
         """
         check_sampling(sampling)
+        if d_cond.shape != d_uncond.shape:
+            raise ValueError(f"d_cond and d_uncond must have the same shape, got {tuple(d_cond.shape)} and {tuple(d_uncond.shape)}")
+        if d_cond.dim() < 1 or d_cond.shape[0] == 0 or d_cond.numel() == 0:
+            raise ValueError(f"an empty batch cannot be guided (predictions of shape {tuple(d_cond.shape)})")
+        if not (d_cond.is_floating_point() and d_uncond.is_floating_point()):
+            raise ValueError(f"predictions must be floating point, got {d_cond.dtype} and {d_uncond.dtype}")
         meta, opts = self.model.metadata, self.options
+        sampler = sampler or SamplerInfo()
         batch, device = d_cond.shape[0], d_cond.device
-        sigma = per_sample(sigma, batch, device)
+        sigma = as_batch(sigma, batch, device)
+        positive = sigma > 0
+        safe_sigma = torch.where(positive, sigma, torch.ones_like(sigma))
 
         # D_c - D_u once: its norm gives ||delta|| and it is reused for the guided prediction (the hot path runs every step).
         difference = d_cond.to(torch.float32) - d_uncond.to(torch.float32)
-        norm = delta_norm_from_difference(sigma, per_sample_norm(difference), sampling, meta.prediction_space)
-        scale = delta_norm_scale(difference[0].numel(), meta.trained_latent_numel) if opts.normalize_delta_norm else 1.0
-        mlp_norm = norm * scale
-        timestep = mlp_timestep(sigma, meta.timestep_convention, sigma_to_timestep)
+        norm = delta_norm_from_difference(safe_sigma, per_sample_norm(difference), sampling, meta.prediction_space)
+        norm = torch.where(positive, norm, torch.zeros_like(norm))
+        mlp_norm = norm * delta_norm_scale(difference[0].numel(), meta.trained_latent_numel) if opts.normalize_delta_norm else norm
+        # Far outside anything seen in training the MLP's output is meaningless and can overflow: bound its input.
+        mlp_norm = mlp_norm.clamp(max=MAX_DELTA_NORM_MULTIPLE * self.model.config.delta_embed_normalization)
+        timestep, k_train = self.lookup(sigma)
         w = self.model(timestep, mlp_norm, opts.lam).to(device)
         if opts.w_min is not None or opts.w_max is not None:
             w = w.clamp(min=opts.w_min, max=opts.w_max)
 
-        if sample_sigmas is not None:
-            step, schedule_next, on_schedule = locate_on_schedule(sigma, sample_sigmas)
-            steps_total = max(sample_sigmas.shape[0] - 1, 1)
-            if sigma_next is None:
-                sigma_next = schedule_next
-        else:
-            if sigma_next is None and not sampler_renoises_with_uncond:
-                raise ValueError("renoising needs the sampler's schedule: pass sample_sigmas or sigma_next")
-            if not opts.full_range:
-                raise ValueError("an active range needs the sampler's schedule: pass sample_sigmas")
-            step = torch.zeros(batch, dtype=torch.long, device=device)
-            on_schedule = torch.zeros(batch, dtype=torch.bool, device=device)
-            steps_total = 1
-        k_step = renoise_factor(sigma, per_sample(sigma_next, batch, device), sampling) if sigma_next is not None else torch.ones_like(sigma)
-        k = torch.ones_like(k_step) if sampler_renoises_with_uncond else k_step
-
+        rule = evaluation_scale(opts.mode, sigma, k_train, sampling=sampling, sampler=sampler, sample_sigmas=sample_sigmas)
+        scale, omega = w * rule.factor, w * rule.cfg_factor
         if opts.full_range:
             active = torch.ones(batch, dtype=torch.bool, device=device)
         else:
-            progress = step.to(torch.float32) / steps_total
+            if rule.step is None:
+                raise ValueError("an active range needs the sampler's schedule: pass sample_sigmas")
+            progress = rule.step.to(torch.float32) / max(sample_sigmas.shape[0] - 1, 1)
             active = (progress >= opts.active_start) & ((progress < opts.active_end) | (opts.active_end >= 1.0))
-            # Outside the range: ordinary CFG at fallback_cfg, i.e. fallback_cfg / k in CFG++ units.
-            w = torch.where(active, w, opts.fallback_cfg / k_step)
+            fallback = host_cfg if opts.fallback_cfg is None else opts.fallback_cfg
+            scale = torch.where(active, scale, fallback * rule.sampler_units)  # ordinary CFG there, in the sampler's units
+            omega = torch.where(active, omega, torch.full_like(omega, fallback))
+        scale = torch.where(positive, scale.nan_to_num(nan=1.0), torch.ones_like(scale))  # sigma 0: D_c = D_u = x, nothing to guide
+        omega = torch.where(positive, omega, torch.ones_like(omega))
 
-        guided = torch.addcmul(d_uncond.to(torch.float32), difference, _bcast(w * k, difference)).to(d_cond.dtype)
+        guided = torch.addcmul(d_uncond.to(torch.float32), difference, batch_view(scale, difference))
+        if d_cond.dtype == torch.float16:  # keep an fp16 model's result finite
+            guided = guided.clamp(torch.finfo(torch.float16).min, torch.finfo(torch.float16).max)
         if recorder is not None:
+            zeros = torch.zeros_like(sigma)
             recorder.record(
-                sigma=sigma, timestep=timestep, delta_norm=norm, mlp_delta_norm=mlp_norm, w=w, k=k, cfg_scale=w * k_step,
-                step=step, on_schedule=on_schedule, active=active,
+                sigma=sigma, timestep=timestep, delta_norm=norm, mlp_delta_norm=mlp_norm, w=w, k=rule.factor, scale=scale,
+                omega=omega, step=zeros if rule.step is None else rule.step, active=active,
+                on_schedule=zeros if rule.on_schedule is None else rule.on_schedule,
             )
-        return guided
+        return guided.to(d_cond.dtype)
+
+
+__all__ = [
+    "MODES",
+    "AnnealingGuidance",
+    "AnnealingOptions",
+    "cfgpp_step",
+    "delta_norm_from_difference",
+    "delta_norm_scale",
+    "per_sample_norm",
+    "prediction_delta",
+]

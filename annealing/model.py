@@ -80,6 +80,14 @@ class GuidanceModelConfig:
         return shapes
 
 
+def _check_lambda(lam) -> None:
+    if torch.is_tensor(lam):
+        if lam.device.type == "cpu" and lam.numel() and bool(((lam < 0) | (lam > 1) | lam.isnan()).any()):
+            raise ValueError(f"lam must lie in [0, 1], got values from {float(lam.min()):g} to {float(lam.max()):g}")
+    elif not 0.0 <= float(lam) <= 1.0:
+        raise ValueError(f"lam must lie in [0, 1], got {lam!r}")
+
+
 def embed_scalar(value: torch.Tensor, dim: int) -> torch.Tensor:
     """(B,) -> (B, dim): [v, cos(v), cos(2v), ..., cos((dim-1) v)]."""
     freqs = torch.arange(1, dim, device=value.device, dtype=value.dtype)
@@ -107,36 +115,46 @@ class GuidanceScaleModel(nn.Module):
             layers += [nn.Linear(d_in, d_out), nn.ReLU()]
         layers.append(nn.Linear(dims[-1], 1))
         self.combined_head = nn.Sequential(*layers)
+        cfg = self.config
+        # One cos() for all three inputs when their embeddings are equally wide (every released file): fewer small ops per step.
+        self._shared_width = cfg.t_embed_dim if cfg.t_embed_dim == cfg.delta_embed_dim == cfg.lambda_embed_dim else None
+        self.register_buffer("_freqs", torch.arange(self._shared_width or 1, dtype=torch.float32), persistent=False)
+        self.register_buffer("_input_scale", torch.tensor([1.0 / cfg.t_embed_normalization, 1.0 / cfg.delta_embed_normalization, 1.0]),
+                             persistent=False)
 
     @property
     def device(self) -> torch.device:
         return self.combined_head[0].weight.device
 
+    def _inputs(self, timestep: TensorLike, delta_norm: TensorLike, lam: TensorLike) -> torch.Tensor:
+        """(B, 3) float32 on the model's device: timestep, delta norm, lambda; scalars broadcast to the batch."""
+        named = {"timestep": timestep, "delta_norm": delta_norm, "lam": lam}
+        for name, value in named.items():
+            if not torch.is_tensor(value) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+        _check_lambda(lam)
+        # Python numbers become a fill on the device: torch.as_tensor(0.4).to("cuda") would be a host copy that synchronises.
+        values = [v.to(device=self.device, dtype=torch.float32) if torch.is_tensor(v) else torch.full((), float(v), device=self.device)
+                  for v in named.values()]
+        batch = max((v.shape[0] for v in values if v.dim() == 1), default=1)
+        for name, value in zip(named, values):
+            if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
+                raise ValueError(f"{name} must be a scalar or of shape ({batch},), got shape {tuple(value.shape)}")
+        return torch.stack([v.expand(batch) for v in values], dim=-1)
+
     def features(self, timestep: TensorLike, delta_norm: TensorLike, lam: TensorLike) -> torch.Tensor:
         """The (B, input_size) float32 input of the MLP; scalar inputs broadcast to the batch."""
-        named = {"timestep": timestep, "delta_norm": delta_norm, "lam": lam}
-        # Python numbers become a fill on the device: torch.as_tensor(0.4).to("cuda") would be a host copy that synchronises.
-        values = {
-            k: v.to(device=self.device, dtype=torch.float32) if torch.is_tensor(v) else torch.full((), float(v), device=self.device)
-            for k, v in named.items()
-        }
-        batch = max((v.shape[0] for v in values.values() if v.dim() == 1), default=1)
-        for name, value in values.items():
-            if value.dim() == 0:
-                values[name] = value.expand(batch)
-            elif value.dim() != 1 or value.shape[0] != batch:
-                raise ValueError(f"{name} must be a scalar or of shape ({batch},), got shape {tuple(value.shape)}")
+        scaled = self._inputs(timestep, delta_norm, lam) * self._input_scale
+        if self._shared_width is not None:
+            waves = torch.cos(scaled.unsqueeze(-1) * self._freqs)  # (B, 3, D); column 0 is cos(0), replaced by v itself
+            return torch.cat([scaled.unsqueeze(-1), waves[..., 1:]], dim=-1).reshape(scaled.shape[0], -1)
         cfg = self.config
-        return torch.cat(
-            [
-                embed_scalar(values["timestep"] / cfg.t_embed_normalization, cfg.t_embed_dim),
-                embed_scalar(values["delta_norm"] / cfg.delta_embed_normalization, cfg.delta_embed_dim),
-                embed_scalar(values["lam"], cfg.lambda_embed_dim),
-            ],
-            dim=-1,
-        )
+        dims = (cfg.t_embed_dim, cfg.delta_embed_dim, cfg.lambda_embed_dim)
+        return torch.cat([embed_scalar(scaled[:, i], dim) for i, dim in enumerate(dims)], dim=-1)
 
     def forward(self, timestep: TensorLike, delta_norm: TensorLike, lam: TensorLike) -> torch.Tensor:
+        """w per sample (B,). ``lam`` must lie in [0, 1] (checked for numbers and CPU tensors; a tensor on an accelerator
+        is not read back, which would synchronise the device)."""
         out = self.combined_head(self.features(timestep, delta_norm, lam)).squeeze(-1)
         return self.config.w_scale * out + self.config.w_bias
 

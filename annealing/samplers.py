@@ -1,27 +1,29 @@
 """What a host sampler does with the guided prediction: which samplers renoise with the unconditional prediction,
-which take an ancestral step, and where that step ends (sigma_down). Host-agnostic: sampler names are plain strings
-(ComfyUI's names, which follow k-diffusion's ``sample_<name>`` functions).
+which take an ancestral step, where that step ends (sigma_down), and so the k of the sampler's own step. Host-agnostic:
+sampler names are plain strings (ComfyUI's names, which follow k-diffusion's ``sample_<name>`` functions).
 
-Why it matters (docs/spec): the annealing MLP predicts w in CFG++ units. A sampler that renoises with the unconditional
-prediction (``*_cfg_pp``) takes D_g = D_u + w (D_c - D_u) as is. Any other sampler renoises with the guided prediction, so the
-guide scales w by k = renoise_factor(sigma, sigma_end) where sigma_end is where the step's Euler move ends: sigma_next for
-plain first-order samplers, sigma_down for ancestral ones (the noise added afterwards does not depend on D).
+Why it matters (spec section 2): a sampler that renoises with the unconditional prediction (``*_cfg_pp``) takes
+D = D_u + s (D_c - D_u) with s in CFG++ units; a step of it equals an ordinary step with CFG scale s * k_step, where
+k_step = renoise_factor(sigma, sigma_end) and sigma_end is where the step's Euler move ends: sigma_next for plain
+first-order samplers, sigma_down for ancestral ones (the noise added afterwards does not depend on D).
+:mod:`annealing.scale_rule` uses this to give every sampler the scale it needs.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from .schedules import check_sampling
+from .schedules import check_sampling, locate_on_schedule, renoise_factor
 
 CFG_PP_SUFFIX = "_cfg_pp"
 
 #: Ancestral samplers whose deterministic move ends at sigma_down (then noise sigma_up is added).
 ANCESTRAL_SAMPLERS = frozenset({"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "res_multistep_ancestral"})
 
-#: Samplers where the k factor reproduces the CFG++ step exactly (first-order, one model call per step).
+#: Samplers whose step with the k of their own step reproduces the CFG++ step exactly (first-order, one call per step).
 EXACT_WITH_K_FACTOR = frozenset({"euler", "ddim", "euler_ancestral"})
 
 #: Samplers whose next state is built from the x0-prediction alone plus fresh noise (LCM: x = D, then renoise): the CFG++
@@ -66,23 +68,10 @@ def takes_w_as_is(sampler_name: str | None) -> bool:
 
 
 def is_ancestral(sampler_name: str | None) -> bool:
-    """True for the ancestral samplers in :data:`ANCESTRAL_SAMPLERS` (not their ``_cfg_pp`` twins, which need no k)."""
+    """True for the ancestral samplers in :data:`ANCESTRAL_SAMPLERS` and their ``_cfg_pp`` twins."""
+    if renoises_with_uncond(sampler_name):
+        sampler_name = sampler_name[: -len(CFG_PP_SUFFIX)]
     return sampler_name in ANCESTRAL_SAMPLERS
-
-
-def k_factor_exactness(sampler_name: str | None, renoise_as_is: bool) -> str:
-    """'exact', 'approximate' or 'mismatched': whether the guided step equals the trained CFG++ step for this sampler.
-
-    'mismatched': a forced mode that contradicts the sampler (w as is under a sampler that renoises with the guided
-    prediction under-guides by k; the k factor under a *_cfg_pp sampler applies k twice).
-    """
-    if sampler_name is None:
-        return "approximate"
-    if renoise_as_is != takes_w_as_is(sampler_name):
-        return "mismatched"
-    if renoise_as_is:
-        return "exact" if renoises_with_uncond(sampler_name) else "approximate"
-    return "exact" if sampler_name in EXACT_WITH_K_FACTOR else "approximate"
 
 
 def ancestral_sigma_down(sigma: torch.Tensor, sigma_next: torch.Tensor, sampling: str, eta: float = 1.0) -> torch.Tensor:
@@ -109,3 +98,49 @@ def ancestral_sigma_down(sigma: torch.Tensor, sigma_next: torch.Tensor, sampling
         sigma_up = torch.minimum(sigma_next, eta * variance.sqrt())
         down = (sigma_next**2 - sigma_up**2).clamp_min(0).sqrt()
     return torch.where(sigma_next > 0, down, torch.zeros_like(down))
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    """What a host says about the sampler that runs: its name (ComfyUI / k-diffusion style, None when unknown) and the
+    eta of an ancestral sampler (1 = full ancestral noise)."""
+
+    name: str | None = None
+    eta: float = 1.0
+
+    def __post_init__(self):
+        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not math.isfinite(self.eta) or self.eta < 0:
+            object.__setattr__(self, "eta", 1.0)  # a host's odd extra option is not the user's fault: full ancestral noise
+
+    @property
+    def renoises_with_uncond(self) -> bool:
+        return renoises_with_uncond(self.name)
+
+    @property
+    def x0_only(self) -> bool:
+        return self.name in X0_ONLY_SAMPLERS
+
+
+def sampler_step_factor(sigma: torch.Tensor, sample_sigmas: torch.Tensor, sampling: str, sampler: SamplerInfo):
+    """k of the running sampler's own step for an evaluation at ``sigma`` (B,): (k_step, step, on_schedule), each (B,).
+
+    A step with CFG++ scale s equals an ordinary step with CFG scale s * k_step. The step's end is the schedule's next sigma
+    (intermediate evaluations: the end of the step in progress) or, for ancestral samplers and their ``_cfg_pp`` twins, the
+    step's sigma_down as ComfyUI computes it for that sampler. No host synchronisation.
+    """
+    sigma = sigma.to(torch.float32)
+    step, schedule_next, on_schedule = locate_on_schedule(sigma, sample_sigmas)
+    if not is_ancestral(sampler.name):
+        return renoise_factor(sigma, schedule_next, sampling), step, on_schedule
+    # sigma_down belongs to the step (sigma_i -> sigma_i+1), also for evaluations inside it (dpmpp_2s_ancestral)
+    start = sample_sigmas.to(device=sigma.device, dtype=torch.float32).reshape(-1)[step]
+    if sampler.name == "euler_ancestral_cfg_pp" and check_sampling(sampling) == "const":
+        # ComfyUI's CFG++ ancestral Euler on a flow model: x' = a_next D + down eps_u, down = a_next * VE-down(s / a, s_next / a_next)
+        a_start, a_next = (1 - start).clamp_min(1e-12), (1 - schedule_next).clamp_min(1e-12)
+        down = a_next * ancestral_sigma_down(start / a_start, schedule_next / a_next, "eps", sampler.eta)
+        numerator = sigma * a_next
+        denominator = (numerator - down * (1 - sigma)).clamp_min(1e-12)
+        return torch.where(down > 0, numerator / denominator, torch.ones_like(sigma)), step, on_schedule
+    ve = sampler.name in VE_SIGMA_DOWN_SAMPLERS or renoises_with_uncond(sampler.name)  # these use k-diffusion's VE formula as is
+    end = ancestral_sigma_down(start, schedule_next, "eps" if ve else sampling, sampler.eta)
+    return renoise_factor(sigma, end, sampling), step, on_schedule

@@ -1,16 +1,20 @@
-"""Noise schedules in the host's x-space, x = alpha * x0 + sigma * eps.
+"""Noise levels in the host's x-space, x = alpha * x0 + sigma * eps, and a sampler's schedule.
 
 * Discrete VP models (SD1.x, SDXL; EPS or V-prediction): x-space is the Karras one, alpha = 1 and
   sigma_t = sqrt((1 - abar_t) / abar_t); the DDPM latent z_t equals x / sqrt(1 + sigma^2).
 * Flow models (CONST: SD3, Flux): alpha = 1 - sigma, sigma in [0, 1].
 
-These helpers let the core, the tests, the 2D benchmark and the training share one definition of the
-schedules (and of the DDIM timestep grid upstream samples on).
+The grids checkpoints are trained on (DDIM timesteps, flow sigmas) are in :mod:`annealing.training_grid`.
 """
 
 from __future__ import annotations
 
 import torch
+
+#: "This sigma is schedule point j" when it is within SCHEDULE_RTOL of it, or within SCHEDULE_GAP_FRACTION of the gap to
+#: its nearest neighbour (half-precision sigmas are rounded by up to 0.4%; 50-step schedules have gaps of ~10%).
+SCHEDULE_RTOL = 1e-4
+SCHEDULE_GAP_FRACTION = 0.1
 
 SAMPLING_TYPES = ("eps", "v_prediction", "const")
 
@@ -28,15 +32,50 @@ def signal_scale(sigma: torch.Tensor, sampling: str) -> torch.Tensor:
     return torch.ones_like(sigma)
 
 
-def scaled_linear_alphas_cumprod(num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
-    """abar_t of SD1.x/SDXL's "scaled_linear" schedule (float64, length num_timesteps)."""
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
+def renoise_factor(sigma: torch.Tensor, sigma_next: torch.Tensor, sampling: str) -> torch.Tensor:
+    """k = sigma * alpha_next / (sigma * alpha_next - sigma_next * alpha), per sample.
+
+    Scaling the guidance by k makes a first-order (Euler/DDIM) step sigma -> sigma_next equal the CFG++ step that
+    renoises with the unconditional prediction. k = 1 when sigma_next = 0; k = 1 where the step is degenerate.
+    """
+    alpha = signal_scale(sigma, sampling)
+    alpha_next = signal_scale(sigma_next, sampling)
+    numerator = sigma * alpha_next
+    denominator = numerator - sigma_next * alpha
+    safe = denominator > 1e-12 * numerator.abs().clamp_min(1e-30)
+    return torch.where(safe, numerator / torch.where(safe, denominator, torch.ones_like(denominator)), torch.ones_like(sigma))
 
 
-def vp_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Karras sigma of each DDPM timestep: sqrt((1 - abar) / abar)."""
-    return ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
+def locate_on_schedule(sigma: torch.Tensor, sample_sigmas: torch.Tensor, rtol: float = SCHEDULE_RTOL):
+    """Where ``sigma`` stands on a decreasing sampler schedule. Returns (step, sigma_next, on_schedule), each (B,).
+
+    * sigma equal (to rtol) to schedule point i: step i, sigma_next = sigmas[i + 1].
+    * sigma strictly between points i and i + 1 (an intermediate evaluation of heun, dpmpp_2s, uni_pc, ...):
+      step i, sigma_next = sigmas[i + 1], the end of the step in progress (the documented fallback).
+    * above the first point: step 0 with sigma_next = sigmas[1]; at or below the last point: sigma_next = 0.
+    No host synchronisation: everything stays on the device.
+    """
+    sigmas = sample_sigmas.to(device=sigma.device, dtype=torch.float32).reshape(-1)
+    sig = sigma.to(torch.float32).reshape(-1, 1)
+    gaps = (sigmas[:-1] - sigmas[1:]).abs()
+    if gaps.numel():
+        left = torch.cat([gaps[:1], gaps])
+        right = torch.cat([gaps, gaps[-1:]])
+        neighbour_gap = torch.minimum(left, right)
+    else:
+        neighbour_gap = torch.zeros_like(sigmas)
+    tol = torch.maximum(rtol * sigmas.abs().clamp_min(1e-8), SCHEDULE_GAP_FRACTION * neighbour_gap)
+    close = (sigmas.unsqueeze(0) - sig).abs() <= tol
+    above = (sigmas.unsqueeze(0) > sig + tol).sum(dim=1)  # schedule points strictly above sigma
+    count = sigmas.shape[0]
+    on_schedule = close.any(dim=1)
+    # on a point: that point is index `above`; in between: the step in progress started at `above - 1`.
+    step = torch.where(on_schedule, above, above - 1).clamp(0, max(count - 2, 0))
+    next_index = (step + 1).clamp(max=count - 1)
+    sigma_next = torch.where(next_index > step, sigmas[next_index], torch.zeros_like(sig[:, 0]))
+    below_last = sig[:, 0] <= sigmas[-1] + tol[-1]
+    sigma_next = torch.where(below_last, torch.zeros_like(sigma_next), sigma_next)
+    return step, sigma_next, on_schedule
 
 
 def continuous_timestep(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
@@ -53,25 +92,3 @@ def continuous_timestep(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.
     frac = (log_sigma.reshape(-1) - log_sigmas[low]) / (log_sigmas[high] - log_sigmas[low])
     t = (low.to(torch.float32) + frac).clamp(0, count - 1)
     return t.reshape(sigma.shape)
-
-
-def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """diffusers DDIM "leading" grid with steps_offset 0, as upstream samples: 980, 960, ..., 0 for 50 steps."""
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
-    ratio = num_train_timesteps // num_steps
-    return (torch.arange(num_steps - 1, -1, -1) * ratio).long()
-
-
-def ddim_sigmas(num_steps: int, alphas_cumprod: torch.Tensor | None = None) -> torch.Tensor:
-    """Karras sigmas of the DDIM grid followed by 0: the schedule a ComfyUI sampler needs to retrace upstream's DDIM."""
-    alphas_cumprod = scaled_linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
-    sigmas = vp_sigmas(alphas_cumprod)[ddim_timesteps(num_steps, alphas_cumprod.shape[0])]
-    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float32)
-
-
-def flow_sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:
-    """SD3-style flow schedule: sigmas linear in t from 1 to 1/steps... shifted by ``shift``, followed by 0."""
-    t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[:-1]
-    sigmas = shift * t / (1 + (shift - 1) * t)
-    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float32)

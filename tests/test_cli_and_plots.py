@@ -1,44 +1,68 @@
-"""The three commands and the two plots, run for real on the reference checkpoint and on small models."""
+"""The three commands and the plots, run for real on small random-weight checkpoints (and the reference one where present)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import annealing
-from annealing import AnnealingGuidance, AnnealingOptions, GuidanceRecorder
+from annealing import AnnealingGuidance, AnnealingOptions, GuidanceRecorder, VPGrid
 from annealing.cli import main
-from annealing.plots import figure_to_image, plot_model_explorer, plot_trace
-from annealing.schedules import ddim_sigmas
+from annealing.plots import figure_to_image, omega_profile, parse_lambdas, plot_model_explorer, plot_trace
+from annealing.training_grid import k_train
 
 
-def test_inspect_prints_metadata_and_a_table_of_w(upstream_path, upstream_model, capsys):
-    assert main(["inspect", str(upstream_path)]) == 0
+@pytest.fixture()
+def checkpoint(tmp_path, make_guidance_model):
+    path = tmp_path / "random.safetensors"
+    annealing.save_guidance_model(make_guidance_model(seed=1), path)
+    return path
+
+
+def test_inspect_prints_metadata_the_omega_profile_and_a_table_of_w(checkpoint, capsys):
+    assert main(["inspect", str(checkpoint)]) == 0
     out = capsys.readouterr().out
-    assert "sdxl" in out and "ddpm_index" in out and "51,329" in out
+    model = annealing.load_guidance_model(checkpoint)
+    assert "sdxl" in out and "ddpm_index" in out and "51,329" in out and "50-step DDIM (leading, offset 0)" in out
     # the table's first row is timestep 999 at ||delta|| = 5; check one printed value against the model
     row = next(line for line in out.splitlines() if line.strip().startswith("999 |"))
     printed = [float(v) for v in row.split("|")[1].split()]
-    expected = upstream_model(torch.full((6,), 999.0), 5.0, torch.tensor([0.0, 0.2, 0.4, 0.6, 0.8, 1.0]))
+    expected = model(torch.full((6,), 999.0), 5.0, torch.tensor([0.0, 0.2, 0.4, 0.6, 0.8, 1.0]))
     np.testing.assert_allclose(printed, expected.numpy(), atol=1e-4)
+    # omega: first / middle / peak of w * k_train on the grid, lambda 0.4 at ||delta|| 5 (the profile is written out here)
+    row = next(line for line in out.splitlines() if line.startswith("0.4 "))
+    first, middle, peak = (float(v) for v in row.split("|")[1].split("/"))
+    grid = VPGrid()
+    w = model(grid.timesteps().float(), 5.0, 0.4).double() * k_train(grid, grid.sigmas()[:-1])
+    np.testing.assert_allclose([first, middle, peak], [float(w[0]), float(w[25]), float(w.max())], atol=0.051)
+    assert omega_profile(model, 0.4, 5.0) == pytest.approx((float(w[0]), float(w[25]), float(w.max())), rel=1e-5)
 
 
-def test_inspect_json(upstream_path, capsys):
-    assert main(["inspect", "--json", str(upstream_path)]) == 0
+def test_inspect_json(checkpoint, capsys):
+    assert main(["inspect", "--json", str(checkpoint)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["metadata"]["trained_latent_numel"] == 65536 and info["parameters"] == 51329
+    assert info["metadata"]["training_grid"] == {"kind": "vp", **{k: v for k, v in VPGrid().to_dict().items() if k != "kind"}}
 
 
-def test_convert_with_overrides_and_overwrite_protection(upstream_path, tmp_path, capsys):
+def test_inspect_into_a_closed_pipe_is_quiet(checkpoint):
+    done = subprocess.run(f"{sys.executable} -m annealing inspect {checkpoint} | head -1", shell=True, capture_output=True, text=True)
+    assert done.stdout.startswith("file:") and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+def test_convert_with_overrides_and_overwrite_protection(checkpoint, tmp_path, capsys):
     out = tmp_path / "flow.safetensors"
-    args = ["convert", str(upstream_path), str(out), "--model-family", "sd3", "--prediction-space", "velocity",
-            "--timestep-convention", "sigma_x1000", "--trained-latent-numel", "16384"]
+    args = ["convert", str(checkpoint), str(out), "--model-family", "sd3", "--prediction-space", "velocity",
+            "--timestep-convention", "sigma_x1000", "--trained-latent-numel", "16384", "--sampling-steps", "20"]
     assert main(args) == 0
     meta = annealing.load_guidance_model(out).metadata
     assert (meta.model_family, meta.prediction_space, meta.timestep_convention, meta.trained_latent_numel) == ("sd3", "velocity", "sigma_x1000", 16384)
+    assert meta.training_grid.kind == "flow" and meta.sampling_steps == 20  # a flow convention brings a flow grid
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(args + ["--force", "--model-family", "Not A Family"]) == 2
@@ -53,31 +77,51 @@ def test_bad_file_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("error: ") and str(bad) in err and "\n" not in err
 
 
-def test_plot_writes_a_png(upstream_path, tmp_path):
+def test_plot_writes_a_png_and_refuses_to_overwrite(checkpoint, tmp_path, capsys):
     out = tmp_path / "w.png"
-    assert main(["plot", str(upstream_path), "--out", str(out), "--lambdas", "0,0.5,1", "--dpi", "50"]) == 0
+    assert main(["plot", str(checkpoint), "--out", str(out), "--lambdas", "0,0.5,1", "--dpi", "50"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(checkpoint), "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["plot", str(checkpoint), "--out", str(out), "--force", "--dpi", "40"]) == 0
 
 
-def test_plot_rejects_lambdas_out_of_range(upstream_path, tmp_path):
+def test_lambda_lists_are_parsed_once_for_the_cli_and_the_nodes(checkpoint, tmp_path):
+    assert parse_lambdas("0.1, 0.4 0.8") == (0.1, 0.4, 0.8)
+    for bad, word in (("", "at least one"), ("0.5, x", "not a number"), ("0.5, 2", "in \\[0, 1\\]"), (",".join(["0.1"] * 13), "at most 12")):
+        with pytest.raises(ValueError, match=word):
+            parse_lambdas(bad)
     with pytest.raises(SystemExit):
-        main(["plot", str(upstream_path), "--out", str(tmp_path / "x.png"), "--lambdas", "0.5,1.5"])
+        main(["plot", str(checkpoint), "--out", str(tmp_path / "x.png"), "--lambdas", "0.5,1.5"])
 
 
-def test_explorer_image_is_rgb_in_unit_range(upstream_model):
-    image = figure_to_image(plot_model_explorer(upstream_model, lambdas=[0.0, 1.0], dpi=40))
+def test_explorer_image_is_rgb_in_unit_range(make_guidance_model):
+    image = figure_to_image(plot_model_explorer(make_guidance_model(), lambdas=[0.0, 1.0], dpi=40))
     assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.float32
     assert 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0.05  # something was drawn
 
 
-def test_trace_plot_for_a_recorded_run_and_for_an_empty_one(upstream_model):
-    guide = AnnealingGuidance(upstream_model, AnnealingOptions(active_start=0.2))
-    sigmas = ddim_sigmas(8)
+def test_explorer_rows_share_their_y_range(make_guidance_model):
+    fig = plot_model_explorer(make_guidance_model(), lambdas=[0.0, 1.0], dpi=40)
+    omega_axes = [ax for ax in fig.axes if ax.get_title().startswith("omega")]
+    w_axes = [ax for ax in fig.axes if ax.get_title().startswith("w, ")]
+    assert len(omega_axes) == len(w_axes) == 4
+    for axes in (omega_axes, w_axes):
+        assert len({ax.get_ylim() for ax in axes}) == 1
+
+
+def test_trace_plot_for_a_recorded_run_an_empty_one_and_a_mismatched_one(make_guidance_model):
+    guide = AnnealingGuidance(make_guidance_model(), AnnealingOptions(active_start=0.2))
+    sigmas = VPGrid(num_steps=8).sigmas().float()
     rec = GuidanceRecorder()
     for i in range(8):
-        guide.guide(sigmas[i], torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), sampling="eps",
-                    sigma_to_timestep=lambda s: s * 0 + 500.0, sample_sigmas=sigmas, recorder=rec)
-    full = figure_to_image(plot_trace(rec.trace(), dpi=40))
+        guide.guide(sigmas[i], torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), sampling="eps", sample_sigmas=sigmas, recorder=rec)
+    fig = plot_trace(rec.trace(), dpi=40)
+    full = figure_to_image(fig)
     empty = figure_to_image(plot_trace(GuidanceRecorder().trace(), dpi=40))
-    assert full.shape == empty.shape == (240, 320, 3)
-    assert not np.allclose(full, empty)
+    noted = figure_to_image(plot_trace(rec.trace(), dpi=40, note="these samples match none of this guider's runs"))
+    assert full.shape == empty.shape == noted.shape
+    assert not np.allclose(full, empty) and not np.allclose(full, noted)
+    for ax in fig.axes[:2]:  # integer step ticks
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert all(float(t).is_integer() for t in ticks)

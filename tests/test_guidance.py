@@ -1,5 +1,7 @@
-"""Guidance math: delta spaces, k, schedule lookup, options, recorder, and the sampling-loop equivalence
-(a DDIM/flow CFG++ loop renoising with the unconditional prediction == a plain Euler loop fed the k-scaled D)."""
+"""Guidance math: delta spaces, k, schedule lookup, options, the guide under each mode, the recorder, hostile inputs,
+and the sampling-loop facts the anchored reading rests on (on the training grid it is the paper's CFG++ step; at other step
+counts it converges, where the per-step reading does not). Models are random-weight ones with metadata: the math does not
+depend on trained weights, so none of this needs the reference checkpoint."""
 
 from __future__ import annotations
 
@@ -9,16 +11,27 @@ import pytest
 import torch
 
 import annealing
-from annealing import AnnealingGuidance, AnnealingOptions, GuidanceRecorder, locate_on_schedule, renoise_factor
+from annealing import AnnealingGuidance, AnnealingOptions, GuidanceRecorder, SamplerInfo, locate_on_schedule, renoise_factor
 from annealing.guidance import prediction_delta
-from annealing.schedules import continuous_timestep, ddim_sigmas, ddim_timesteps, flow_sigmas, scaled_linear_alphas_cumprod, vp_sigmas
+from annealing.training_grid import FlowGrid, VPGrid, k_train
 
-ABAR = scaled_linear_alphas_cumprod()
-LOG_SIGMAS = vp_sigmas(ABAR).log().float()
+SHAPE = (2, 4, 8, 8)
 
 
-def sigma_to_t(sigma):
-    return continuous_timestep(sigma, LOG_SIGMAS)
+def sd_abar() -> torch.Tensor:
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+def karras(t) -> torch.Tensor:
+    abar = sd_abar()[t]
+    return ((1 - abar) / abar).sqrt()
+
+
+def ddim_sigmas(steps: int) -> torch.Tensor:
+    """Karras sigmas of diffusers' DDIM "leading" grid (1000 // steps spacing), then 0."""
+    ts = torch.arange(steps - 1, -1, -1) * (1000 // steps)
+    return torch.cat([karras(ts), torch.zeros(1, dtype=torch.float64)])
 
 
 class GaussianDenoiser:
@@ -37,7 +50,7 @@ class GaussianDenoiser:
         return mu + gain * (x - a * mu)
 
 
-SHAPE = (2, 4, 8, 8)
+# ----------------------------------------------------------------------------------------------------------- pieces
 
 
 def test_delta_spaces_match_the_spec():
@@ -50,213 +63,9 @@ def test_delta_spaces_match_the_spec():
     e = prediction_delta(flow_sigma, d_c, d_u, "const", "epsilon")
     torch.testing.assert_close(v, (d_c - d_u) / flow_sigma.view(-1, 1, 1, 1))
     torch.testing.assert_close(e, (1 - flow_sigma).view(-1, 1, 1, 1) * v)
-    # the eps-space delta of a flow model equals eps_u - eps_c with eps = (x - (1 - s) D) / s
     x = torch.randn(SHAPE)
     s = flow_sigma.view(-1, 1, 1, 1)
     torch.testing.assert_close(e, (x - (1 - s) * d_u) / s - (x - (1 - s) * d_c) / s, atol=1e-5, rtol=1e-5)
-
-
-def test_renoise_factor():
-    s, s_next = torch.tensor([10.0, 1.0, 0.5]), torch.tensor([5.0, 0.0, 0.25])
-    torch.testing.assert_close(renoise_factor(s, s_next, "eps"), torch.tensor([2.0, 1.0, 2.0]))
-    fs, fn = torch.tensor([0.8]), torch.tensor([0.6])
-    expected = 0.8 * 0.4 / (0.8 * 0.4 - 0.6 * 0.2)
-    torch.testing.assert_close(renoise_factor(fs, fn, "const"), torch.tensor([expected]))
-
-
-def test_locate_on_schedule_exact_intermediate_and_last():
-    sigmas = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0])
-    step, nxt, on = locate_on_schedule(torch.tensor([10.0, 5.0, 3.0, 1.0, 12.0]), sigmas)
-    assert step.tolist() == [0, 1, 1, 3, 0]
-    assert nxt.tolist() == [5.0, 2.0, 2.0, 0.0, 5.0]
-    assert on.tolist() == [True, True, False, True, False]
-
-
-def test_continuous_timestep_is_exact_on_the_grid_and_interpolates_between():
-    steps = ddim_timesteps(50)
-    assert steps[:3].tolist() == [980, 960, 940] and steps[-1].item() == 0
-    sigmas = vp_sigmas(ABAR)[steps].float()
-    torch.testing.assert_close(sigma_to_t(sigmas), steps.float(), atol=2e-3, rtol=0)
-    mid = (vp_sigmas(ABAR)[500].log() * 0.5 + vp_sigmas(ABAR)[501].log() * 0.5).exp().float()
-    assert abs(sigma_to_t(mid.reshape(1)).item() - 500.5) < 1e-2
-
-
-def test_options_are_validated():
-    for bad in (-0.1, 1.5, float("nan")):
-        with pytest.raises(ValueError, match="lambda"):
-            AnnealingOptions(lam=bad)
-    with pytest.raises(ValueError, match="active_start"):
-        AnnealingOptions(active_start=0.6, active_end=0.5)
-    with pytest.raises(ValueError, match="w_min"):
-        AnnealingOptions(w_min=2.0, w_max=1.0)
-
-
-def _guide(model, sampling, **opts):
-    return AnnealingGuidance(model, AnnealingOptions(**opts)), dict(sampling=sampling, sigma_to_timestep=sigma_to_t)
-
-
-def test_per_sample_w_and_delta_norm_normalisation(upstream_model):
-    guide, kw = _guide(upstream_model, "eps", lam=0.6)
-    sigmas = ddim_sigmas(50)
-    d_u = torch.zeros(3, 4, 16, 16)
-    d_c = torch.stack([torch.full((4, 16, 16), v) for v in (0.01, 0.1, 1.0)])
-    rec = GuidanceRecorder()
-    out = guide.guide(sigmas[10].expand(3), d_c, d_u, sample_sigmas=sigmas, recorder=rec, **kw)
-    trace = rec.trace()
-    w, k = trace["w"][0], trace["k"][0]
-    assert len(set(w.tolist())) == 3  # one w per sample
-    # the norm fed to the MLP is scaled to SDXL's 65,536 latent elements
-    raw = (d_c - d_u).reshape(3, -1).norm(dim=1) / sigmas[10]
-    torch.testing.assert_close(torch.from_numpy(trace["mlp_delta_norm"][0]), raw * math.sqrt(65536 / 1024))
-    expected_w = upstream_model(sigma_to_t(sigmas[10].expand(3)), raw * 8.0, 0.6)
-    torch.testing.assert_close(torch.from_numpy(w), expected_w)
-    torch.testing.assert_close(out, d_u + (expected_w * torch.from_numpy(k)).view(-1, 1, 1, 1) * (d_c - d_u))
-    # normalisation off reproduces upstream (raw norm)
-    guide_off, _ = _guide(upstream_model, "eps", lam=0.6, normalize_delta_norm=False)
-    rec_off = GuidanceRecorder()
-    guide_off.guide(sigmas[10].expand(3), d_c, d_u, sample_sigmas=sigmas, recorder=rec_off, **kw)
-    torch.testing.assert_close(torch.from_numpy(rec_off.trace()["mlp_delta_norm"][0]), raw)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_predictions(upstream_model, dtype):
-    guide, kw = _guide(upstream_model, "eps")
-    sigmas = ddim_sigmas(30)
-    d_c, d_u = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
-    ref = guide.guide(sigmas[5], d_c, d_u, sample_sigmas=sigmas, **kw)
-    out = guide.guide(sigmas[5].to(dtype), d_c.to(dtype), d_u.to(dtype), sample_sigmas=sigmas, **kw)
-    assert out.dtype == dtype and torch.isfinite(out).all()
-    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
-
-
-def test_clamp_and_active_range(upstream_model):
-    sigmas = ddim_sigmas(10)
-    d_c, d_u = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
-    guide, kw = _guide(upstream_model, "eps", lam=1.0, w_max=0.9, active_start=0.2, active_end=0.6, fallback_cfg=3.0)
-    rec = GuidanceRecorder()
-    for i in range(10):
-        guide.guide(sigmas[i], d_c, d_u, sample_sigmas=sigmas, recorder=rec, **kw)
-    trace = rec.trace()
-    assert trace.steps == list(range(10))
-    active = trace["active"][:, 0].tolist()
-    assert active == [False, False, True, True, True, True, False, False, False, False]
-    w, k = trace["w"][:, 0], trace["k"][:, 0]
-    assert (w[2:6] <= 0.9 + 1e-7).all()
-    # outside the range the CFG-equivalent scale is exactly fallback_cfg
-    for i in (0, 1, 6, 9):
-        assert abs(w[i] * k[i] - 3.0) < 1e-5
-
-
-def test_plain_mode_for_cfg_pp_samplers_applies_w_unchanged(upstream_model):
-    guide, kw = _guide(upstream_model, "eps")
-    sigmas = ddim_sigmas(20)
-    d_c, d_u = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
-    rec = GuidanceRecorder()
-    out = guide.guide(sigmas[3], d_c, d_u, sample_sigmas=sigmas, sampler_renoises_with_uncond=True, recorder=rec, **kw)
-    w = rec.trace()["w"][0, 0]
-    assert rec.trace()["k"][0, 0] == 1.0
-    torch.testing.assert_close(out, d_u + float(w) * (d_c - d_u))
-
-
-def test_missing_schedule_is_a_clear_error(upstream_model):
-    guide, kw = _guide(upstream_model, "eps")
-    with pytest.raises(ValueError, match="sample_sigmas"):
-        guide.guide(torch.tensor(1.0), torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2), **kw)
-
-
-def test_recorder_keeps_one_row_per_step_with_intermediate_evaluations(upstream_model):
-    guide, kw = _guide(upstream_model, "eps")
-    sigmas = ddim_sigmas(5)
-    d_c, d_u = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    rec = GuidanceRecorder()
-    # a heun-like sequence: each step evaluates at sigma_i, then at sigma_{i+1}; plus one off-grid evaluation
-    for i in range(4):
-        guide.guide(sigmas[i], d_c, d_u, sample_sigmas=sigmas, recorder=rec, **kw)
-        guide.guide(sigmas[i + 1], d_c * 1.1, d_u, sample_sigmas=sigmas, recorder=rec, **kw)
-    guide.guide((sigmas[1] * sigmas[2]).sqrt(), d_c, d_u, sample_sigmas=sigmas, recorder=rec, **kw)
-    trace = rec.trace()
-    assert trace.steps == [0, 1, 2, 3, 4] and trace.evaluations == 9 and trace["w"].shape == (5, 2)
-    assert trace["on_schedule"].all()
-    rec.reset()
-    assert len(rec) == 0 and rec.trace().steps == []
-
-
-# ------------------------------------------------------------------------------------------ sampling-loop equivalence
-
-
-def _flow_model_like(upstream_model):
-    meta = upstream_model.metadata.replace(model_family="sd3", prediction_space="velocity", timestep_convention="sigma_x1000")
-    model = annealing.GuidanceScaleModel(upstream_model.config, meta)
-    model.load_state_dict(upstream_model.state_dict())
-    return model.eval()
-
-
-@pytest.mark.parametrize("lam", [0.0, 0.4, 1.0])
-def test_ddim_cfgpp_loop_equals_euler_with_k_for_eps(upstream_model, lam):
-    steps = 50
-    den = GaussianDenoiser(SHAPE)
-    ts = ddim_timesteps(steps)
-    abar = ABAR
-    gen = torch.Generator().manual_seed(1)
-    z = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
-
-    # (a) the spec's DDIM loop in DDPM z-space, renoising with eps_uncond
-    x_start = z / abar[ts[0]].sqrt()
-    for i, t in enumerate(ts.tolist()):
-        a_t = abar[t]
-        a_prev = abar[ts[i + 1]] if i + 1 < steps else torch.tensor(1.0, dtype=torch.float64)
-        sigma_k = ((1 - a_t) / a_t).sqrt().expand(2)
-        x = z / a_t.sqrt()
-        eps_u = (x - den(x, sigma_k, torch.ones(2, dtype=torch.float64), False)) / sigma_k.view(-1, 1, 1, 1)
-        eps_c = (x - den(x, sigma_k, torch.ones(2, dtype=torch.float64), True)) / sigma_k.view(-1, 1, 1, 1)
-        delta_norm = (eps_u - eps_c).reshape(2, -1).norm(dim=1)
-        w = upstream_model(torch.full((2,), float(t)), delta_norm * math.sqrt(65536 / eps_u[0].numel()), lam).double().view(-1, 1, 1, 1)
-        eps_hat = eps_u + w * (eps_c - eps_u)
-        z0 = (z - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()
-        z = a_prev.sqrt() * z0 + (1 - a_prev).sqrt() * eps_u
-    reference = z
-
-    # (b) a plain Euler loop in ComfyUI's x-space fed the k-scaled guided prediction
-    guide = AnnealingGuidance(upstream_model, AnnealingOptions(lam=lam))
-    sigmas = ddim_sigmas(steps).double()
-    x = x_start
-    for i in range(steps):
-        s = sigmas[i].expand(2)
-        one = torch.ones(2, dtype=torch.float64)
-        d = guide.guide(s, den(x, s, one, True), den(x, s, one, False), sampling="eps", sigma_to_timestep=sigma_to_t, sample_sigmas=sigmas)
-        x = x + (sigmas[i + 1] - sigmas[i]) * (x - d) / sigmas[i]
-    torch.testing.assert_close(x, reference, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("lam", [0.2, 0.9])
-def test_flow_cfgpp_loop_equals_euler_with_k_for_const(upstream_model, lam):
-    steps = 28
-    model = _flow_model_like(upstream_model)
-    den = GaussianDenoiser(SHAPE, seed=3)
-    sigmas = flow_sigmas(steps, shift=3.0).double()
-    gen = torch.Generator().manual_seed(2)
-    start = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
-
-    # (a) flow CFG++: x0 = z - s v_hat; eps_u = z + (1 - s) v_u; z' = (1 - s') x0 + s' eps_u
-    z = start
-    for i in range(steps):
-        s, s_n = sigmas[i], sigmas[i + 1]
-        sv = s.expand(2)
-        d_u, d_c = den(z, sv, 1 - sv, False), den(z, sv, 1 - sv, True)
-        v_u, v_c = (z - d_u) / s, (z - d_c) / s
-        w = model(sv * 1000, (v_u - v_c).reshape(2, -1).norm(dim=1) * math.sqrt(65536 / d_u[0].numel()), lam).double().view(-1, 1, 1, 1)
-        v_hat = v_u + w * (v_c - v_u)
-        z = (1 - s_n) * (z - s * v_hat) + s_n * (z + (1 - s) * v_u)
-    reference = z
-
-    # (b) plain Euler in x-space with the k-scaled D
-    guide = AnnealingGuidance(model, AnnealingOptions(lam=lam))
-    x = start
-    for i in range(steps):
-        sv = sigmas[i].expand(2)
-        d = guide.guide(sv, den(x, sv, 1 - sv, True), den(x, sv, 1 - sv, False), sampling="const", sample_sigmas=sigmas)
-        x = x + (sigmas[i + 1] - sigmas[i]) * (x - d) / sigmas[i]
-    torch.testing.assert_close(x, reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("sampling, space", [("eps", "epsilon"), ("v_prediction", "velocity"), ("const", "epsilon"), ("const", "velocity")])
@@ -268,9 +77,162 @@ def test_norm_shortcut_equals_the_norm_of_the_full_delta(sampling, space):
     torch.testing.assert_close(short, full)
 
 
-def test_guidance_step_never_reads_a_value_back_to_the_host(upstream_model):
+def test_renoise_factor():
+    s, s_next = torch.tensor([10.0, 1.0, 0.5]), torch.tensor([5.0, 0.0, 0.25])
+    torch.testing.assert_close(renoise_factor(s, s_next, "eps"), torch.tensor([2.0, 1.0, 2.0]))
+    fs, fn = torch.tensor([0.8]), torch.tensor([0.6])
+    torch.testing.assert_close(renoise_factor(fs, fn, "const"), torch.tensor([0.8 * 0.4 / (0.8 * 0.4 - 0.6 * 0.2)]))
+
+
+def test_locate_on_schedule_exact_intermediate_and_last():
+    sigmas = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0])
+    step, nxt, on = locate_on_schedule(torch.tensor([10.0, 5.0, 3.0, 1.0, 12.0]), sigmas)
+    assert step.tolist() == [0, 1, 1, 3, 0]
+    assert nxt.tolist() == [5.0, 2.0, 2.0, 0.0, 5.0]
+    assert on.tolist() == [True, True, False, True, False]
+
+
+def test_options_are_validated():
+    for bad in (-0.1, 1.5, float("nan"), True, "0.4"):
+        with pytest.raises(ValueError, match="lambda"):
+            AnnealingOptions(lam=bad)
+    with pytest.raises(ValueError, match="active_start"):
+        AnnealingOptions(active_start=0.6, active_end=0.5)
+    with pytest.raises(ValueError, match="w_min"):
+        AnnealingOptions(w_min=2.0, w_max=1.0)
+    with pytest.raises(ValueError, match="mode"):
+        AnnealingOptions(mode="auto")
+    with pytest.raises(ValueError, match="fallback_cfg"):
+        AnnealingOptions(fallback_cfg=-1.0)
+
+
+def test_calling_the_model_directly_validates_lambda(make_guidance_model):
+    model = make_guidance_model()
+    for bad in (1.5, -0.1, torch.tensor([0.2, 1.5])):
+        with pytest.raises(ValueError, match="lam"):
+            model(500.0, 10.0, bad)
+    assert model(torch.tensor([500.0, 20.0]), 10.0, torch.tensor([0.0, 1.0])).shape == (2,)
+
+
+# ---------------------------------------------------------------------------------------------------------- the guide
+
+
+def test_anchored_guide_is_w_times_k_train_with_the_grids_own_timestep(make_guidance_model):
+    model = make_guidance_model()
+    guide = AnnealingGuidance(model, AnnealingOptions(lam=0.6))
+    sigma = karras(torch.tensor([700, 333])).float()  # any noise level; no schedule needed
+    d_u = torch.zeros(2, 4, 16, 16)
+    d_c = torch.stack([torch.full((4, 16, 16), v) for v in (0.05, 1.0)])
+    rec = GuidanceRecorder()
+    out = guide.guide(sigma, d_c, d_u, sampling="eps", recorder=rec)
+    raw = (d_c - d_u).reshape(2, -1).norm(dim=1) / sigma
+    scaled = raw * math.sqrt(65536 / 1024)  # normalised to SDXL's 65,536 latent elements
+    w = model(torch.tensor([700.0, 333.0]), scaled, 0.6)
+    k = k_train(VPGrid(), sigma.double()).float()
+    torch.testing.assert_close(out, (w * k).view(-1, 1, 1, 1) * (d_c - d_u), rtol=1e-4, atol=1e-6)
+    trace = rec.trace()
+    torch.testing.assert_close(torch.from_numpy(trace["omega"][0]), w * k, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(trace["timestep"][0]), torch.tensor([700.0, 333.0]), atol=2e-3, rtol=0)
+    off = AnnealingGuidance(model, AnnealingOptions(lam=0.6, normalize_delta_norm=False))
+    rec_off = GuidanceRecorder()
+    off.guide(sigma, d_c, d_u, sampling="eps", recorder=rec_off)
+    torch.testing.assert_close(torch.from_numpy(rec_off.trace()["mlp_delta_norm"][0]), raw)
+
+
+def test_modes_under_a_cfg_pp_sampler(make_guidance_model):
+    model = make_guidance_model()
+    sigmas = ddim_sigmas(20).float()
+    d_c, d_u = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    cfg_pp = SamplerInfo("euler_cfg_pp")
+    k_step = sigmas[3] / (sigmas[3] - sigmas[4])
+    outs = {}
+    for mode in ("anchored", "per_step", "as_is"):
+        rec = GuidanceRecorder()
+        outs[mode] = AnnealingGuidance(model, AnnealingOptions(mode=mode)).guide(
+            sigmas[3], d_c, d_u, sampling="eps", sampler=cfg_pp, sample_sigmas=sigmas, recorder=rec)
+        outs[mode + "_w"] = float(rec.trace()["w"][0, 0])
+    w = outs["as_is_w"]
+    torch.testing.assert_close(outs["as_is"], d_u + w * (d_c - d_u))
+    torch.testing.assert_close(outs["per_step"], d_u + w * (d_c - d_u))
+    k = float(k_train(VPGrid(), sigmas[3:4].double()))
+    torch.testing.assert_close(outs["anchored"], d_u + w * k / float(k_step) * (d_c - d_u), rtol=1e-4, atol=1e-5)
+
+
+def test_half_precision_predictions_stay_finite(make_guidance_model):
+    guide = AnnealingGuidance(make_guidance_model())
+    sigma = karras(torch.tensor(500)).float()
+    d_c, d_u = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    ref = guide.guide(sigma, d_c, d_u, sampling="eps")
+    for dtype in (torch.float16, torch.bfloat16):
+        out = guide.guide(sigma.to(dtype), d_c.to(dtype), d_u.to(dtype), sampling="eps")
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+    big = torch.full((1, 4, 8, 8), 60000.0, dtype=torch.float16)  # near fp16's limit: w * k * (D_c - D_u) overflows
+    out = guide.guide(torch.tensor(1.0), big, -big, sampling="eps")
+    assert out.dtype == torch.float16 and torch.isfinite(out).all() and float(out.max()) == torch.finfo(torch.float16).max
+
+
+def test_clamp_and_active_range_fall_back_to_plain_cfg(make_guidance_model):
+    sigmas = ddim_sigmas(10).float()
+    d_c, d_u = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    guide = AnnealingGuidance(make_guidance_model(), AnnealingOptions(lam=1.0, w_max=0.9, active_start=0.2, active_end=0.6, fallback_cfg=3.0))
+    rec = GuidanceRecorder()
+    for i in range(10):
+        out = guide.guide(sigmas[i], d_c, d_u, sampling="eps", sample_sigmas=sigmas, recorder=rec, host_cfg=7.0)
+        if i == 0:
+            torch.testing.assert_close(out, d_u + 3.0 * (d_c - d_u))  # outside: plain CFG at fallback_cfg, not the host's 7
+    trace = rec.trace()
+    assert trace.steps == list(range(10))
+    assert trace["active"][:, 0].tolist() == [False, False, True, True, True, True, False, False, False, False]
+    assert (trace["w"][2:6, 0] <= 0.9 + 1e-7).all()
+    assert (abs(trace["omega"][[0, 1, 6, 9], 0] - 3.0) < 1e-6).all()
+    host = AnnealingGuidance(make_guidance_model(), AnnealingOptions(active_start=0.5))  # fallback None: the host's CFG scale
+    torch.testing.assert_close(host.guide(sigmas[0], d_c, d_u, sampling="eps", sample_sigmas=sigmas, host_cfg=6.5), d_u + 6.5 * (d_c - d_u))
+    with pytest.raises(ValueError, match="sample_sigmas"):
+        host.guide(sigmas[0], d_c, d_u, sampling="eps")
+
+
+def test_recorder_keeps_one_row_per_step_with_intermediate_evaluations(make_guidance_model):
+    guide = AnnealingGuidance(make_guidance_model(), AnnealingOptions(mode="per_step"))
+    sigmas = ddim_sigmas(5).float()
+    d_c, d_u = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    rec = GuidanceRecorder()
+    for i in range(4):  # a heun-like sequence: each step evaluates at sigma_i, then at sigma_{i+1}; plus one off-grid evaluation
+        guide.guide(sigmas[i], d_c, d_u, sampling="eps", sample_sigmas=sigmas, recorder=rec)
+        guide.guide(sigmas[i + 1], d_c * 1.1, d_u, sampling="eps", sample_sigmas=sigmas, recorder=rec)
+    guide.guide((sigmas[1] * sigmas[2]).sqrt(), d_c, d_u, sampling="eps", sample_sigmas=sigmas, recorder=rec)
+    trace = rec.trace()
+    assert trace.steps == [0, 1, 2, 3, 4] and trace.evaluations == 9 and trace["w"].shape == (5, 2)
+    assert trace["on_schedule"].all()
+    rec.reset()
+    assert len(rec) == 0 and rec.trace().steps == []
+
+
+# ------------------------------------------------------------------------------------------------------ hostile input
+
+
+def test_sigma_zero_huge_latents_and_bad_calls(make_guidance_model):
+    guide = AnnealingGuidance(make_guidance_model())
+    d_c, d_u = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    out = guide.guide(torch.tensor([0.0, 1.0]), d_c, d_u, sampling="eps")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0], d_c[0])  # sigma 0: no guidance (scale 1)
+    huge = guide.guide(torch.tensor(1.0), d_c * 1e30, d_u * 1e30, sampling="eps")  # ||delta|| overflows a float32 sum of squares
+    assert torch.isfinite(huge).all()
+    assert math.isfinite(float(annealing.per_sample_norm(torch.full((1, 65536), 1e30))))
+    with pytest.raises(ValueError, match="one per batch item"):
+        guide.guide(torch.tensor([1.0, 2.0, 3.0]), d_c, d_u, sampling="eps")
+    with pytest.raises(ValueError, match="empty batch"):
+        guide.guide(torch.tensor(1.0), torch.zeros(0, 4, 8, 8), torch.zeros(0, 4, 8, 8), sampling="eps")
+    with pytest.raises(ValueError, match="same shape"):
+        guide.guide(torch.tensor(1.0), d_c, d_u[:1], sampling="eps")
+    with pytest.raises(ValueError, match="sampling"):
+        guide.guide(torch.tensor(1.0), d_c, d_u, sampling="edm")
+
+
+def test_guide_never_reads_a_value_back_to_the_host(make_guidance_model):
     """.item(), bool(tensor) and float(tensor) go through aten._local_scalar_dense: on a GPU each one is a device
-    synchronisation. The hot path (guide + record) must make none."""
+    synchronisation. The hot path (guide + record) must make none, in every mode."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class ForbidHostReads(TorchDispatchMode):
@@ -281,22 +243,24 @@ def test_guidance_step_never_reads_a_value_back_to_the_host(upstream_model):
                 ForbidHostReads.reads += 1
             return func(*args, **(kwargs or {}))
 
-    guide = AnnealingGuidance(upstream_model, AnnealingOptions(lam=0.3, w_max=1.2, active_start=0.1, fallback_cfg=2.0))
-    sigmas = ddim_sigmas(6)
+    sigmas = ddim_sigmas(6).float()
     d_c, d_u = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     rec = GuidanceRecorder()
-    with ForbidHostReads():
-        for i in range(6):
-            guide.guide(sigmas[i].expand(2), d_c, d_u, sampling="eps", sigma_to_timestep=sigma_to_t, sample_sigmas=sigmas, recorder=rec)
+    for mode in ("anchored", "per_step"):
+        guide = AnnealingGuidance(make_guidance_model(), AnnealingOptions(lam=0.3, mode=mode, w_max=1.2, active_start=0.1, fallback_cfg=2.0))
+        with ForbidHostReads():
+            for i in range(6):
+                guide.guide(sigmas[i].expand(2), d_c, d_u, sampling="eps", sampler=SamplerInfo("euler_ancestral"), sample_sigmas=sigmas,
+                            recorder=rec)
     assert ForbidHostReads.reads == 0
     with ForbidHostReads():
         bool(torch.ones(1) > 0)
     assert ForbidHostReads.reads == 1  # the detector does see a host read
 
 
-def test_guidance_step_copies_nothing_from_the_host(upstream_model):
-    """A host -> device copy (torch.as_tensor(0.4).to("cuda")) synchronises too. On the meta device every tensor of the
-    step must be made there: any copy from a CPU tensor is a host -> device transfer."""
+def test_guide_copies_nothing_from_the_host_after_its_first_call(make_guidance_model):
+    """A host -> device copy synchronises too. On the meta device every tensor of the step must be made there; the grid
+    table is copied once, on the first call, and kept."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class FindHostCopies(TorchDispatchMode):
@@ -308,15 +272,114 @@ def test_guidance_step_copies_nothing_from_the_host(upstream_model):
                 FindHostCopies.copies.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    model = annealing.GuidanceScaleModel(upstream_model.config, upstream_model.metadata).to("meta").eval()
+    model = make_guidance_model().to("meta")
     guide = AnnealingGuidance(model, AnnealingOptions(lam=0.3, w_max=1.2, active_start=0.1, fallback_cfg=2.0))
-    sigmas = ddim_sigmas(6).to("meta")
-    log_sigmas = LOG_SIGMAS.to("meta")
+    sigmas = ddim_sigmas(6).float().to("meta")
     d_c, d_u = torch.randn(2, 4, 8, 8, device="meta"), torch.randn(2, 4, 8, 8, device="meta")
     rec = GuidanceRecorder()
+    guide.guide(sigmas[1].expand(2), d_c, d_u, sampling="eps", sample_sigmas=sigmas, recorder=rec)  # first call: table to the device
     with FindHostCopies():
-        out = guide.guide(sigmas[2].expand(2), d_c, d_u, sampling="eps", sample_sigmas=sigmas, recorder=rec,
-                          sigma_to_timestep=lambda s: continuous_timestep(s, log_sigmas))
+        out = guide.guide(sigmas[2].expand(2), d_c, d_u, sampling="eps", sample_sigmas=sigmas, recorder=rec)
         torch.ones(1).to("meta")  # the detector sees a host copy
     assert out.device.type == "meta"
     assert FindHostCopies.copies == ["aten._to_copy.default"], FindHostCopies.copies
+
+
+# ------------------------------------------------------------------------------------------ sampling-loop equivalence
+
+
+def ddim_cfgpp_loop(model, den, steps, start, lam):
+    """The spec's upstream sampler in DDPM z-space on diffusers' DDIM grid: eps_hat = eps_u + w (eps_c - eps_u),
+    z0 = (z - sqrt(1 - abar) eps_hat) / sqrt(abar), z' = sqrt(abar') z0 + sqrt(1 - abar') eps_u (abar' = 1 after the last step)."""
+    abar = sd_abar()
+    ts = torch.arange(steps - 1, -1, -1) * (1000 // steps)
+    z = start * (1 - abar[ts[0]]).sqrt()  # x = z / sqrt(abar) = sigma_0 * start, where the Euler loop starts
+    batch = start.shape[0]
+    for i, t in enumerate(ts.tolist()):
+        a_t = abar[t]
+        a_prev = abar[ts[i + 1]] if i + 1 < steps else torch.tensor(1.0, dtype=torch.float64)
+        sigma_k = ((1 - a_t) / a_t).sqrt().expand(batch)
+        x = z / a_t.sqrt()
+        one = torch.ones(batch, dtype=torch.float64)
+        eps_u = (x - den(x, sigma_k, one, False)) / sigma_k.view(-1, 1, 1, 1)
+        eps_c = (x - den(x, sigma_k, one, True)) / sigma_k.view(-1, 1, 1, 1)
+        norm = (eps_u - eps_c).reshape(batch, -1).norm(dim=1) * math.sqrt(65536 / eps_u[0].numel())
+        w = model(torch.full((batch,), float(t)), norm, lam).double().view(-1, 1, 1, 1)
+        eps_hat = eps_u + w * (eps_c - eps_u)
+        z0 = (z - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()
+        z = a_prev.sqrt() * z0 + (1 - a_prev).sqrt() * eps_u
+    return z
+
+
+def euler_loop(guide, den, sigmas, start, sampling="eps"):
+    """A plain Euler sampler in ComfyUI's x-space fed the guide's D (ordinary sampler: renoises with D)."""
+    x = start * sigmas[0] if sampling == "eps" else start
+    batch = start.shape[0]
+    for i in range(sigmas.shape[0] - 1):
+        s = sigmas[i].expand(batch)
+        alpha = torch.ones_like(s) if sampling == "eps" else 1 - s
+        d = guide.guide(s, den(x, s, alpha, True), den(x, s, alpha, False), sampling=sampling, sample_sigmas=sigmas)
+        x = x + (sigmas[i + 1] - sigmas[i]) * (x - d) / sigmas[i]
+    return x
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.4, 1.0])
+def test_on_the_training_grid_anchored_euler_is_the_papers_ddim_cfgpp_sampler(make_guidance_model, lam):
+    model = make_guidance_model(seed=3)
+    den = GaussianDenoiser(SHAPE)
+    start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reference = ddim_cfgpp_loop(model, den, 50, start, lam)
+    for mode in ("anchored", "per_step"):
+        x = euler_loop(AnnealingGuidance(model, AnnealingOptions(lam=lam, mode=mode)), den, ddim_sigmas(50), start)
+        torch.testing.assert_close(x, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_per_step_at_another_step_count_is_the_ddim_cfgpp_sampler_at_that_count(make_guidance_model):
+    model = make_guidance_model(seed=4)
+    den = GaussianDenoiser(SHAPE)
+    start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    reference = ddim_cfgpp_loop(model, den, 20, start, 0.4)
+    per_step = euler_loop(AnnealingGuidance(model, AnnealingOptions(mode="per_step")), den, ddim_sigmas(20), start)
+    anchored = euler_loop(AnnealingGuidance(model, AnnealingOptions()), den, ddim_sigmas(20), start)
+    torch.testing.assert_close(per_step, reference, rtol=1e-5, atol=1e-5)
+    assert (anchored - reference).norm() / reference.norm() > 0.05  # anchored is another (step-count independent) reading
+
+
+def test_anchored_converges_with_steps_where_per_step_does_not(make_guidance_model):
+    """Euler at 25/50/100/200 steps against 400 (Karras sigmas from the DDIM grid's ends): anchored converges, per_step grows."""
+    model = make_guidance_model(seed=5)
+    den = GaussianDenoiser(SHAPE, seed=6)
+    start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def sigmas(n):
+        s_max, s_min = float(karras(999)), float(karras(0))
+        return torch.cat([torch.exp(torch.linspace(math.log(s_max), math.log(s_min), n, dtype=torch.float64)), torch.zeros(1, dtype=torch.float64)])
+
+    def distances(mode):
+        guide = AnnealingGuidance(model, AnnealingOptions(mode=mode))
+        ref = euler_loop(guide, den, sigmas(400), start)
+        return [float((euler_loop(guide, den, sigmas(n), start) - ref).norm() / ref.norm()) for n in (25, 50, 100, 200)]
+
+    anchored, per_step = distances("anchored"), distances("per_step")
+    assert all(a > b for a, b in zip(anchored, anchored[1:])) and anchored[-1] < 0.01, anchored
+    assert min(per_step) > 10 * anchored[-1], (per_step, anchored)
+
+
+def test_flow_grid_anchored_euler_is_the_flow_cfgpp_sampler(make_guidance_model):
+    grid = FlowGrid(num_steps=12, shift=3.0)
+    model = make_guidance_model(grid=grid, convention="sigma_x1000", seed=7)
+    den = GaussianDenoiser(SHAPE, seed=3)
+    sigmas = grid.sigmas()
+    start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    z = start  # flow CFG++: x0 = z - s v_hat; eps_u = z + (1 - s) v_u; z' = (1 - s') x0 + s' eps_u
+    for i in range(12):
+        s, s_n = sigmas[i], sigmas[i + 1]
+        sv = s.expand(2)
+        d_u, d_c = den(z, sv, 1 - sv, False), den(z, sv, 1 - sv, True)
+        v_u, v_c = (z - d_u) / s, (z - d_c) / s
+        norm = (v_u - v_c).reshape(2, -1).norm(dim=1) * math.sqrt(65536 / d_u[0].numel())
+        w = model(sv * 1000, norm, 0.4).double().view(-1, 1, 1, 1)
+        v_hat = v_u + w * (v_c - v_u)
+        z = (1 - s_n) * (z - s * v_hat) + s_n * (z + (1 - s) * v_u)
+    x = euler_loop(AnnealingGuidance(model), den, sigmas, start, sampling="const")
+    torch.testing.assert_close(x, z, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ import torch
 
 import annealing
 from annealing import AnnealingGuidance, AnnealingOptions
-from annealing.schedules import continuous_timestep, scaled_linear_alphas_cumprod, vp_sigmas
+from annealing.training_grid import VPGrid
 from training.algorithm import CADSConfig, SamplingGrid, annealing_loss
 from training.toy.__main__ import main
 from training.toy.metrics import Evaluator, manifold_threshold, sliced_wasserstein
@@ -19,7 +19,7 @@ from training.toy.problem import ExactRingDenoiser, RingProblem
 from training.toy.samplers import Annealing, ToySampler
 from training.toy.train import TOY_MODEL_CONFIG
 
-ABAR = scaled_linear_alphas_cumprod()
+ABAR = VPGrid().alphas_cumprod()
 
 
 def _model_samples(problem: RingProblem, cond: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:
@@ -87,7 +87,7 @@ def test_condition_vectors_and_leak():
 def test_backend_trains_through_annealing_loss_and_pass_two_is_differentiable():
     problem = RingProblem()
     backend = ExactRingDenoiser(problem, ABAR)
-    grid = SamplingGrid.vp_ddim(50, ABAR)
+    grid = SamplingGrid.vp_ddim(50)
     model = annealing.GuidanceScaleModel(TOY_MODEL_CONFIG)
     gen = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 3, (64,), generator=gen)
@@ -202,14 +202,14 @@ def test_trained_checkpoint_cfgpp_loop_equals_guide_with_euler(quick_run, lam):
     loop the benchmark samples with, on the checkpoint the benchmark trained and saved."""
     model = annealing.load_guidance_model(quick_run / "annealing_toy2d_seed0.safetensors")
     problem = RingProblem()
-    grid = SamplingGrid.vp_ddim(50, ABAR)
+    grid = SamplingGrid.vp_ddim(50)
     gen = torch.Generator().manual_seed(3)
     labels = torch.arange(3).repeat(8)
     noise = torch.randn(labels.shape[0], 2, generator=gen, dtype=torch.float64)
     reference = ToySampler(problem, grid, ABAR).run(Annealing(lam, model), noise, labels)
 
-    sigmas = torch.cat([vp_sigmas(ABAR)[grid.model_timesteps.long()], torch.zeros(1, dtype=torch.float64)])
-    log_sigmas = vp_sigmas(ABAR).log().float()
+    schedule = ((1 - ABAR) / ABAR).sqrt()
+    sigmas = torch.cat([schedule[grid.model_timesteps.long()], torch.zeros(1, dtype=torch.float64)])
     guide = AnnealingGuidance(model, AnnealingOptions(lam=lam))
     cond, uncond = problem.one_hot(labels, torch.float64), problem.uncond(labels.shape[0], torch.float64)
     x = noise * (1 + sigmas[0] ** 2).sqrt()  # z_T -> x = z / a = z sqrt(1 + sigma^2)
@@ -218,7 +218,6 @@ def test_trained_checkpoint_cfgpp_loop_equals_guide_with_euler(quick_run, lam):
         a, sig = 1 / (1 + s**2).sqrt(), s / (1 + s**2).sqrt()
         d_c = problem.posterior_mean(x * a, a, sig, cond)
         d_u = problem.posterior_mean(x * a, a, sig, uncond)
-        d = guide.guide(s.expand(labels.shape[0]), d_c, d_u, sampling="eps", sample_sigmas=sigmas,
-                        sigma_to_timestep=lambda sigma: continuous_timestep(sigma, log_sigmas))
+        d = guide.guide(s.expand(labels.shape[0]), d_c, d_u, sampling="eps")  # anchored: on the training grid, the CFG++ step
         x = x + (sigmas[i + 1] - s) * (x - d) / s
     torch.testing.assert_close(x, reference.double(), rtol=1e-4, atol=1e-4)

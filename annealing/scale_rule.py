@@ -1,0 +1,106 @@
+"""Which guidance scale one model evaluation gets: the whole decision, for every mode and sampler, in one call.
+
+The MLP's w is in CFG++ units on its training grid (:mod:`annealing.training_grid`). The guided prediction a sampler
+receives is D = D_u + s (D_c - D_u), s = w * factor, and the CFG-equivalent scale of the evaluation (what an ordinary
+sampler's CFG scale would have to be) is omega = w * cfg_factor:
+
+============  ===========================================  ==============================  ===========================
+mode          ordinary sampler (euler, dpmpp_2m, heun, ...)  ``*_cfg_pp`` sampler              meaning
+============  ===========================================  ==============================  ===========================
+anchored      factor = k_train(sigma)                        factor = k_train(sigma) / k_step  omega = w k_train(sigma): one
+              (no schedule needed)                           (converted to the step's units)   CFG scale per noise level
+per_step      factor = k_step                                factor = 1                       the paper's CFG++ step at the
+                                                                                               sampler's own step count
+as_is         factor = 1                                     factor = 1                       w unchanged
+============  ===========================================  ==============================  ===========================
+
+k_step is the k of the running sampler's own step (:func:`annealing.samplers.sampler_step_factor`: sigma_next, or
+sigma_down for ancestral samplers). Samplers that build the next state from the x0-prediction alone (lcm) take w as
+is in every mode: the trained CFG++ step's x0 is D_u + w (D_c - D_u).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .samplers import SamplerInfo, sampler_step_factor
+
+MODES = ("anchored", "per_step", "as_is")
+#: One line per mode, for tooltips, --help and the docs.
+MODE_HELP = {
+    "anchored": "w read as a CFG scale anchored to the checkpoint's training grid: omega = w * k_train(sigma), one guidance "
+    "function of the noise level for every sampler and step count (default).",
+    "per_step": "w scaled by the k of the running sampler's own step: the paper's CFG++ step at the step count you pick "
+    "(guidance grows with the number of steps).",
+    "as_is": "w unchanged (the paper's CFG++ step only under *_cfg_pp samplers; under any other sampler it is almost no guidance).",
+}
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    return mode
+
+
+@dataclass
+class EvaluationScale:
+    """The decision for one evaluation, per sample (B,) float32 tensors on the evaluation's device.
+
+    factor:        s = w * factor is the scale applied to D_c - D_u.
+    cfg_factor:    omega = w * cfg_factor is the evaluation's CFG-equivalent scale (ordinary CFG units).
+    sampler_units: converts an ordinary CFG scale into the scale this sampler must be given (1 / k_step under *_cfg_pp
+                   samplers, 1 otherwise): used for plain CFG outside an active range.
+    step, on_schedule: where the evaluation stands on the sampler's schedule (None without a schedule).
+    """
+
+    factor: torch.Tensor
+    cfg_factor: torch.Tensor
+    sampler_units: torch.Tensor
+    step: torch.Tensor | None
+    on_schedule: torch.Tensor | None
+
+
+def evaluation_scale(mode: str, sigma: torch.Tensor, k_train: torch.Tensor, *, sampling: str, sampler: SamplerInfo,
+                     sample_sigmas: torch.Tensor | None) -> EvaluationScale:
+    """The scale rule of the table above for one evaluation at ``sigma`` (B,), given k_train(sigma) (B,).
+
+    ``sample_sigmas`` (the running sampler's schedule) is needed by per_step mode and by *_cfg_pp samplers; anchored mode
+    with an ordinary sampler needs none. A missing schedule where one is needed is a ValueError.
+    """
+    check_mode(mode)
+    ones = torch.ones_like(k_train)
+    cfg_pp = sampler.renoises_with_uncond
+    needs_schedule = mode == "per_step" or cfg_pp
+    if sample_sigmas is None:
+        if needs_schedule and not sampler.x0_only and mode != "as_is":
+            raise ValueError(f"{mode} mode under sampler {sampler.name or 'unknown'} needs the sampler's schedule (sample_sigmas)")
+        k_step, step, on_schedule = None, None, None
+    else:
+        k_step, step, on_schedule = sampler_step_factor(sigma, sample_sigmas, sampling, sampler)
+
+    if sampler.x0_only:  # the next state is built from the x0-prediction alone: the CFG++ step's x0 uses w as is
+        return EvaluationScale(ones, ones, ones, step, on_schedule)
+    sampler_units = 1.0 / k_step if cfg_pp and k_step is not None else ones
+    if mode == "anchored":
+        factor = k_train * sampler_units if cfg_pp else k_train
+        return EvaluationScale(factor, k_train, sampler_units, step, on_schedule)
+    if mode == "per_step":
+        return EvaluationScale(ones if cfg_pp else k_step, k_step, sampler_units, step, on_schedule)
+    cfg_factor = k_step if cfg_pp and k_step is not None else ones  # as_is
+    return EvaluationScale(ones, cfg_factor, sampler_units, step, on_schedule)
+
+
+def describe_rule(mode: str, sampler_name: str | None, grid_description: str) -> str:
+    """One line for a plot title: what this mode does under this sampler."""
+    sampler = SamplerInfo(sampler_name)
+    if sampler.x0_only:
+        return f"{sampler_name}: w as is (x0-only sampler, approximate)"
+    if mode == "anchored":
+        return f"anchored to the {grid_description}"
+    if mode == "per_step":
+        return "per step: k of the sampler's own step" + ("" if sampler_name else " (sampler unknown)")
+    if sampler.renoises_with_uncond:
+        return "w as is (CFG++ sampler)"
+    return "w as is under a sampler that renoises with the guided prediction: under-guides by k"
