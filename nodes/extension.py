@@ -7,7 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from .guider import AnnealingGuider, ApplyAnnealingGuidance
-from .helpers import register_model_folder
+from .host import register_model_folder
 from .loader import LoadAnnealingGuidanceModel
 from .plots import AnnealingModelExplorer, AnnealingSchedulePlot
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from .common import CATEGORY, annealing_inputs, check_model, make_hook, patch_model
+from .hook import AnnealingHook
+from .patching import check_model, patch_model
+from .schema import CATEGORY, annealing_inputs, annealing_options, validate_active_range
 
 
 class AnnealingCFGGuider(comfy.samplers.CFGGuider):
@@ -27,12 +29,12 @@ class AnnealingGuider(io.ComfyNode):
             display_name="Annealing Guider",
             category=CATEGORY,
             description="Classifier-free guidance whose scale a learned MLP anneals at every step (Yehezkel et al. 2025). "
-            "Use with SamplerCustomAdvanced and any sampler.",
+            "Use with SamplerCustomAdvanced and any sampler and step count.",
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (EPS, V-prediction or flow)."),
+                io.Model.Input("model", tooltip="The diffusion model (EPS, V-prediction or flow). Cloned, never changed."),
                 io.Conditioning.Input("positive", tooltip="The prompt's conditioning."),
                 io.Conditioning.Input("negative", tooltip="The unconditional / negative conditioning (the MLP was trained with an empty prompt)."),
-                *annealing_inputs(),
+                *annealing_inputs("fallback_cfg"),
                 io.Float.Input(
                     "fallback_cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01,
                     tooltip="Plain CFG scale used outside the active range (ordinary CFG units). Unused when the range is 0..1.",
@@ -42,9 +44,12 @@ class AnnealingGuider(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, annealing_model, lam, renoise, normalize_delta_norm, clamp_w, w_min, w_max,
-                active_start, active_end, fallback_cfg) -> io.NodeOutput:
-        hook = make_hook(annealing_model, lam, renoise, normalize_delta_norm, clamp_w, w_min, w_max, active_start, active_end)
+    def validate_inputs(cls, active_start, active_end):
+        return validate_active_range(active_start, active_end)
+
+    @classmethod
+    def execute(cls, model, positive, negative, annealing_model, fallback_cfg, **settings) -> io.NodeOutput:
+        hook = AnnealingHook(annealing_model, annealing_options(settings, fallback_cfg=fallback_cfg))
         check_model(hook, model)
         guider = AnnealingCFGGuider(patch_model(model, hook), hook)
         guider.set_conds(positive, negative)
@@ -68,14 +73,17 @@ class ApplyAnnealingGuidance(io.ComfyNode):
                     tooltip="The diffusion model (EPS, V-prediction or flow). It is cloned, never changed. KSampler's cfg then only "
                     "matters outside the active range (plain CFG there); inside it, the MLP's w replaces it.",
                 ),
-                *annealing_inputs(),
+                *annealing_inputs("KSampler's cfg"),
             ],
             outputs=[io.Model.Output(tooltip="The patched model, for KSampler (its cfg is only used outside the active range).")],
         )
 
     @classmethod
-    def execute(cls, model, annealing_model, lam, renoise, normalize_delta_norm, clamp_w, w_min, w_max, active_start,
-                active_end) -> io.NodeOutput:
-        hook = make_hook(annealing_model, lam, renoise, normalize_delta_norm, clamp_w, w_min, w_max, active_start, active_end)
+    def validate_inputs(cls, active_start, active_end):
+        return validate_active_range(active_start, active_end)
+
+    @classmethod
+    def execute(cls, model, annealing_model, **settings) -> io.NodeOutput:
+        hook = AnnealingHook(annealing_model, annealing_options(settings))  # fallback: the sampler's own cfg
         check_model(hook, model)
         return io.NodeOutput(patch_model(model, hook))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from ..annealing import load_guidance_model
-from .common import CATEGORY, AnnealingGuidanceModel
-from .helpers import MODEL_FOLDER
+from ..annealing import CheckpointError, load_guidance_model
+from .host import MODEL_FOLDER
+from .schema import CATEGORY, AnnealingGuidanceModel
 
 
 class LoadAnnealingGuidanceModel(io.ComfyNode):
@@ -29,5 +29,7 @@ class LoadAnnealingGuidanceModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise(MODEL_FOLDER, model_name)
+        path = folder_paths.get_full_path(MODEL_FOLDER, model_name)
+        if path is None:
+            raise CheckpointError(model_name, f"not found in models/{MODEL_FOLDER} (or the folders extra_model_paths.yaml gives it)")
         return io.NodeOutput(load_guidance_model(path))  # a broken file raises CheckpointError: one line naming file and problem

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from .common import CATEGORY, AnnealingGuidanceModel
-from .helpers import explorer_plot, find_hook, parse_lambdas, schedule_plot
+from ..annealing.plots import figure_to_tensor, parse_lambdas, plot_model_explorer, plot_trace
+from ..annealing.recorder import GuidanceTrace
+from .hook import find_hook
+from .schema import CATEGORY, LAMBDA, AnnealingGuidanceModel
 
 
 class AnnealingSchedulePlot(io.ComfyNode):
@@ -15,7 +17,8 @@ class AnnealingSchedulePlot(io.ComfyNode):
             node_id="AnnealingSchedulePlot",
             display_name="Annealing Schedule Plot",
             category=CATEGORY,
-            description="After sampling: w applied at every step (one line per batch item), the delta norm, and the CFG-equivalent w*k.",
+            description="After sampling: the CFG-equivalent scale omega applied at every step (one line per batch item), "
+            "the MLP's w and the delta norm it saw.",
             is_output_node=True,
             inputs=[
                 io.Latent.Input("samples", tooltip="The sampler's output latent: makes this node run after that sampler, and picks its run."),
@@ -35,8 +38,15 @@ class AnnealingSchedulePlot(io.ComfyNode):
         if hook is None:
             raise ValueError("connect the Annealing Guider (guider) or the model from Apply Annealing Guidance (model) that the sampler used")
         latent = samples.get("samples") if isinstance(samples, dict) else None
-        run = hook.find_run(latent)
-        image = schedule_plot(run, hook.options.lam, hook.source)
+        run, matched = hook.find_run(latent)
+        lam = hook.options.lam
+        if run is None:
+            fig = plot_trace(GuidanceTrace(steps=[]), title=f"{hook.source}: no sampling run recorded yet")
+        else:
+            title = f"{hook.source}: lambda {lam:g}, {run.sampler_name or 'unknown sampler'}, {run.mode}\n{run.rule}"
+            note = None if matched else "these samples match none of this guider's runs: showing its latest run"
+            fig = plot_trace(run.trace, title=title, note=note)
+        image = figure_to_tensor(fig)
         return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
 
 
@@ -47,20 +57,21 @@ class AnnealingModelExplorer(io.ComfyNode):
             node_id="AnnealingModelExplorer",
             display_name="Annealing Model Explorer",
             category=CATEGORY,
-            description="What a checkpoint does, no sampling needed: w over timestep and delta norm for chosen lambdas.",
+            description="What a checkpoint does, no sampling needed: the CFG-equivalent scale and w over its training grid, "
+            "per lambda, at a few delta norms.",
             is_output_node=True,
             inputs=[
                 AnnealingGuidanceModel.Input("annealing_model", tooltip="The guidance-scale MLP to inspect."),
                 io.String.Input(
                     "lambdas", default="0.0, 0.2, 0.4, 0.6, 0.8, 1.0",
-                    tooltip="Lambda values to plot, separated by commas or spaces; each in [0, 1], at most 12.",
+                    tooltip=f"{LAMBDA} values to plot, separated by commas or spaces; each in [0, 1], at most 12.",
                 ),
             ],
             outputs=[io.Image.Output(tooltip="The plot as an image.")],
         )
 
     @classmethod
-    def validate_inputs(cls, lambdas, **kwargs):
+    def validate_inputs(cls, lambdas):  # only this input: ComfyUI files the message under every input the function takes
         if isinstance(lambdas, str):  # linked values arrive at execution time
             try:
                 parse_lambdas(lambdas)
@@ -70,5 +81,5 @@ class AnnealingModelExplorer(io.ComfyNode):
 
     @classmethod
     def execute(cls, annealing_model, lambdas) -> io.NodeOutput:
-        image = explorer_plot(annealing_model, parse_lambdas(lambdas))
+        image = figure_to_tensor(plot_model_explorer(annealing_model, parse_lambdas(lambdas)))
         return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))

@@ -43,12 +43,12 @@ NODE_DEFS = {
     "AnnealingGuider": (
         [("model", "MODEL", False), ("positive", "CONDITIONING", False), ("negative", "CONDITIONING", False),
          ("annealing_model", "ANNEALING_GUIDANCE_MODEL", False)],
-        ["lam", "renoise", "normalize_delta_norm", "clamp_w", "w_min", "w_max", "active_start", "active_end", "fallback_cfg"],
+        ["lambda", "mode", "normalize_delta_norm", "clamp_w", "w_min", "w_max", "active_start", "active_end", "fallback_cfg"],
         [("GUIDER", "GUIDER")],
     ),
     "ApplyAnnealingGuidance": (
         [("model", "MODEL", False), ("annealing_model", "ANNEALING_GUIDANCE_MODEL", False)],
-        ["lam", "renoise", "normalize_delta_norm", "clamp_w", "w_min", "w_max", "active_start", "active_end"],
+        ["lambda", "mode", "normalize_delta_norm", "clamp_w", "w_min", "w_max", "active_start", "active_end"],
         [("MODEL", "MODEL")],
     ),
     "AnnealingSchedulePlot": ([("samples", "LATENT", False), ("guider", "GUIDER", True), ("model", "MODEL", True)], [], [("IMAGE", "IMAGE")]),
@@ -58,11 +58,11 @@ NODE_DEFS = {
 #: Widgets the frontend follows with a "control after generate" value in widgets_values.
 SEED_WIDGETS = {("KSampler", "seed"), ("RandomNoise", "noise_seed")}
 
-ANNEALING_DEFAULTS = dict(lam=0.4, renoise="auto", normalize_delta_norm=True, clamp_w=False, w_min=0.0, w_max=3.0,
-                          active_start=0.0, active_end=1.0)
+ANNEALING_DEFAULTS = {"lambda": 0.4, "mode": "anchored", "normalize_delta_norm": True, "clamp_w": False, "w_min": 0.0, "w_max": 3.0,
+                      "active_start": 0.0, "active_end": 1.0}
 
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
-SDXL_ANNEALING = "annealing_sdxl_upstream.pt"
+SDXL_ANNEALING = "annealing_sdxl.pt"  # the name the README tells users to save the released checkpoint under
 SD3_CHECKPOINT = "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"
 SD3_ANNEALING = "annealing_sd3_my_training.safetensors"
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed, dramatic lighting"

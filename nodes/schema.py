@@ -1,0 +1,67 @@
+"""The inputs the Annealing Guider and Apply Annealing Guidance share, declared once, and the one place that turns a
+node's input values into :class:`annealing.AnnealingOptions`."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..annealing import AnnealingOptions
+from ..annealing.scale_rule import MODE_HELP, MODES
+
+CATEGORY = "sampling/annealing_guidance"
+ANNEALING_MODEL_TYPE = "ANNEALING_GUIDANCE_MODEL"
+AnnealingGuidanceModel = io.Custom(ANNEALING_MODEL_TYPE)
+
+#: The input id of lambda ("lambda" is a Python keyword: it reaches execute through **settings).
+LAMBDA = "lambda"
+
+MODE_TOOLTIP = "How the learned w (CFG++ units on the checkpoint's training grid) is applied. " + " ".join(
+    f"{name}: {text}" for name, text in MODE_HELP.items()
+)
+
+
+def annealing_inputs(fallback_source: str) -> list:
+    """The shared inputs (after the node's model/conditioning inputs). ``fallback_source`` names where the plain CFG scale
+    outside the active range comes from, for the tooltips."""
+    return [
+        AnnealingGuidanceModel.Input("annealing_model", tooltip="The guidance-scale MLP, from Load Annealing Guidance Model."),
+        io.Float.Input(
+            LAMBDA, default=0.4, min=0.0, max=1.0, step=0.01,
+            tooltip="Trade-off the MLP was trained for: higher follows the prompt more, lower keeps image quality. 0.4 is the paper's default.",
+        ),
+        io.Combo.Input("mode", options=list(MODES), default="anchored", tooltip=MODE_TOOLTIP),
+        io.Boolean.Input(
+            "normalize_delta_norm", default=True,
+            tooltip="Scale ||delta|| by sqrt(trained latent size / this latent size) so other resolutions give the MLP in-range inputs. "
+            "At the training resolution it changes nothing.",
+        ),
+        io.Boolean.Input("clamp_w", default=False, tooltip="Clamp the MLP's w to [w_min, w_max] (CFG++ units)."),
+        io.Float.Input("w_min", default=0.0, min=-10.0, max=50.0, step=0.01, tooltip="Lower clamp of w when clamp_w is on (CFG++ units)."),
+        io.Float.Input("w_max", default=3.0, min=-10.0, max=50.0, step=0.01, tooltip="Upper clamp of w when clamp_w is on (CFG++ units)."),
+        io.Float.Input(
+            "active_start", default=0.0, min=0.0, max=1.0, step=0.01,
+            tooltip=f"Fraction of the schedule where annealing starts (0 = first step). Before it: plain CFG at {fallback_source}.",
+        ),
+        io.Float.Input(
+            "active_end", default=1.0, min=0.0, max=1.0, step=0.01,
+            tooltip=f"Fraction of the schedule where annealing ends (1 = last step); must exceed active_start. After it: plain CFG at {fallback_source}.",
+        ),
+    ]
+
+
+def annealing_options(settings: dict, fallback_cfg: float | None = None) -> AnnealingOptions:
+    """AnnealingOptions from the shared inputs' values (a ValueError naming the setting for a bad combination)."""
+    clamp = bool(settings["clamp_w"])
+    return AnnealingOptions(
+        lam=float(settings[LAMBDA]), mode=settings["mode"], normalize_delta_norm=bool(settings["normalize_delta_norm"]),
+        w_min=float(settings["w_min"]) if clamp else None, w_max=float(settings["w_max"]) if clamp else None,
+        active_start=float(settings["active_start"]), active_end=float(settings["active_end"]), fallback_cfg=fallback_cfg,
+    )
+
+
+def validate_active_range(active_start, active_end) -> bool | str:
+    """For a node's validate_inputs: an inverted or empty active range is refused before the prompt runs."""
+    if isinstance(active_start, (int, float)) and isinstance(active_end, (int, float)):  # linked values arrive at execution time
+        if not 0.0 <= active_start < active_end <= 1.0:
+            return f"need 0 <= active_start < active_end <= 1, got active_start {active_start:g} and active_end {active_end:g}"
+    return True

@@ -1,0 +1,185 @@
+"""The annealing hook (nodes/hook.py) driven the way ComfyUI drives it, with stand-ins for ComfyUI's objects: the post-CFG
+function is a thin translation into one core call, the wrappers keep the run bookkeeping. No ComfyUI needed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from comfy_fakes import (
+    FakeBaseModel,
+    FakeExecutor,
+    FakeSampler,
+    _import,
+    core,
+    sample_euler,
+    sample_euler_ancestral_RF,
+    sample_euler_cfg_pp,
+    samplers,
+)
+
+hook_module = _import("nodes.hook")
+AnnealingHook = hook_module.AnnealingHook
+
+
+def sdxl_model(seed=0):
+    torch.manual_seed(seed)
+    model = core.GuidanceScaleModel(core.GuidanceModelConfig(), core.upstream_metadata())
+    model.source_path = "/models/annealing_guidance/annealing_sdxl.pt"
+    return model.eval()
+
+
+def options(**changes):
+    return core.AnnealingOptions(**changes)
+
+
+def post_cfg_args(base, sigma, d_cond, d_uncond, sample_sigmas, cond_scale=1.0):
+    return {"denoised": d_uncond + cond_scale * (d_cond - d_uncond), "cond_denoised": d_cond, "uncond_denoised": d_uncond,
+            "sigma": sigma, "model": base, "cond_scale": cond_scale, "input": None,
+            "model_options": {"transformer_options": {"sample_sigmas": sample_sigmas}}}
+
+
+def run_one(hook, sampler_function, base, sigma, d_cond, d_uncond, sample_sigmas, **extra):
+    hook.begin_run()
+    hook.set_sampler(FakeSampler(sampler_function, **extra))
+    out = hook.post_cfg(post_cfg_args(base, sigma, d_cond, d_uncond, sample_sigmas))
+    return out, hook.end_run(out)
+
+
+def test_post_cfg_is_the_core_rule_for_each_mode_and_sampler():
+    model = sdxl_model()
+    base = FakeBaseModel("eps")
+    sigmas = base.model_sampling.sigmas
+    sample_sigmas = torch.cat([sigmas[torch.tensor([900, 600, 300, 0])], torch.zeros(1)])
+    torch.manual_seed(1)
+    d_cond, d_uncond = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    sigma = sample_sigmas[1].expand(2)
+    # by hand: delta_eps = (D_c - D_u) / sigma, t = 600; k_train from the upstream grid; k_step = sigma / (sigma - sigma_next)
+    norm = ((d_cond - d_uncond) / sigma[0]).reshape(2, -1).norm(dim=1)
+    w = model(torch.full((2,), 600.0), norm, 0.4)
+    k_train = core.k_train(core.VPGrid(), sigma.double()).float()
+    k_step = sample_sigmas[1] / (sample_sigmas[1] - sample_sigmas[2])
+
+    def expected(scale):
+        return d_uncond + scale.reshape(-1, 1, 1, 1) * (d_cond - d_uncond)
+
+    cases = [("anchored", sample_euler, w * k_train), ("anchored", sample_euler_cfg_pp, w * k_train / k_step),
+             ("per_step", sample_euler, w * k_step), ("per_step", sample_euler_cfg_pp, w), ("as_is", sample_euler, w)]
+    for mode, function, scale in cases:
+        hook = AnnealingHook(model, options(mode=mode, normalize_delta_norm=False))
+        out, run = run_one(hook, function, base, sigma, d_cond, d_uncond, sample_sigmas)
+        torch.testing.assert_close(out, expected(scale), rtol=1e-4, atol=1e-5)
+        assert run.mode == mode and run.sampler_name == function.__name__[len("sample_"):]
+        assert run.trace.steps == [1] and run.trace["w"].shape == (1, 2)
+        # the plot's omega is the CFG-equivalent scale in ordinary CFG units, under a CFG++ sampler too
+        cfg_equivalent = w * k_train if mode == "anchored" else (w * k_step if mode == "per_step" or function is sample_euler_cfg_pp else w)
+        torch.testing.assert_close(torch.from_numpy(run.trace["omega"][0]), cfg_equivalent, rtol=1e-4, atol=1e-5)
+
+
+def test_timesteps_come_from_the_checkpoints_own_schedule_also_for_a_distilled_host():
+    """LCM's ModelSamplingDiscreteDistilled keeps 50 of the 1000 sigmas; the MLP's timestep is the noise level's DDPM index
+    on the checkpoint's training schedule, whatever subset the host keeps."""
+    base = FakeBaseModel("eps")
+    full = base.model_sampling.sigmas
+    base.model_sampling.log_sigmas = full[19::20].log()
+    sample_sigmas = torch.cat([full[torch.tensor([999, 499, 19])], torch.zeros(1)])
+    hook = AnnealingHook(sdxl_model(), options())
+    hook.begin_run()
+    hook.set_sampler(FakeSampler(sample_euler))
+    for sigma in sample_sigmas[:3]:
+        hook.post_cfg(post_cfg_args(base, sigma.expand(1), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), sample_sigmas))
+    assert hook.end_run(None).trace["timestep"][:, 0].tolist() == pytest.approx([999.0, 499.0, 19.0], abs=2e-3)
+
+
+def test_hook_warns_when_another_pack_set_the_cfg_function(caplog):
+    base = FakeBaseModel("eps")
+    sample_sigmas = torch.cat([base.model_sampling.sigmas[torch.tensor([800, 400])], torch.zeros(1)])
+    args = post_cfg_args(base, sample_sigmas[:1], torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), sample_sigmas)
+    args["model_options"]["sampler_cfg_function"] = lambda a: a["cond"]
+    hook = AnnealingHook(sdxl_model(), options())
+    hook.begin_run()
+    with caplog.at_level("WARNING", logger="annealing_guidance"):
+        hook.post_cfg(args)
+    assert any("sampler_cfg_function" in r.getMessage() for r in caplog.records)
+
+
+def test_missing_uncond_leaves_the_result_alone():
+    base = FakeBaseModel("eps")
+    args = post_cfg_args(base, torch.ones(1), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), None)
+    args["uncond_denoised"] = None
+    assert AnnealingHook(sdxl_model(), options()).post_cfg(args) is args["denoised"]
+
+
+def test_fingerprint_sums_on_the_cpu_in_float64():
+    samples = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16)
+    shape, sums = hook_module.samples_fingerprint(samples)
+    assert shape == (2, 4, 8, 8) and sums.dtype == torch.float64 and sums.device.type == "cpu"
+    assert hook_module.same_fingerprint((shape, sums), hook_module.samples_fingerprint(samples.clone()))
+
+
+def test_hook_needs_a_guidance_model():
+    with pytest.raises(ValueError, match="annealing_model"):
+        AnnealingHook(torch.nn.Linear(1, 1), options())
+
+
+def test_ancestral_sampler_uses_sigma_down_with_the_hosts_eta():
+    base = FakeBaseModel("eps")
+    sample_sigmas = torch.cat([base.model_sampling.sigmas[torch.tensor([800, 400])], torch.zeros(1)])
+    hook = AnnealingHook(sdxl_model(), options(mode="per_step"))
+    _, run = run_one(hook, sample_euler_ancestral_RF, base, sample_sigmas[:1], torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8),
+                     sample_sigmas, eta=0.7)
+    down = float(samplers.ancestral_sigma_down(sample_sigmas[:1], sample_sigmas[1:2], "eps", eta=0.7)[0])
+    assert float(run.trace["k"][0, 0]) == pytest.approx(float(sample_sigmas[0]) / (float(sample_sigmas[0]) - down), rel=1e-5)
+
+
+def test_hook_refuses_a_model_it_cannot_serve():
+    from comfy_fakes import model_sampling
+
+    with pytest.raises(ValueError, match="DDPM timesteps"):
+        AnnealingHook(sdxl_model(), options()).check_model(model_sampling("const"), "SD3")
+
+
+class _Calling:
+    """An executor stand-in that runs a function (the wrapped sampling)."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, *args, **kwargs):
+        return self.function()
+
+
+def test_wrappers_start_fresh_runs_and_find_the_run_of_a_latent():
+    base = FakeBaseModel("eps")
+    hook = AnnealingHook(sdxl_model(), options())
+    post_cfg, outer, sampler_wrapper, reference = hook_module.hook_functions(hook)
+    sample_sigmas = torch.cat([base.model_sampling.sigmas[torch.tensor([800, 400])], torch.zeros(1)])
+    latents = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        latent = torch.randn(1, 4, 8, 8)
+        latents.append(latent)
+
+        def sampling(latent=latent):
+            sampler_wrapper(FakeExecutor(FakeSampler(sample_euler), None))
+            for sigma in sample_sigmas[:-1]:
+                post_cfg(post_cfg_args(base, sigma.reshape(1), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), sample_sigmas))
+            return latent
+
+        assert outer(_Calling(sampling)) is latent
+    assert len(hook.runs) == 2 and all(run.trace.evaluations == 2 for run in hook.runs)
+    assert hook.find_run(latents[0]) == (hook.runs[0], True) and hook.find_run(latents[1]) == (hook.runs[1], True)
+    assert hook.find_run(torch.zeros(1, 4, 8, 8)) == (hook.runs[1], False)  # unknown latent: the latest run, said so
+    assert reference() is hook
+
+
+def test_hook_survives_modelpatcher_clone_deepcopy():
+    """ModelPatcher.clone() deep-copies model_options: the closures must still reach the same hook."""
+    hook = AnnealingHook(sdxl_model(), options())
+    post_cfg, _, _, reference = hook_module.hook_functions(hook)
+    model_options = {"sampler_post_cfg_function": [post_cfg], "transformer_options": {hook_module.HOOKS_KEY: [reference]}}
+    copied = copy.deepcopy(model_options)
+    assert hook_module.find_hook(copied) is hook
+    assert copied["sampler_post_cfg_function"][0] is post_cfg
+    assert hook_module.find_hook({}) is None

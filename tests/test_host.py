@@ -1,0 +1,118 @@
+"""What the pack reads off the host (nodes/host.py) and the sampler facts of the core (annealing/samplers.py): no ComfyUI."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from comfy_fakes import (
+    COSMOS_RFLOW,
+    _import,
+    core,
+    model_sampling,
+    sample_euler,
+    sample_euler_ancestral_RF,
+    sample_euler_cfg_pp,
+    sample_unipc,
+    samplers,
+)
+
+host = _import("nodes.host")
+
+
+def flow_metadata():
+    return core.CheckpointMetadata(model_family="sd3", prediction_space="velocity", timestep_convention="sigma_x1000")
+
+
+def test_register_model_folder_creates_it_and_accepts_safetensors_and_pt(tmp_path):
+    table = {}
+    path = host.register_model_folder(table, str(tmp_path / "models"))
+    assert Path(path).is_dir() and path == str(tmp_path / "models" / "annealing_guidance")
+    assert table["annealing_guidance"] == ([path], {".safetensors", ".pt"})
+
+
+def test_register_model_folder_keeps_user_paths_first(tmp_path):
+    table = {"annealing_guidance": (["/user/configured"], set())}  # as extra_model_paths.yaml leaves it
+    path = host.register_model_folder(table, str(tmp_path))
+    paths, extensions = table["annealing_guidance"]
+    assert paths == ["/user/configured", path] and extensions == {".safetensors", ".pt"}
+    host.register_model_folder(table, str(tmp_path))  # idempotent
+    assert table["annealing_guidance"][0] == ["/user/configured", path]
+
+
+def test_sampler_names_from_functions():
+    assert samplers.sampler_name_from_function(sample_euler_cfg_pp) == "euler_cfg_pp"
+    assert samplers.sampler_name_from_function(functools.partial(sample_euler, 1)) == "euler"
+    assert samplers.sampler_name_from_function(sample_euler_ancestral_RF) == "euler_ancestral"
+    assert samplers.sampler_name_from_function(sample_unipc) == "uni_pc"
+    assert samplers.sampler_name_from_function(None) is None
+    assert samplers.renoises_with_uncond("dpmpp_2m_cfg_pp") and not samplers.renoises_with_uncond("dpmpp_2m")
+    assert not samplers.renoises_with_uncond(None)
+    assert samplers.is_ancestral("euler_ancestral") and samplers.is_ancestral("euler_ancestral_cfg_pp") and not samplers.is_ancestral("euler")
+    # lcm rebuilds x from the x0-prediction alone
+    assert samplers.SamplerInfo("lcm").x0_only and not samplers.SamplerInfo("euler").x0_only
+    assert samplers.SamplerInfo("euler_ancestral", eta=float("nan")).eta == 1.0  # a host's odd option: full ancestral noise
+
+
+def test_ancestral_sigma_down_eps_matches_k_diffusion_formula():
+    sigma, sigma_next = torch.tensor([14.6, 3.0, 0.5]), torch.tensor([3.0, 0.5, 0.0])
+    down = samplers.ancestral_sigma_down(sigma, sigma_next, "eps", eta=1.0)
+    for s, n, d in zip(sigma.tolist(), sigma_next.tolist(), down.tolist()):
+        up = min(n, math.sqrt(n**2 * (s**2 - n**2) / s**2))
+        assert d == pytest.approx(math.sqrt(n**2 - up**2), rel=1e-5, abs=1e-6)  # float32
+    assert down[-1] == 0
+    assert torch.equal(samplers.ancestral_sigma_down(sigma, sigma_next, "eps", eta=0.0), sigma_next)
+    assert (samplers.ancestral_sigma_down(sigma, sigma_next, "v_prediction", eta=0.5) >= down).all()  # less noise, longer move
+
+
+def test_ancestral_sigma_down_flow_formula():
+    sigma, sigma_next = torch.tensor([1.0, 0.6, 0.2]), torch.tensor([0.6, 0.2, 0.0])
+    down = samplers.ancestral_sigma_down(sigma, sigma_next, "const", eta=1.0)
+    expected = [n * (1 + (n / s - 1)) for s, n in zip(sigma.tolist(), sigma_next.tolist())]
+    assert down.tolist() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="eta"):
+        samplers.ancestral_sigma_down(sigma, sigma_next, "const", eta=-1)
+
+
+def test_sampling_kind_reads_comfyui_class_hierarchy():
+    assert host.sampling_kind(model_sampling("eps")) == "eps"
+    assert host.sampling_kind(model_sampling("v")) == "v_prediction"
+    assert host.sampling_kind(model_sampling("const")) == "const"
+    with pytest.raises(ValueError, match="not supported"):
+        host.sampling_kind(COSMOS_RFLOW())
+    assert host.is_discrete_ddpm(model_sampling("eps")) and not host.is_discrete_ddpm(model_sampling("const"))
+    assert host.model_family("SDXL") == "sdxl" and host.model_family("SD3") == "sd3" and host.model_family(None) is None
+
+
+def test_compatibility_problems():
+    upstream = core.upstream_metadata()
+    assert host.compatibility_problems(upstream, "eps", "sdxl", True) == (None, [])
+    error, _ = host.compatibility_problems(upstream, "const", "sd3", False, source="a.pt")
+    assert error.startswith("a.pt uses DDPM timesteps") and "flow" in error
+    error, _ = host.compatibility_problems(flow_metadata(), "eps", "sdxl", True)
+    assert "sigma_x1000" in error and "EPS" in error
+    error, warnings = host.compatibility_problems(upstream, "eps", "sd15", True)
+    assert error is None and len(warnings) == 1 and "sdxl" in warnings[0] and "sd15" in warnings[0]
+    error, warnings = host.compatibility_problems(upstream, "v_prediction", "sdxl", True)
+    assert error is None and "epsilon" in warnings[0] and "v_prediction" in warnings[0]
+    assert host.compatibility_problems(flow_metadata(), "const", "sd3", False) == (None, [])
+    # our training on a v-prediction model writes an epsilon-space checkpoint: no warning on that same kind of model
+    trained_on_v = core.CheckpointMetadata(model_family="sd2", training={"base_prediction_type": "v_prediction"})
+    assert host.compatibility_problems(trained_on_v, "v_prediction", "sd2", True) == (None, [])
+    _, warnings = host.compatibility_problems(trained_on_v, "eps", "sd2", True)  # SD2-base is another model
+    assert len(warnings) == 1 and "v_prediction" in warnings[0] and "epsilon" in warnings[0]
+    # a checkpoint that does not say what it was trained on: compared by delta space
+    unknown = core.CheckpointMetadata(model_family="sd3", prediction_space="epsilon", timestep_convention="sigma_x1000")
+    _, warnings = host.compatibility_problems(unknown, "const", "sd3", False)
+    assert len(warnings) == 1 and "epsilon space" in warnings[0]
+
+
+def test_warn_once(caplog):
+    with caplog.at_level(logging.WARNING, logger="annealing_guidance"):
+        assert host.warn_once("unique message for this test")
+        assert not host.warn_once("unique message for this test")
+    assert sum("unique message for this test" in r.getMessage() for r in caplog.records) == 1
