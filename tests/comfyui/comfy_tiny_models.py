@@ -75,3 +75,40 @@ def make_tiny_model(kind: str = "eps", seed: int = 0, dtype=torch.float32, confi
 def make_cond(seed: int, tokens: int = 3):
     generator = torch.Generator().manual_seed(seed)
     return [[torch.randn(1, tokens, CONTEXT_DIM, generator=generator), {}]]
+
+
+class GaussianDiffusionModel(torch.nn.Module):
+    """The exact denoiser of x0 ~ N(mu(context), tau^2 I), returning what ComfyUI expects from the network (eps for EPS,
+    the velocity for CONST). A well-trained model is smooth in x; this one is linear, so a sampler's error is its own
+    discretisation error: the convergence tests use it (the random conv net above is stiff under strong guidance: plain
+    CFG 14 on it is still 9 % away from 400 Euler steps at 200)."""
+
+    def __init__(self, kind: str, channels=4, context_dim=CONTEXT_DIM, tau=0.6, seed=0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.kind, self.tau2 = kind, tau**2
+        self.register_buffer("projection", torch.randn(context_dim, channels, generator=generator))
+        self.register_buffer("pattern", torch.randn(channels, 8, 8, generator=generator))
+
+    @property
+    def dtype(self):
+        return self.projection.dtype
+
+    def forward(self, x, timesteps, context=None, control=None, transformer_options={}, **kwargs):  # noqa: B006 (ComfyUI's signature)
+        sigma = transformer_options["sigmas"].to(torch.float64).reshape(-1, 1, 1, 1)  # ComfyUI passes the exact sigmas here
+        sigma = sigma.repeat(x.shape[0] // sigma.shape[0], 1, 1, 1)  # cond and uncond batched together
+        x = x.to(torch.float64)
+        mu = (context.to(torch.float64).mean(1) @ self.projection.double())[:, :, None, None] * self.pattern.double()
+        if self.kind == "const":
+            alpha = 1 - sigma
+        else:  # EPS / V-prediction x-space: x = x0 + sigma eps, and the network sees x / sqrt(1 + sigma^2)
+            x, alpha = x * (1 + sigma**2).sqrt(), torch.ones_like(sigma)
+        x0 = mu + alpha * self.tau2 / (alpha**2 * self.tau2 + sigma**2) * (x - alpha * mu)
+        return ((x - alpha * x0) / sigma if self.kind == "eps" else (x - x0) / sigma).float()
+
+
+def make_gaussian_model(kind: str = "eps", seed: int = 0):
+    """A ModelPatcher like :func:`make_tiny_model`, whose network is the exact :class:`GaussianDiffusionModel`."""
+    patcher = make_tiny_model(kind, seed=seed)
+    patcher.model.diffusion_model = GaussianDiffusionModel(kind, seed=seed)
+    return patcher

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 EXPECTED = {
     "LoadAnnealingGuidanceModel": ({"model_name"}, ("ANNEALING_GUIDANCE_MODEL",)),
-    "AnnealingGuider": ({"model", "positive", "negative", "annealing_model", "lam", "renoise", "normalize_delta_norm", "clamp_w", "w_min",
+    "AnnealingGuider": ({"model", "positive", "negative", "annealing_model", "lambda", "mode", "normalize_delta_norm", "clamp_w", "w_min",
                          "w_max", "active_start", "active_end", "fallback_cfg"}, ("GUIDER",)),
-    "ApplyAnnealingGuidance": ({"model", "annealing_model", "lam", "renoise", "normalize_delta_norm", "clamp_w", "w_min", "w_max",
+    "ApplyAnnealingGuidance": ({"model", "annealing_model", "lambda", "mode", "normalize_delta_norm", "clamp_w", "w_min", "w_max",
                                 "active_start", "active_end"}, ("MODEL",)),
     "AnnealingSchedulePlot": ({"samples", "guider", "model"}, ("IMAGE",)),
     "AnnealingModelExplorer": ({"annealing_model", "lambdas"}, ("IMAGE",)),
@@ -33,8 +33,12 @@ def test_pack_loads_like_a_custom_node_and_registers_every_node(comfy_host):
                 assert options["min"] <= options["default"] <= options["max"], f"{name}.{input_name}"
     assert mappings["AnnealingSchedulePlot"].OUTPUT_NODE and mappings["AnnealingModelExplorer"].OUTPUT_NODE
     guider = mappings["AnnealingGuider"].INPUT_TYPES()["required"]
-    assert guider["lam"][1]["default"] == 0.4 and guider["lam"][1]["min"] == 0.0 and guider["lam"][1]["max"] == 1.0
-    assert guider["renoise"][1]["options"] == ["auto", "k_factor", "as_is"] and guider["renoise"][1]["default"] == "auto"
+    assert guider["lambda"][1]["default"] == 0.4 and guider["lambda"][1]["min"] == 0.0 and guider["lambda"][1]["max"] == 1.0
+    mode = guider["mode"]
+    options = mode[1].get("options", mode[0])
+    assert options == ["anchored", "per_step", "as_is"] and mode[1]["default"] == "anchored"
+    for name in options:  # the tooltip says what each mode does
+        assert f"{name}:" in mode[1]["tooltip"]
 
 
 def test_model_folder_is_registered_for_safetensors_and_pt(comfy_host):

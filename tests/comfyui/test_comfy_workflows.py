@@ -164,7 +164,7 @@ def test_workflow_runs_end_to_end_through_comfyui(comfy_host, model_files, tiny_
     plot_inputs = prompt[plot_id]["inputs"]
     source_id = (plot_inputs.get("guider") or plot_inputs.get("model"))[0]
     source = cached_output(executor, source_id)
-    hook = getattr(source, "annealing_hook", None) or comfy_host.helpers.find_hook(source.model_options)
+    hook = getattr(source, "annealing_hook", None) or comfy_host.hook.find_hook(source.model_options)
     run = hook.runs[-1]
     assert run.trace.steps == [0, 1, 2, 3] and run.trace["w"].shape == (4, 2)
     sampler_node = prompt[plot_inputs["samples"][0]]
