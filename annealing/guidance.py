@@ -24,7 +24,7 @@ from .broadcast import as_batch, batch_view
 from .recorder import GuidanceRecorder
 from .samplers import SamplerInfo
 from .scale_rule import MODES, check_mode, evaluation_scale
-from .schedules import check_sampling, signal_scale
+from .schedules import check_sampling, locate_on_schedule, signal_scale
 from .training_grid import GridLookup
 
 #: The MLP never sees a delta norm above this many times its normalisation (training sees about 1 to 8 times).
@@ -55,6 +55,8 @@ def delta_norm_from_difference(sigma: torch.Tensor, difference_norm: torch.Tenso
     """
     sigma = sigma.to(torch.float32)
     if space == "epsilon":
+        if check_sampling(sampling) != "const":  # alpha = 1
+            return difference_norm / sigma
         return difference_norm * signal_scale(sigma, sampling) / sigma
     if space == "velocity":
         check_sampling(sampling)
@@ -223,48 +225,45 @@ class AnnealingGuidance:
             raise ValueError(f"predictions must be floating point, got {d_cond.dtype} and {d_uncond.dtype}")
         meta, opts = self.model.metadata, self.options
         sampler = sampler or SamplerInfo()
-        batch, device = d_cond.shape[0], d_cond.device
-        sigma = as_batch(sigma, batch, device)
-        positive = sigma > 0
-        safe_sigma = torch.where(positive, sigma, torch.ones_like(sigma))
+        batch = d_cond.shape[0]
+        sigma = as_batch(sigma, batch, d_cond.device)
+        positive = sigma > 0  # sigma 0: D_c = D_u = x, nothing to guide (and delta would divide by zero)
 
         # D_c - D_u once: its norm gives ||delta|| and it is reused for the guided prediction (the hot path runs every step).
-        difference = d_cond.to(torch.float32) - d_uncond.to(torch.float32)
-        norm = delta_norm_from_difference(safe_sigma, per_sample_norm(difference), sampling, meta.prediction_space)
-        norm = torch.where(positive, norm, torch.zeros_like(norm))
-        mlp_norm = norm * delta_norm_scale(difference[0].numel(), meta.trained_latent_numel) if opts.normalize_delta_norm else norm
-        # Far outside anything seen in training the MLP's output is meaningless and can overflow: bound its input.
-        mlp_norm = mlp_norm.clamp(max=MAX_DELTA_NORM_MULTIPLE * self.model.config.delta_embed_normalization)
+        d_uncond32 = d_uncond.to(torch.float32)
+        difference = d_cond.to(torch.float32) - d_uncond32
+        norm = delta_norm_from_difference(sigma, per_sample_norm(difference), sampling, meta.prediction_space)
+        norm = torch.where(positive, norm, 0.0)
+        # Far outside anything seen in training the MLP's output is meaningless and can overflow: its input is bounded.
+        bound = MAX_DELTA_NORM_MULTIPLE * self.model.config.delta_embed_normalization
+        factor = delta_norm_scale(difference[0].numel(), meta.trained_latent_numel) if opts.normalize_delta_norm else 1.0
+        mlp_norm = (norm * factor).clamp(max=bound)
         timestep, k_train = self.lookup(sigma)
-        w = self.model(timestep, mlp_norm, opts.lam).to(device)
+        w = self.model(timestep, mlp_norm, opts.lam)
         if opts.w_min is not None or opts.w_max is not None:
             w = w.clamp(min=opts.w_min, max=opts.w_max)
 
         rule = evaluation_scale(opts.mode, sigma, k_train, sampling=sampling, sampler=sampler, sample_sigmas=sample_sigmas)
-        scale, omega = w * rule.factor, w * rule.cfg_factor
-        if opts.full_range:
-            active = torch.ones(batch, dtype=torch.bool, device=device)
-        else:
-            if rule.step is None:
+        scale = w if rule.factor is None else w * rule.factor
+        omega = scale if rule.cfg_factor is rule.factor else (w if rule.cfg_factor is None else w * rule.cfg_factor)
+        active = None
+        if not opts.full_range:
+            if sample_sigmas is None:
                 raise ValueError("an active range needs the sampler's schedule: pass sample_sigmas")
-            progress = rule.step.to(torch.float32) / max(sample_sigmas.shape[0] - 1, 1)
+            step = locate_on_schedule(sigma, sample_sigmas)[0]
+            progress = step.to(torch.float32) / max(sample_sigmas.shape[0] - 1, 1)
             active = (progress >= opts.active_start) & ((progress < opts.active_end) | (opts.active_end >= 1.0))
             fallback = host_cfg if opts.fallback_cfg is None else opts.fallback_cfg
-            scale = torch.where(active, scale, fallback * rule.sampler_units)  # ordinary CFG there, in the sampler's units
-            omega = torch.where(active, omega, torch.full_like(omega, fallback))
-        scale = torch.where(positive, scale.nan_to_num(nan=1.0), torch.ones_like(scale))  # sigma 0: D_c = D_u = x, nothing to guide
-        omega = torch.where(positive, omega, torch.ones_like(omega))
+            plain = fallback if rule.sampler_units is None else fallback * rule.sampler_units  # ordinary CFG, in the sampler's units
+            scale = torch.where(active, scale, plain)
+            omega = torch.where(active, omega, fallback)
+        scale = torch.where(positive, scale.nan_to_num(nan=1.0), 1.0)
 
-        guided = torch.addcmul(d_uncond.to(torch.float32), difference, batch_view(scale, difference))
+        guided = torch.addcmul(d_uncond32, difference, scale.view(-1, *([1] * (difference.dim() - 1))))
         if d_cond.dtype == torch.float16:  # keep an fp16 model's result finite
             guided = guided.clamp(torch.finfo(torch.float16).min, torch.finfo(torch.float16).max)
         if recorder is not None:
-            zeros = torch.zeros_like(sigma)
-            recorder.record(
-                sigma=sigma, timestep=timestep, delta_norm=norm, mlp_delta_norm=mlp_norm, w=w, k=rule.factor, scale=scale,
-                omega=omega, step=zeros if rule.step is None else rule.step, active=active,
-                on_schedule=zeros if rule.on_schedule is None else rule.on_schedule,
-            )
+            recorder.record(sigma, timestep, norm, mlp_norm, w, scale, torch.where(positive, omega, 1.0), active, sample_sigmas)
         return guided.to(d_cond.dtype)
 
 

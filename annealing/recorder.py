@@ -6,12 +6,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-#: Per-sample values of one guidance evaluation. w: the MLP's output (CFG++ units); k: the factor the scale rule applied
-#: to it; scale: the scale applied to D_c - D_u (w * k, or the fallback outside the active range); omega: the CFG-equivalent
-#: scale in ordinary CFG units, whatever the sampler.
-RECORD_FIELDS = ("sigma", "timestep", "delta_norm", "mlp_delta_norm", "w", "k", "scale", "omega", "step", "on_schedule", "active")
-_INTEGER_FIELDS = ("step",)
-_FLAG_FIELDS = ("on_schedule", "active")
+from .schedules import locate_on_schedule
+
+#: Per-sample values of one guidance evaluation, as recorded. w: the MLP's output (CFG++ units); scale: the scale applied to
+#: D_c - D_u; omega: the CFG-equivalent scale in ordinary CFG units, whatever the sampler; active: inside the active range.
+RECORD_FIELDS = ("sigma", "timestep", "delta_norm", "mlp_delta_norm", "w", "scale", "omega", "active")
+#: Added by :meth:`GuidanceRecorder.trace`: k = scale / w (the factor the scale rule applied, where active), and each row's
+#: place on the sampler's schedule (step, and whether the evaluation was made exactly on that step's sigma).
+TRACE_FIELDS = ("k", "step", "on_schedule")
 
 
 @dataclass
@@ -38,41 +40,49 @@ class GuidanceTrace:
 
 class GuidanceRecorder:
     """Keeps every evaluation's values as one stacked device tensor; never synchronises inside a sampling step
-    (no ``.item()``/``.cpu()`` until :meth:`trace`)."""
+    (no ``.item()``/``.cpu()`` until :meth:`trace`). Where each evaluation stands on the sampler's schedule is worked out
+    in :meth:`trace`, on the CPU, from the schedule the run reported: the sampling step itself does no schedule lookup."""
 
     def __init__(self):
         self._rows: list[torch.Tensor] = []
+        self._schedule: torch.Tensor | None = None
 
     def reset(self) -> None:
-        self._rows = []
+        self._rows, self._schedule = [], None
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def record(self, **values: torch.Tensor) -> None:
-        """One evaluation: every field of :data:`RECORD_FIELDS` as a (B,) tensor (flags and steps are stored as floats)."""
-        self._rows.append(torch.stack([values[name].detach().to(torch.float32) for name in RECORD_FIELDS]))
+    def record(self, sigma, timestep, delta_norm, mlp_delta_norm, w, scale, omega, active=None, schedule=None) -> None:
+        """One evaluation: (B,) float tensors (``active`` None = all active); ``schedule`` is the sampler's sigmas, if known."""
+        values = [sigma, timestep, delta_norm, mlp_delta_norm, w, scale, omega, torch.ones_like(w) if active is None else active.to(w.dtype)]
+        self._rows.append(torch.stack(values).detach())
+        if schedule is not None:
+            self._schedule = schedule
 
     def trace(self) -> GuidanceTrace:
         """One row per schedule step: the last evaluation made exactly on that step's sigma (an intermediate evaluation only
-        where a step has none on its sigma)."""
+        where a step has none on its sigma). Without a schedule every evaluation is its own step."""
         if not self._rows:
             return GuidanceTrace(steps=[], values={}, evaluations=0)
-        stacked = torch.stack(self._rows).cpu()  # (evaluations, fields, B)
+        stacked = torch.stack(self._rows).to(device="cpu", dtype=torch.float32)  # (evaluations, fields, B)
         index = {name: i for i, name in enumerate(RECORD_FIELDS)}
+        sigma = stacked[:, index["sigma"], 0]
+        if self._schedule is not None:
+            step, _, exact = locate_on_schedule(sigma, self._schedule.detach().to("cpu", torch.float32))
+        else:
+            step, exact = torch.arange(sigma.shape[0]), torch.ones(sigma.shape[0], dtype=torch.bool)
         chosen: dict[int, tuple[int, bool]] = {}  # step -> (row, made exactly on the step's sigma)
-        steps_col = stacked[:, index["step"], 0].round().long().tolist()
-        exact_col = (stacked[:, index["on_schedule"], 0] > 0.5).tolist()
-        for row, (step, exact) in enumerate(zip(steps_col, exact_col)):
-            if exact or step not in chosen:  # the last exact evaluation wins; else the first intermediate one
-                chosen[step] = (row, exact)
+        for row, (s, on) in enumerate(zip(step.tolist(), exact.tolist())):
+            if on or s not in chosen:  # the last exact evaluation wins; else the first intermediate one
+                chosen[s] = (row, on)
         steps = sorted(chosen)
         rows = torch.tensor([chosen[s][0] for s in steps], dtype=torch.long)
         picked = stacked[rows]
-        values = {}
-        for name, i in index.items():
-            if name == "step":
-                continue
-            column = picked[:, i]
-            values[name] = (column > 0.5).numpy() if name in _FLAG_FIELDS else column.numpy()
+        values = {name: picked[:, i].numpy() for name, i in index.items()}
+        values["active"] = values["active"] > 0.5
+        with torch.no_grad():
+            w = picked[:, index["w"]]
+            values["k"] = (picked[:, index["scale"]] / torch.where(w == 0, torch.ones_like(w), w)).numpy()
+        values["on_schedule"] = torch.tensor([chosen[s][1] for s in steps])[:, None].expand(-1, stacked.shape[2]).numpy()
         return GuidanceTrace(steps=steps, values=values, evaluations=len(self._rows))

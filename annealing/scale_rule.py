@@ -46,20 +46,18 @@ def check_mode(mode: str) -> str:
 
 @dataclass
 class EvaluationScale:
-    """The decision for one evaluation, per sample (B,) float32 tensors on the evaluation's device.
+    """The decision for one evaluation: per-sample (B,) float32 tensors on the evaluation's device, or None for 1
+    (the common cases allocate nothing: this runs every sampling step).
 
     factor:        s = w * factor is the scale applied to D_c - D_u.
     cfg_factor:    omega = w * cfg_factor is the evaluation's CFG-equivalent scale (ordinary CFG units).
     sampler_units: converts an ordinary CFG scale into the scale this sampler must be given (1 / k_step under *_cfg_pp
                    samplers, 1 otherwise): used for plain CFG outside an active range.
-    step, on_schedule: where the evaluation stands on the sampler's schedule (None without a schedule).
     """
 
-    factor: torch.Tensor
-    cfg_factor: torch.Tensor
-    sampler_units: torch.Tensor
-    step: torch.Tensor | None
-    on_schedule: torch.Tensor | None
+    factor: torch.Tensor | None
+    cfg_factor: torch.Tensor | None
+    sampler_units: torch.Tensor | None
 
 
 def evaluation_scale(mode: str, sigma: torch.Tensor, k_train: torch.Tensor, *, sampling: str, sampler: SamplerInfo,
@@ -67,29 +65,25 @@ def evaluation_scale(mode: str, sigma: torch.Tensor, k_train: torch.Tensor, *, s
     """The scale rule of the table above for one evaluation at ``sigma`` (B,), given k_train(sigma) (B,).
 
     ``sample_sigmas`` (the running sampler's schedule) is needed by per_step mode and by *_cfg_pp samplers; anchored mode
-    with an ordinary sampler needs none. A missing schedule where one is needed is a ValueError.
+    with an ordinary sampler reads none. A missing schedule where one is needed is a ValueError.
     """
     check_mode(mode)
-    ones = torch.ones_like(k_train)
-    cfg_pp = sampler.renoises_with_uncond
-    needs_schedule = mode == "per_step" or cfg_pp
-    if sample_sigmas is None:
-        if needs_schedule and not sampler.x0_only and mode != "as_is":
-            raise ValueError(f"{mode} mode under sampler {sampler.name or 'unknown'} needs the sampler's schedule (sample_sigmas)")
-        k_step, step, on_schedule = None, None, None
-    else:
-        k_step, step, on_schedule = sampler_step_factor(sigma, sample_sigmas, sampling, sampler)
-
     if sampler.x0_only:  # the next state is built from the x0-prediction alone: the CFG++ step's x0 uses w as is
-        return EvaluationScale(ones, ones, ones, step, on_schedule)
-    sampler_units = 1.0 / k_step if cfg_pp and k_step is not None else ones
+        return EvaluationScale(None, None, None)
+    cfg_pp = sampler.renoises_with_uncond
+    k_step = None
+    if mode == "per_step" or cfg_pp:
+        if sample_sigmas is None:
+            if mode != "as_is":
+                raise ValueError(f"{mode} mode under sampler {sampler.name or 'unknown'} needs the sampler's schedule (sample_sigmas)")
+        else:
+            k_step = sampler_step_factor(sigma, sample_sigmas, sampling, sampler)[0]
+    sampler_units = 1.0 / k_step if cfg_pp and k_step is not None else None
     if mode == "anchored":
-        factor = k_train * sampler_units if cfg_pp else k_train
-        return EvaluationScale(factor, k_train, sampler_units, step, on_schedule)
+        return EvaluationScale(k_train * sampler_units if cfg_pp else k_train, k_train, sampler_units)
     if mode == "per_step":
-        return EvaluationScale(ones if cfg_pp else k_step, k_step, sampler_units, step, on_schedule)
-    cfg_factor = k_step if cfg_pp and k_step is not None else ones  # as_is
-    return EvaluationScale(ones, cfg_factor, sampler_units, step, on_schedule)
+        return EvaluationScale(None if cfg_pp else k_step, k_step, sampler_units)
+    return EvaluationScale(None, k_step if cfg_pp else None, sampler_units)  # as_is
 
 
 def describe_rule(mode: str, sampler_name: str | None, grid_description: str) -> str:

@@ -264,21 +264,28 @@ class GridLookup:
             if timestep_convention not in ("sigma_x1000", "sigma"):
                 raise ValueError(f"a flow training grid goes with the sigma_x1000 or sigma timestep convention, not {timestep_convention!r}")
             log_knots, values = grid_log_knots, grid_factors
-        self._log_knots = log_knots.to(torch.float32)
-        self._values = values.to(torch.float32)
+        # One row per knot: [log sigma, values..., slopes to the next knot...]: one gather per call finds all of them.
+        slopes = (values[1:] - values[:-1]) / (log_knots[1:] - log_knots[:-1]).unsqueeze(-1) if log_knots.shape[0] > 1 else values[:0]
+        slopes = torch.cat([slopes, torch.zeros_like(values[:1])])
+        self._channels = values.shape[1]
+        self._rows = torch.cat([log_knots.unsqueeze(-1), values, slopes], dim=1).to(torch.float32)
         self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _table(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = str(device)
         if key not in self._on_device:
-            self._on_device[key] = (self._log_knots.to(device), self._values.to(device))
+            rows = self._rows.to(device)
+            self._on_device[key] = (rows[:, 0].contiguous(), rows)
         return self._on_device[key]
 
     def __call__(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(timestep, k_train) for ``sigma`` (B,), float32 on sigma's device."""
-        log_knots, values = self._table(sigma.device)
+        log_knots, rows = self._table(sigma.device)
         sigma = sigma.reshape(-1).to(torch.float32)
-        found = _interpolate(log_knots, values, sigma.clamp_min(1e-30).log())
+        log_sigma = sigma.clamp_min(1e-30).log().clamp(log_knots[0], log_knots[-1])  # constant beyond the ends
+        row = rows[(torch.searchsorted(log_knots, log_sigma, right=True) - 1).clamp(0, rows.shape[0] - 1)]
+        channels = self._channels
+        found = torch.addcmul(row[:, 1 : 1 + channels], (log_sigma - row[:, 0]).unsqueeze(-1), row[:, 1 + channels :])
         if self.timestep_convention == "ddpm_index":
             return found[:, 0], found[:, 1]
         timestep = sigma * 1000.0 if self.timestep_convention == "sigma_x1000" else sigma

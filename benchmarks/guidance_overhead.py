@@ -2,8 +2,10 @@
 
     python benchmarks/guidance_overhead.py [--threads 2] [--batches 1,2,4] [--checkpoint PATH] [--device cpu|cuda]
 
-One evaluation = what the ComfyUI hook does per model call: delta in the checkpoint's space, its per-sample norm,
-the MLP, k from the schedule, the guided x0 and the recorder append. Prints the median over many repeats in ms.
+One evaluation = what the core does per model call: delta in the checkpoint's space, its per-sample norm, the MLP's
+timestep and k_train from the grid table, the MLP, the scale rule, the guided x0 and the recorder append (anchored mode,
+an ordinary sampler). Prints the median over many repeats in ms. benchmarks/comfy_step_overhead.py measures the same
+inside a real ComfyUI sampling loop, hook and wrappers included.
 The checkpoint defaults to the released one in ../shared/reference if present, else a random model of the same size
 (the cost does not depend on the weights).
 """
@@ -25,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import annealing  # noqa: E402
 from annealing import AnnealingGuidance, AnnealingOptions, GuidanceRecorder  # noqa: E402
 from annealing.checkpoint import upstream_metadata  # noqa: E402
-from annealing.schedules import continuous_timestep, ddim_sigmas, scaled_linear_alphas_cumprod, vp_sigmas  # noqa: E402
 
 DEFAULT_CKPT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "annealing_sdxl_upstream.pt"
 
@@ -45,14 +46,31 @@ def timed(fn, device, repeats):
     return statistics.median(samples)
 
 
+def dispatched_ops(fn) -> int:
+    """How many tensor operations one call dispatches: a load-independent measure of the fixed cost (on a GPU each is a
+    kernel launch or a metadata op)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.calls
+
+
 def plain_cfg(d_c, d_u, scale=7.5):
     return d_u + scale * (d_c - d_u)
 
 
-def annealing_step(guide, sigma, d_c, d_u, sigma_to_timestep, sigmas, recorder):
+def annealing_step(guide, sigma, d_c, d_u, sigmas, recorder):
     if len(recorder) > 1000:  # a long sampling run, not an ever-growing list
         recorder.reset()
-    return guide.guide(sigma, d_c, d_u, sampling="eps", sigma_to_timestep=sigma_to_timestep, sample_sigmas=sigmas, recorder=recorder)
+    return guide.guide(sigma, d_c, d_u, sampling="eps", sample_sigmas=sigmas, recorder=recorder)
 
 
 def main(argv=None):
@@ -73,28 +91,25 @@ def main(argv=None):
         print(f"note: {args.checkpoint} not found; timing a random model of the same architecture")
         model = annealing.GuidanceScaleModel(metadata=upstream_metadata()).to(device).eval().requires_grad_(False)
     guide = AnnealingGuidance(model, AnnealingOptions(lam=0.4))
-    sigmas = ddim_sigmas(50).to(device)
-    log_sigmas = vp_sigmas(scaled_linear_alphas_cumprod()).log().float().to(device)
-
-    def to_t(s):
-        return continuous_timestep(s, log_sigmas)
+    sigmas = annealing.VPGrid(num_steps=30).sigmas().float().to(device)  # a 30-step run: not the training grid
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {args.threads} threads"
     print(f"device: {name}; torch {torch.__version__}; predictions {args.dtype}; latent 4x128x128 (SDXL 1024x1024)")
-    print(f"{'batch':>5} | {'plain CFG combine (ms)':>22} | {'annealing evaluation (ms)':>25} | {'overhead (ms)':>13}")
-    print("-" * 75)
+    print(f"{'batch':>5} | {'plain CFG combine (ms)':>22} | {'annealing evaluation (ms)':>25} | {'overhead (ms)':>13} | dispatched")
+    print("-" * 100)
     for batch in [int(b) for b in args.batches.split(",")]:
         d_c = torch.randn(batch, 4, 128, 128, device=device, dtype=dtype)
         d_u = torch.randn(batch, 4, 128, 128, device=device, dtype=dtype)
         sigma = sigmas[10].expand(batch)
         recorder = GuidanceRecorder()
         cfg = functools.partial(plain_cfg, d_c, d_u)
-        anneal = functools.partial(annealing_step, guide, sigma, d_c, d_u, to_t, sigmas, recorder)
+        anneal = functools.partial(annealing_step, guide, sigma, d_c, d_u, sigmas, recorder)
 
         with torch.inference_mode():
             t_cfg = timed(cfg, device, args.repeats)
             t_anneal = timed(anneal, device, args.repeats)
-        print(f"{batch:>5} | {t_cfg:>22.3f} | {t_anneal:>25.3f} | {t_anneal - t_cfg:>13.3f}")
+            ops = dispatched_ops(anneal)
+        print(f"{batch:>5} | {t_cfg:>22.3f} | {t_anneal:>25.3f} | {t_anneal - t_cfg:>13.3f} | {ops:>3} tensor ops per evaluation")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,104 @@
+"""Per-step cost of the pack inside a real ComfyUI sampling loop, against ComfyUI's own CFGGuider on the same model.
+
+    COMFYUI_PATH=/path/to/ComfyUI $COMFY_PY benchmarks/comfy_step_overhead.py [--threads 2] [--steps 200] [--repeats 7]
+                                                                                [--device cpu|cuda] [--batch 1]
+
+Both guiders sample the same tiny network (one 3x3 convolution, so the model itself costs little and the difference is
+ours) at SDXL's latent shape 4 x 128 x 128 with euler. The annealing side is the Annealing Guider node as a user builds it
+(hook, both sampling wrappers, the guidance and the recorder, anchored mode), from the pack loaded the way ComfyUI loads
+custom nodes. Runs alternate A B A B ...; the overhead per step is the median over pairs of (annealing - CFG) / steps.
+On CUDA every run is synchronised at its end only, so a synchronisation inside a step would show up as time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_comfy(device: str):
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        raise SystemExit("set COMFYUI_PATH to a ComfyUI checkout and run with ComfyUI's python ($COMFY_PY)")
+    sys.path.insert(0, path)
+    sys.path.insert(0, str(REPO / "tests" / "comfyui"))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = device == "cpu"
+    import nodes as comfy_nodes
+
+    asyncio.run(comfy_nodes.init_builtin_extra_nodes())
+    if not asyncio.run(comfy_nodes.load_custom_node(str(REPO), module_parent="custom_nodes")):
+        raise SystemExit("ComfyUI could not load the pack")
+    return comfy_nodes
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2, what CI has)")
+    parser.add_argument("--steps", type=int, default=200, help="euler steps per sampling run (default 200)")
+    parser.add_argument("--repeats", type=int, default=7, help="A/B pairs (default 7)")
+    parser.add_argument("--batch", type=int, default=1, help="latent batch (default 1)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    args = parser.parse_args(argv)
+
+    comfy_nodes = load_comfy(args.device)
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
+    import comfy_tiny_models as tiny
+    import torch
+
+    torch.set_num_threads(args.threads)
+    package = sys.modules[str(REPO).replace(".", "_x_")]
+    annealing = sys.modules[package.__name__ + ".annealing"]
+    torch.manual_seed(0)
+    mlp = annealing.GuidanceScaleModel(metadata=annealing.upstream_metadata()).eval().requires_grad_(False)  # the released size
+    model = tiny.make_tiny_model("eps", seed=0)
+    pos, neg = tiny.make_cond(1), tiny.make_cond(2)
+    latent = torch.zeros(args.batch, 4, 128, 128)
+    noise = comfy.sample.prepare_noise(latent, 1)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", args.steps).float()
+
+    plain = comfy.samplers.CFGGuider(model)
+    plain.set_conds(pos, neg)
+    plain.set_cfg(7.0)
+    settings = {"lambda": 0.4, "mode": "anchored", "normalize_delta_norm": True, "clamp_w": False, "w_min": 0.0, "w_max": 3.0,
+                "active_start": 0.0, "active_end": 1.0}
+    node = comfy_nodes.NODE_CLASS_MAPPINGS["AnnealingGuider"]
+    annealed = node.execute(model=model, positive=pos, negative=neg, annealing_model=mlp, fallback_cfg=7.0, **settings).args[0]
+    sampler = comfy.samplers.sampler_object("euler")
+    device = comfy.model_management.get_torch_device()
+
+    def timed(guider) -> float:
+        with torch.inference_mode():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            guider.sample(noise, latent, sampler, sigmas, disable_pbar=True, seed=1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - start
+
+    timed(plain), timed(annealed)  # warm-up: model loading, first-call allocations, the grid table on the device
+    pairs = [(timed(plain), timed(annealed)) for _ in range(args.repeats)]
+    per_step = [(a - p) / args.steps * 1e3 for p, a in pairs]
+    cfg_step = statistics.median(p for p, _ in pairs) / args.steps * 1e3
+    ann_step = statistics.median(a for _, a in pairs) / args.steps * 1e3
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {args.threads} threads"
+    print(f"device: {name}; torch {torch.__version__}; euler, {args.steps} steps, latent {args.batch}x4x128x128, {args.repeats} A/B pairs")
+    print(f"CFGGuider:       {cfg_step:.3f} ms per step")
+    print(f"Annealing Guider: {ann_step:.3f} ms per step")
+    print(f"overhead:         {statistics.median(per_step):.3f} ms per step (median over pairs; min {min(per_step):.3f}, max {max(per_step):.3f})")
+
+
+if __name__ == "__main__":
+    main()
