@@ -67,7 +67,7 @@ def comfy_host(tmp_path_factory):
 
     loaded, new_nodes = asyncio.run(load())
     package = sys.modules[str(REPO).replace(".", "_x_")]
-    helpers = importlib.import_module(package.__name__ + ".nodes.helpers")
+    hook = importlib.import_module(package.__name__ + ".nodes.hook")
     annealing = importlib.import_module(package.__name__ + ".annealing")
 
     class Host:
@@ -75,7 +75,7 @@ def comfy_host(tmp_path_factory):
 
     host = Host()
     host.path, host.home, host.nodes, host.folder_paths = comfy_path, base, comfy_nodes, folder_paths
-    host.loaded, host.new_nodes, host.package, host.helpers, host.annealing = loaded, new_nodes, package, helpers, annealing
+    host.loaded, host.new_nodes, host.package, host.hook, host.annealing = loaded, new_nodes, package, hook, annealing
     host.models_dir = base / "models"
     return host
 
