@@ -8,12 +8,13 @@ import math
 
 from comfy_api.latest import io
 
-from ..annealing.baselines import ADG_MAX_ANGLE, angle_domain_guidance
+from ..annealing.baselines import angle_domain_guidance
 from .patching import attach_guidance, nominal_scale
 from .schema import OTHER_GUIDANCE_CATEGORY, sampler_scale_input
 
 NAME = "Angle Domain Guidance"
 OFFICIAL_SCALE = 7.0  # the official ADG_SD3 pipeline's default guidance_scale
+OFFICIAL_CAP_DEGREES = 60.0  # ADG_MAX_ANGLE = pi / 3, in the widget's unit
 
 
 def angle_guide(scale: float, max_angle: float):
@@ -41,7 +42,7 @@ class AngleDomainGuidanceNode(io.ComfyNode):
                     OFFICIAL_SCALE, "The guidance scale w; the rotation is by (w - 1) times the angle between the predictions. "
                     "Default 7 as the official code (its strength is not CFG's at the same number)."),
                 io.Float.Input(
-                    "max_angle_degrees", default=math.degrees(ADG_MAX_ANGLE), min=0.0, max=180.0, step=0.5,
+                    "max_angle_degrees", default=OFFICIAL_CAP_DEGREES, min=0.0, max=180.0, step=0.5,
                     tooltip="The cap on the rotated angle theta' (degrees). 60 = pi / 3, the official code's cap: however large w "
                     "is, the prediction turns at most this far.",
                 ),
