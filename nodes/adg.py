@@ -1,5 +1,5 @@
-"""Angle Domain Guidance (Jin, Xiao, Liu, Gu, arXiv 2506.11039): a MODEL patch that rotates the conditional
-x0-prediction away from the unconditional one instead of extrapolating. The maths is
+"""Angle Domain Guidance (Jin, Xiao, Liu, Gu, arXiv 2506.11039): a MODEL patch that guides through the angle between the
+conditional and unconditional x0-predictions instead of extrapolating their difference. The maths is
 :func:`annealing.baselines.angle_domain_guidance`."""
 
 from __future__ import annotations
@@ -33,13 +33,14 @@ class AngleDomainGuidanceNode(io.ComfyNode):
             node_id="AngleDomainGuidance",
             display_name=NAME,
             category=OTHER_GUIDANCE_CATEGORY,
-            description="Guidance by rotation (Jin et al., ICML 2025): turns the conditional x0-prediction further from the "
-            "unconditional one by w' times their angle, capped, keeping its norm bounded: strong prompt guidance without CFG's "
-            "colour over-saturation. A post-CFG patch for the plain KSampler and any guider that runs the model's cfg hooks.",
+            description="Guidance in the angle domain (Jin et al., ICML 2025): steers by the angle between the conditional and "
+            "unconditional x0-predictions (w' times it, capped) instead of extrapolating their difference, so the prediction's "
+            "norm stays bounded: strong prompt guidance without CFG's colour over-saturation. A post-CFG patch for the plain "
+            "KSampler and any guider that runs the model's cfg hooks.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (EPS, V-prediction or flow). It is cloned, never changed."),
                 sampler_scale_input(
-                    OFFICIAL_SCALE, "The guidance scale w; the rotation is by (w - 1) times the angle between the predictions. "
+                    OFFICIAL_SCALE, "The guidance scale w: the guided angle is (w - 1) times the angle between the two predictions, capped. "
                     "Default 7 as the official code (its strength is not CFG's at the same number)."),
                 io.Float.Input(
                     "max_angle_degrees", default=OFFICIAL_CAP_DEGREES, min=0.0, max=180.0, step=0.5,
