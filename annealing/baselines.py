@@ -3,8 +3,9 @@
 Conventions, as in :mod:`annealing.guidance`: tensors are batch-first (B, ...); ``d_cond``/``d_uncond`` are the
 conditional and unconditional x0-predictions a sampler hook sees (D_c, D_u); ``sigma`` is the x-space noise level
 (x = alpha x0 + sigma eps). "CFG scale" means the ordinary convention w = 1 is no guidance and
-D = D_u + w (D_c - D_u). Every function returns the guided x0-prediction (or a scale), so the 2D benchmark and,
-later, ComfyUI nodes can feed it to any sampler. The benchmark in ``training/toy`` runs each of them.
+D = D_u + w (D_c - D_u). Every function returns the guided x0-prediction (or a scale), so the 2D benchmark and the
+ComfyUI nodes (``nodes/tvcfg.py``, ``nodes/adg.py``) can feed it to any sampler. The benchmark in ``training/toy`` runs
+each of them.
 
 Sources: CFG (Ho and Salimans, 2022); CFG++ (Chung et al., 2024); APG (Sadat et al., 2024, "Eliminating oversaturation
 and artifacts of high guidance scales in diffusion models"); stage-wise / TV-CFG (Jin, Shi, Gu, arXiv 2509.22007);

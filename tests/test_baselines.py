@@ -319,3 +319,16 @@ def test_interval_scale():
     assert interval_scale(sigma, 4.0, sigma_low=0.0, sigma_high=100.0).tolist() == [4.0] * 6
     with pytest.raises(ValueError, match="sigma_low"):
         interval_scale(sigma, 4.0, sigma_low=2.0, sigma_high=1.0)
+
+
+def test_stage_wise_and_adg_never_read_tensors_back_to_the_host():
+    """Meta tensors carry no data: any .item(), .tolist() or Python branch on a value would raise. So the per-evaluation
+    maths queues on a GPU without a host synchronisation."""
+    meta = torch.device("meta")
+    sigma, sigmas = torch.empty(2, device=meta), torch.empty(9, device=meta)
+    for kind in STAGE_SCHEDULES:
+        scales = StageWiseGuidance(kind).scale_at(sigma, sigmas, 5.0, timestep=lambda s: 1000 * s)
+        assert scales.device == meta and scales.shape == (2,)
+    d_c, d_u = torch.empty(2, 4, 8, 8, device=meta), torch.empty(2, 4, 8, 8, device=meta, dtype=torch.float16)
+    assert angle_domain_guidance(d_c.half(), d_u, 7.0).device == meta
+    assert cfg(d_c, d_u.float(), scales).shape == d_c.shape
