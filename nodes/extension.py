@@ -6,14 +6,17 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
+from .adg import AngleDomainGuidanceNode
 from .guider import AnnealingGuider, ApplyAnnealingGuidance
 from .host import register_model_folder
 from .loader import LoadAnnealingGuidanceModel
 from .plots import AnnealingModelExplorer, AnnealingSchedulePlot
+from .tvcfg import StageWiseGuidanceNode
 
 MODEL_FOLDER_PATH = register_model_folder(folder_paths.folder_names_and_paths, folder_paths.models_dir)
 
-NODES = [LoadAnnealingGuidanceModel, AnnealingGuider, ApplyAnnealingGuidance, AnnealingSchedulePlot, AnnealingModelExplorer]
+NODES = [LoadAnnealingGuidanceModel, AnnealingGuider, ApplyAnnealingGuidance, AnnealingSchedulePlot, AnnealingModelExplorer,
+         StageWiseGuidanceNode, AngleDomainGuidanceNode]
 
 
 class AnnealingGuidanceExtension(ComfyExtension):

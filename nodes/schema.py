@@ -65,3 +65,15 @@ def validate_active_range(active_start, active_end) -> bool | str:
         if not 0.0 <= active_start < active_end <= 1.0:
             return f"need 0 <= active_start < active_end <= 1, got active_start {active_start:g} and active_end {active_end:g}"
     return True
+
+#: The other guidance methods the pack offers for comparison (TV-CFG, ADG).
+OTHER_GUIDANCE_CATEGORY = CATEGORY + "/other_guidance"
+
+
+def sampler_scale_input(default: float, what: str) -> io.Float.Input:
+    """The ``scale`` input of the comparison nodes: 0 takes the sampler's cfg at run time, any other value overrides it."""
+    return io.Float.Input(
+        "scale", default=default, min=0.0, max=100.0, step=0.1, round=0.01,
+        tooltip=f"{what} 0 = use the sampler's cfg (KSampler's cfg, or the guider's cfg) at run time; any other value overrides "
+        "it, and the sampler's cfg is then unused. Ordinary CFG units: 1 = no guidance.",
+    )

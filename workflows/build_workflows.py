@@ -53,6 +53,12 @@ NODE_DEFS = {
     ),
     "AnnealingSchedulePlot": ([("samples", "LATENT", False), ("guider", "GUIDER", True), ("model", "MODEL", True)], [], [("IMAGE", "IMAGE")]),
     "AnnealingModelExplorer": ([("annealing_model", "ANNEALING_GUIDANCE_MODEL", False)], ["lambdas"], [("IMAGE", "IMAGE")]),
+    "StageWiseGuidance": (
+        [("model", "MODEL", False)],
+        ["scale", "schedule", "normalize", "interval_low", "interval_high", "switch", "step_divisor"],
+        [("MODEL", "MODEL")],
+    ),
+    "AngleDomainGuidance": ([("model", "MODEL", False)], ["scale", "max_angle_degrees"], [("MODEL", "MODEL")]),
 }
 
 #: Widgets the frontend follows with a "control after generate" value in widgets_values.
@@ -60,6 +66,12 @@ SEED_WIDGETS = {("KSampler", "seed"), ("RandomNoise", "noise_seed")}
 
 ANNEALING_DEFAULTS = {"lambda": 0.4, "mode": "anchored", "normalize_delta_norm": True, "clamp_w": False, "w_min": 0.0, "w_max": 3.0,
                       "active_start": 0.0, "active_end": 1.0}
+
+#: TV-CFG's symmetric schedule with the official defaults; scale 0 takes KSampler's cfg as the time-averaged scale.
+TV_CFG_DEFAULTS = {"scale": 0.0, "schedule": "symmetric", "normalize": True, "interval_low": 0.15, "interval_high": 0.78, "switch": 0.25,
+                   "step_divisor": 3.0}
+#: ADG at the official code's defaults: w = 7, the angle capped at 60 degrees (pi / 3).
+ADG_DEFAULTS = {"scale": 7.0, "max_angle_degrees": 60.0}
 
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 SDXL_ANNEALING = "annealing_sdxl.pt"  # the name the README tells users to save the released checkpoint under
@@ -177,11 +189,11 @@ def sdxl_guider() -> Workflow:
     return wf
 
 
-def _sdxl_patched(wf, x=860):
+def _sdxl_patched(wf, x=860, y=520, title=None):
     ckpt = wf.add("CheckpointLoaderSimple", (0, 200), ckpt_name=SDXL_CHECKPOINT)
     positive, negative = _text_encoders(wf, ckpt, PROMPT)
     annealing = wf.add("LoadAnnealingGuidanceModel", (0, 520), model_name=SDXL_ANNEALING)
-    patch = wf.add("ApplyAnnealingGuidance", (x, 520), **ANNEALING_DEFAULTS)
+    patch = wf.add("ApplyAnnealingGuidance", (x, y), title=title, **ANNEALING_DEFAULTS)
     wf.connect(ckpt, 0, patch, "model")
     wf.connect(annealing, 0, patch, "annealing_model")
     latent = wf.add("EmptyLatentImage", (420, 560), width=1024, height=1024, batch_size=1)
@@ -229,6 +241,35 @@ def sdxl_side_by_side() -> Workflow:
     return wf
 
 
+def sdxl_guidance_comparison() -> Workflow:
+    """One seed, one prompt, the same KSampler settings; four guidance methods, their images saved side by side."""
+    wf = Workflow()
+    ckpt, positive, negative, patch, latent = _sdxl_patched(wf, y=1040, title="Annealing guidance (lambda 0.4)")
+    tv = wf.add("StageWiseGuidance", (860, 1560), title="TV-CFG: symmetric schedule, time average = KSampler cfg", **TV_CFG_DEFAULTS)
+    adg = wf.add("AngleDomainGuidance", (860, 1900), title="ADG: w 7, cap 60 degrees", **ADG_DEFAULTS)
+    wf.connect(ckpt, 0, tv, "model")
+    wf.connect(ckpt, 0, adg, "model")
+    rows = [
+        (ckpt, "1 Plain CFG 7", "compare_guidance/1_cfg_7"),
+        (patch, "2 Annealing guidance, lambda 0.4 (cfg used only outside the active range)", "compare_guidance/2_annealing_lambda_0.4"),
+        (tv, "3 TV-CFG symmetric, average cfg 7", "compare_guidance/3_tvcfg_symmetric_7"),
+        (adg, "4 Angle Domain Guidance, w 7", "compare_guidance/4_adg_w_7"),
+    ]
+    for column, (model, title, prefix) in enumerate(rows):
+        y = 80 + 480 * column
+        sampler = _ksampler(wf, model, 0, positive, negative, latent, (1240, y), title, 7.0)
+        decode = wf.add("VAEDecode", (1600, y))
+        wf.connect(sampler, 0, decode, "samples")
+        wf.connect(ckpt, 2, decode, "vae")
+        save = wf.add("SaveImage", (1900 + 560 * column, 80), title=title.split(" (")[0], filename_prefix=prefix)
+        wf.connect(decode, 0, save, "images")
+        if model == patch:  # annealing's w along the run, for reading its image against the others
+            plot = wf.add("AnnealingSchedulePlot", (1900, 700))
+            wf.connect(sampler, 0, plot, "samples")
+            wf.connect(patch, 0, plot, "model")
+    return wf
+
+
 def sd3_user_checkpoint() -> Workflow:
     wf = Workflow()
     ckpt = wf.add("CheckpointLoaderSimple", (0, 200), ckpt_name=SD3_CHECKPOINT)
@@ -247,6 +288,7 @@ WORKFLOWS = {
     "sdxl_annealing_guider": sdxl_guider,
     "sdxl_annealing_ksampler": sdxl_ksampler,
     "sdxl_cfg_vs_annealing": sdxl_side_by_side,
+    "sdxl_guidance_comparison": sdxl_guidance_comparison,
     "sd3_user_checkpoint": sd3_user_checkpoint,
 }
 
@@ -269,7 +311,8 @@ def main() -> None:
     _write_json(HERE / "node_types.json", {"pack": pack, "core": [t for t in types if t not in PACK_NODES]})
 
 
-PACK_NODES = {"LoadAnnealingGuidanceModel", "AnnealingGuider", "ApplyAnnealingGuidance", "AnnealingSchedulePlot", "AnnealingModelExplorer"}
+PACK_NODES = {"LoadAnnealingGuidanceModel", "AnnealingGuider", "ApplyAnnealingGuidance", "AnnealingSchedulePlot", "AnnealingModelExplorer",
+              "StageWiseGuidance", "AngleDomainGuidance"}
 
 if __name__ == "__main__":
     main()

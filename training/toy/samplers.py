@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from annealing import cfgpp_step, per_sample_norm
-from annealing.baselines import angle_domain_guidance, apg, cfg, interval_scale, tv_cfg_schedule
+from annealing.baselines import StageWiseGuidance, angle_domain_guidance, apg, cfg, interval_scale
 from training.algorithm import SamplingGrid
 
 from .problem import RingProblem
@@ -38,6 +38,7 @@ class StepContext:
     eps_u: torch.Tensor
     eps_c: torch.Tensor
     labels: torch.Tensor
+    grid_timesteps: torch.Tensor | None = None  # every grid step's model timestep (schedules normalised over the run)
 
     def x0(self, eps: torch.Tensor) -> torch.Tensor:
         return (self.z - self.sigma * eps) / self.alpha
@@ -118,13 +119,13 @@ class Annealing(Method):
 
 
 class TVCFG(Method):
-    """Stage-wise symmetric schedule around the nominal CFG scale (time average = param)."""
+    """Stage-wise symmetric schedule around the nominal CFG scale (time integral over the grid's timesteps = param)."""
 
     family = "TV-CFG"
     param_name = "w_bar"
 
     def step(self, ctx):
-        w = float(tv_cfg_schedule(ctx.num_steps, self.param)[ctx.index])
+        w = float(StageWiseGuidance().step_scales(ctx.grid_timesteps, self.param)[ctx.index])
         return ctx.plain(cfg(ctx.eps_c, ctx.eps_u, w))
 
 
@@ -209,7 +210,8 @@ class ToySampler:
             t = self.grid.model_timesteps[i].expand(batch)
             eps_u = self.problem.eps(z, a, s, uncond)
             eps_c = self.problem.eps(z, a, s, cond)
-            ctx = StepContext(i, steps, z, t, torch.tensor(a), torch.tensor(s), torch.tensor(a_n), torch.tensor(s_n), eps_u, eps_c, labels)
+            ctx = StepContext(i, steps, z, t, torch.tensor(a), torch.tensor(s), torch.tensor(a_n), torch.tensor(s_n), eps_u, eps_c, labels,
+                              grid_timesteps=self.grid.model_timesteps)
             x0_hat, eps_renoise = method.step(ctx)
             z = a_n * x0_hat + s_n * eps_renoise
         return z
