@@ -144,7 +144,8 @@ class AnnealingHook:
     def post_cfg(self, args: dict) -> torch.Tensor:
         """ComfyUI post-CFG function: the guided x0-prediction for this evaluation (replaces the plain CFG result)."""
         d_cond, d_uncond = args.get("cond_denoised"), args.get("uncond_denoised")
-        if d_cond is None or d_uncond is None:  # no uncond pass (the cfg1 optimisation is disabled; another patch dropped it)
+        # No uncond pass (a guider with no negative, or a patch that dropped it): ComfyUI then hands zeros as uncond_denoised
+        if d_cond is None or d_uncond is None or args.get("uncond", ()) is None:
             warn_once("no unconditional prediction reached the hook (another patch removed it?): annealing guidance is off for this run")
             return args["denoised"]
         model_options = args.get("model_options", {})

@@ -36,7 +36,7 @@ def options(**changes):
 
 def post_cfg_args(base, sigma, d_cond, d_uncond, sample_sigmas, cond_scale=1.0):
     return {"denoised": d_uncond + cond_scale * (d_cond - d_uncond), "cond_denoised": d_cond, "uncond_denoised": d_uncond,
-            "sigma": sigma, "model": base, "cond_scale": cond_scale, "input": None,
+            "cond": [{}], "uncond": [{}], "sigma": sigma, "model": base, "cond_scale": cond_scale, "input": None,
             "model_options": {"transformer_options": {"sample_sigmas": sample_sigmas}}}
 
 
@@ -108,6 +108,10 @@ def test_missing_uncond_leaves_the_result_alone():
     base = FakeBaseModel("eps")
     args = post_cfg_args(base, torch.ones(1), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), None)
     args["uncond_denoised"] = None
+    assert AnnealingHook(sdxl_model(), options()).post_cfg(args) is args["denoised"]
+    # a skipped uncond pass (a guider with no negative) arrives as zeros with uncond None: not guided against zeros
+    args = post_cfg_args(base, torch.ones(1), torch.randn(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), None)
+    args["uncond"] = None
     assert AnnealingHook(sdxl_model(), options()).post_cfg(args) is args["denoised"]
 
 
