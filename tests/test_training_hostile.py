@@ -5,6 +5,7 @@ line naming the file or setting, given before any model weight is loaded and bef
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -16,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from training_fixtures import one_thread
+from training_fixtures import make_config, one_thread, same_weights, state_of, tiny_dataset
 
 import training.trainer
 from training.cli import main as cli_main
 from training.config import FLOAT_BOUNDS, INT_BOUNDS, TrainConfig, TrainingError, config_fields, read_config_file
 from training.data import ImageCaptionDataset, Sample, load_image, scan_dataset
+from training.trainer import RESUME_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,6 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _single_thread():
     yield from one_thread()
+
+
+def train(config):
+    return training.trainer.train(config, progress=False)
 
 
 def one_line(exc_info) -> str:
@@ -198,6 +204,21 @@ def test_every_numeric_setting_has_bounds():
     TrainConfig(model="m", dataset="d", output="o", output_name="my model (v2) [final]", **extreme).validate()
 
 
+def test_bad_settings_fail_before_any_model_loads_and_leave_no_output_folder(tmp_path, monkeypatch, capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(training.trainer, "load_backend", no_loading)
+    out = tmp_path / "new" / "out"
+    for flags in (["--seed", str(2**70)], ["--output-name", "../x"], ["--model-family", "SDXL"], ["--mlp-hidden", str(10**6)],
+                  ["--cads-tau1", "nan"], ["--model", str(tmp_path / "missing")]):
+        common = ["--model", str(tmp_path), "--dataset", str(tiny_dataset()), "--output", str(out), "--quiet"]
+        assert cli_main(common + flags) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "new").exists()  # the last case failed after the settings, on the model folder: no folder either
+
+
 def test_a_full_disk_outside_atomic_write_is_one_line(monkeypatch, capsys):
     def full(config, progress=True):
         raise OSError(28, "No space left on device", "/runs/x/train_log.jsonl")
@@ -338,3 +359,193 @@ def test_only_image_decoders_are_used(tmp_path):
     assert Image.open(disguised).format == "PPM"
     with pytest.raises(Exception, match="cannot identify image file"):
         load_image(disguised, 8)
+
+
+# ------------------------------------------------------------------------------------------------------------ output folder
+
+
+def test_a_finished_run_is_never_replaced_without_asking(tmp_path, capsys):
+    out = tmp_path / "out"
+    first = train(make_config("sd15", out, max_steps=2, checkpoint_every=1, keep_checkpoints=5))
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (out / "notes.txt").write_text("mine")  # foreign files: never the run's to remove
+    (out / "other.safetensors").write_bytes(b"someone else's")
+    (out / "checkpoints" / "other-step000001.safetensors").write_bytes(b"someone else's")
+
+    with pytest.raises(TrainingError) as info:
+        train(make_config("sd15", out, max_steps=3))
+    assert one_line(info) == (f"{out} holds a training run (a resume state at step 2, annealing_sd15.safetensors); "
+                              "pass --resume to continue it or --overwrite to start again")
+    assert {p: p.read_bytes() for p in files} == files  # nothing replaced, nothing appended to the log
+    # the final checkpoint alone (say the resume state was deleted) is a run too
+    (out / RESUME_FILE).rename(tmp_path / "saved-resume.pt")
+    with pytest.raises(TrainingError, match=r"holds a training run \(annealing_sd15.safetensors\)"):
+        train(make_config("sd15", out, max_steps=3))
+    (tmp_path / "saved-resume.pt").rename(out / RESUME_FILE)
+
+    resumed = train(make_config("sd15", out, max_steps=3, resume=True))
+    assert resumed.resumed_from == 2 and resumed.steps == 3
+
+    capsys.readouterr()
+    again = train(make_config("sd15", out, max_steps=2, overwrite=True, checkpoint_every=1, keep_checkpoints=5))
+    assert "--overwrite: removing the 5 file(s) of the earlier run" in capsys.readouterr().out
+    assert same_weights(state_of(again.checkpoint), state_of(first.checkpoint))
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "annealing_sd15-step000001.safetensors", "other-step000001.safetensors"]  # step 2 is the final one now
+    assert (out / "notes.txt").read_text() == "mine" and (out / "other.safetensors").read_bytes() == b"someone else's"
+
+
+def test_stale_temporary_files_of_the_run_are_removed_at_start(tmp_path):
+    out = tmp_path / "out"
+    train(make_config("sd15", out, max_steps=1))
+    (out / "checkpoints").mkdir()
+    stale = [out / ".resume.pt.k3j4h5.tmp", out / ".annealing_sd15.safetensors.abcdef.tmp", out / ".train_log.jsonl.x1.tmp",
+             out / ".write-test-q9", out / "checkpoints" / ".annealing_sd15-step000250.safetensors.zz.tmp"]
+    for path in stale:
+        path.write_bytes(b"")
+    foreign = [out / ".notes.txt.1.tmp", out / "checkpoints" / ".other-step000001.safetensors.a.tmp"]
+    for path in foreign:
+        path.write_bytes(b"not ours")
+    train(make_config("sd15", out, max_steps=2, resume=True))
+    assert not any(path.exists() for path in stale)
+    assert all(path.exists() for path in foreign)
+
+
+def _resume_state(out: Path) -> dict:
+    return torch.load(out / RESUME_FILE, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda s: s.pop("step"), r"step is missing"),
+        (lambda s: s.update(images_seen=-3), r"images_seen is -3, not a count"),
+        (lambda s: s.update(locked="{not json"), r"locked is not valid JSON"),
+        (lambda s: s.update(failed_paths="[1, 2]"), r"failed_paths is not a list of paths"),
+        (lambda s: s.update(balance_quality=float("nan")), r"balance_quality is nan, not a finite number or None"),
+        (lambda s: s["mlp"].update({"combined_head.0.weight": torch.zeros(3, 3)}), r"MLP weights do not fit the configured MLP"),
+        (lambda s: s["mlp"].update({"combined_head.0.bias": torch.full((128,), float("nan"))}), r"MLP weight .* is not a finite float tensor"),
+        (lambda s: s["optimizer"]["param_groups"][0].update(lr=float("inf")), r"optimizer setting 'lr' is not finite"),
+        (lambda s: s["optimizer"]["state"][0].update(exp_avg=torch.zeros(2)), r"optimizer exp_avg of parameter 0 has shape \(2,\)"),
+        (lambda s: s.pop("optimizer"), r"optimizer is missing"),
+    ],
+)
+def test_a_malformed_resume_state_is_one_line(tmp_path, damage, message):
+    out = tmp_path / "out"
+    train(make_config("sd15", out, max_steps=1))
+    state = _resume_state(out)
+    damage(state)
+    torch.save(state, out / RESUME_FILE)
+    with pytest.raises(TrainingError, match=rf"resume.pt: malformed resume state \({message}.*\); start again without --resume$") as info:
+        train(make_config("sd15", out, max_steps=2, resume=True))
+    one_line(info)
+
+
+def test_an_unusable_resume_state_without_a_final_checkpoint_starts_again(tmp_path, capsys):
+    out = tmp_path / "out"
+    train(make_config("sd15", out, max_steps=1))
+    (out / "annealing_sd15.safetensors").unlink()
+    (out / RESUME_FILE).write_bytes(b"")  # what a kill inside a non-atomic write would leave
+    with pytest.raises(TrainingError, match="resume.pt: unreadable resume state"):
+        train(make_config("sd15", out, max_steps=2, resume=True))
+    result = train(make_config("sd15", out, max_steps=2))
+    assert "an earlier run left no resume state and no final checkpoint (resume.pt is unusable: unreadable resume state" in capsys.readouterr().out
+    assert result.steps == 2 and _resume_state(out)["step"] == 2
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------------------------------ killed runs
+
+#: A real training run whose n-th torch.save (the resume state) writes half its bytes, says so and waits to be killed.
+KILLED_IN_A_WRITE = """
+import io, os, sys, time
+import torch
+real_save, calls = torch.save, [0]
+def save(obj, target, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(os.environ["KILL_AT_SAVE"]):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        target.write(buffer.getvalue()[: buffer.tell() // 2])
+        target.flush()
+        print("IN-WRITE", flush=True)
+        time.sleep(600)
+    return real_save(obj, target, *args, **kwargs)
+torch.save = save
+from training.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def kill_during_resume_write(config, number: int) -> None:
+    """Run ``config`` in a child process and SIGKILL it in the middle of writing its ``number``-th resume state."""
+    import queue
+    import signal
+    import subprocess
+    import sys
+
+    flags = ["--model", config.model, "--dataset", config.dataset, "--output", config.output, "--resolution", str(config.resolution),
+             "--max-steps", str(config.max_steps), "--gradient-accumulation", str(config.gradient_accumulation), "--num-workers", "0",
+             "--device", "cpu", "--checkpoint-every", str(config.checkpoint_every), "--log-every", "1", "--quiet"]
+    env = dict(os.environ, KILL_AT_SAVE=str(number), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    child = subprocess.Popen([sys.executable, "-c", KILLED_IN_A_WRITE, *flags], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in child.stdout] + [lines.put(None)], daemon=True)
+    reader.start()
+    try:
+        seen = []
+        while True:
+            try:  # a guard against a child that never gets there (the suite must not hang), not a timing assertion
+                line = lines.get(timeout=600)
+            except queue.Empty:
+                line = None
+            if line is None:
+                pytest.fail(f"the child ended or stalled before the write: {''.join(seen)[-2000:]}")
+            if line.strip() == "IN-WRITE":
+                break
+            seen.append(line)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        reader.join(60)
+        child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+
+
+def test_killed_while_writing_the_first_resume_state_starts_again_without_overwrite(tmp_path, capsys):
+    config = make_config("sd15", tmp_path / "killed", max_steps=3, checkpoint_every=1)
+    kill_during_resume_write(config, 1)
+    out = Path(config.output)
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left[0].startswith(".resume.pt.") and left[0].endswith(".tmp")  # half written, never renamed
+    assert left[1:] == ["checkpoints/annealing_sd15-step000001.safetensors", "train_log.jsonl"]
+
+    with pytest.raises(TrainingError, match="no resume state in the output folder"):
+        train(dataclasses.replace(config, resume=True))
+    result = train(config)  # no --overwrite needed: nothing resumable or finished is there
+    assert "an earlier run left no resume state and no final checkpoint; starting again (removing its 2 file(s))" in capsys.readouterr().out
+    assert not [p for p in out.rglob("*.tmp")]
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    straight = train(make_config("sd15", tmp_path / "straight", max_steps=3, checkpoint_every=1))
+    assert same_weights(state_of(result.checkpoint), state_of(straight.checkpoint))
+
+
+def test_killed_while_writing_a_later_resume_state_resumes_exactly(tmp_path):
+    config = make_config("sd15", tmp_path / "killed", max_steps=3, checkpoint_every=1)
+    kill_during_resume_write(config, 2)
+    out = Path(config.output)
+    assert [p.name[:11] for p in out.glob(".resume.pt.*.tmp")] == [".resume.pt."]
+    assert _resume_state(out)["step"] == 1  # the previous state, intact
+
+    with pytest.raises(TrainingError, match=r"holds a training run \(a resume state at step 1\); pass --resume"):
+        train(config)
+    resumed = train(dataclasses.replace(config, resume=True))
+    assert resumed.resumed_from == 1 and resumed.steps == 3
+    assert not [p for p in out.rglob("*.tmp")]
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    straight = train(make_config("sd15", tmp_path / "straight", max_steps=3, checkpoint_every=1))
+    assert same_weights(state_of(resumed.checkpoint), state_of(straight.checkpoint))
