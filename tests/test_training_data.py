@@ -119,10 +119,10 @@ def test_yaml_and_toml_config_files_with_cli_precedence(tmp_path):
 def test_config_file_errors_name_the_setting(tmp_path):
     cases = {
         "unknown.yaml": ("learning_rate: 1\n", "unknown setting 'learning_rate'"),
-        "type.toml": ('grid_steps = "fifty"\n', "grid_steps must be a int"),
+        "type.toml": ('grid_steps = "fifty"\n', "grid_steps must be an integer"),
         "list.yaml": ("- 1\n- 2\n", "must be a mapping"),
         "broken.toml": ("lr = = 1\n", "cannot parse"),
-        "bool.yaml": ("balance: on\n", "balance must be a str"),  # YAML 1.1 reads a bare `on` as True: refused, not misread
+        "bool.yaml": ("balance: on\n", "balance must be a string"),  # YAML 1.1 reads a bare `on` as True: refused, not misread
     }
     for name, (text, pattern) in cases.items():
         (tmp_path / name).write_text(text)
@@ -142,7 +142,7 @@ def test_validation_errors():
         ({"resolution": 100}, "multiple of 8"),
         ({"grid_steps": 1}, "grid_steps"),
         ({"precision": "fp8"}, "precision must be one of"),
-        ({"lr": 0.0}, "lr must be a positive number"),
+        ({"lr": 0.0}, r"lr must be a finite number in \(0, 1\]"),
     ]:
         with pytest.raises(TrainingError, match=pattern):
             TrainConfig(**base, **change).validate()

@@ -9,6 +9,7 @@ Errors in the input are one line on stderr and exit status 2, before any trainin
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -132,4 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_train(argv)
     except (TrainingError, AnnealingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        # a write outside atomic_write (the log) on a full disk: one line, as atomic_write says it
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: no space left on device{where}", file=sys.stderr)
         return 2

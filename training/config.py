@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ HELP = {
     "keep_checkpoints": "periodic checkpoints to keep (the final one is always kept)",
     "log_every": "write a line to train_log.jsonl every N optimizer steps",
     "resume": "continue from the resume state in the output folder",
+    "overwrite": "start again in an output folder that holds a run, removing that run's files (checkpoints, resume state, log, report)",
     "device": "auto|cpu|cuda (accelerate picks the device per process; cpu forces the CPU)",
 }
 
@@ -78,6 +80,64 @@ CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
 }
+
+
+#: Inclusive bounds of every integer setting (``None`` stays allowed where the field allows it). They keep a stranger's
+#: config from asking for gigabytes or a run of centuries; each is far beyond any sensible value.
+INT_BOUNDS = {
+    "seed": (0, 2**63 - 1),  # torch generators take 64-bit seeds; the data order adds the epoch to it
+    "resolution": (8, 4096),
+    "batch_size": (1, 1024),
+    "gradient_accumulation": (1, 65536),
+    "images": (1, 10**9),
+    "max_steps": (1, 10**9),
+    "grid_steps": (2, 1000),
+    "mlp_hidden": (1, 4096),  # 4096 x 16 layers is 270 M parameters, 2000 times the paper's MLP
+    "mlp_layers": (0, 16),
+    "num_workers": (0, 64),
+    "checkpoint_every": (1, 10**9),
+    "keep_checkpoints": (0, 10**4),
+    "log_every": (1, 10**9),
+}
+#: (low, high, low excluded, high excluded) of every float setting; NaN and infinity are always refused.
+FLOAT_BOUNDS = {
+    "lr": (0.0, 1.0, True, False),
+    "weight_decay": (0.0, 10.0, False, False),
+    "lambda_min": (0.0, 1.0, False, False),
+    "lambda_max": (0.0, 1.0, False, False),
+    "cads_noise_scale": (0.0, 10.0, False, False),
+    "cads_tau1": (0.0, 1.0, False, False),
+    "cads_tau2": (0.0, 1.0, False, False),
+    "cads_psi": (0.0, 1.0, False, False),
+    "delta_weight": (0.0, 1e6, False, False),
+    "balance_momentum": (0.0, 1.0, False, True),
+    "delta_normalization": (0.0, 1e6, True, False),
+    "max_grad_norm": (0.0, 1e6, False, False),
+}
+PATH_SETTINGS = ("model", "config_folder", "dataset", "output", "embeddings")
+MAX_PATH_CHARS = 4096
+MAX_NAME_CHARS = 128
+#: A config file holds about 45 short settings (~2 KB); anything far larger is not one.
+MAX_CONFIG_BYTES = 64 * 1024
+#: Nesting a flat mapping of settings needs 2 levels; deeper input is refused before it can exhaust the parser's stack.
+MAX_YAML_DEPTH = 8
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_CAPTION_EXTENSION = re.compile(r"^\.[A-Za-z0-9_][A-Za-z0-9_.-]{0,30}$")
+_NAME_PUNCTUATION = set("_-.+ ()[]")
+
+
+def _bound(value: int) -> str:
+    return "2^63 - 1" if value == 2**63 - 1 else f"{value:,}".replace(",", "_") if value >= 10**6 else str(value)
+
+
+def _valid_file_stem(name: str) -> bool:
+    """A plain file name: no separators, no drive, not hidden (our temp files start with a dot), nothing Windows trims."""
+    return (
+        0 < len(name) <= MAX_NAME_CHARS
+        and (name[0].isalnum() or name[0] == "_")
+        and name[-1] not in ". "
+        and all(c.isalnum() or c in _NAME_PUNCTUATION for c in name)
+    )
 
 
 @dataclass
@@ -126,51 +186,83 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     resume: bool = False
+    overwrite: bool = False
     device: str = "auto"
     # Filled in by the trainer (not settable): kept so a resume can check compatibility.
     extra: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------------------------------------ validation
     def validate(self, need_paths: bool = True) -> TrainConfig:
-        """Check ranges and choices; raise a one-line TrainingError naming the parameter."""
+        """Check every setting's type, finiteness, range and name; raise a one-line TrainingError naming the setting.
+
+        Runs before anything is read or loaded, so a bad value never costs a model load or a training run."""
+        from .files import shown
+
         if need_paths:
             for name in ("model", "dataset", "output"):
                 if not getattr(self, name):
                     raise TrainingError(f"--{name.replace('_', '-')} is required ({HELP[name]})")
-        positive = ("batch_size", "gradient_accumulation", "images", "grid_steps", "mlp_hidden", "checkpoint_every", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("mlp_layers", "num_workers", "keep_checkpoints"):
-            if getattr(self, name) < 0:
-                raise TrainingError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise TrainingError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise TrainingError(f"resolution must be a positive multiple of 8, got {self.resolution}")
-        if self.grid_steps < 2 or self.grid_steps > 1000:
-            raise TrainingError(f"grid_steps must be in [2, 1000], got {self.grid_steps}")
-        if not 0.0 <= self.lambda_min <= self.lambda_max <= 1.0:
+        for f in config_fields():
+            value = getattr(self, f.name)
+            if value is None and "None" in str(f.type):
+                continue
+            kind = _field_kind(f)
+            if f.name == "gradient_checkpointing" and value == "auto":
+                continue
+            ok = isinstance(value, bool) if kind is bool else isinstance(value, kind) and not isinstance(value, bool)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            if not ok:
+                raise TrainingError(f"{f.name} must be {_KIND_NAMES[kind]}, got {shown(value)}")
+        for name, (low, high) in INT_BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise TrainingError(f"{name} must be an integer in [{_bound(low)}, {_bound(high)}], got {shown(value)}")
+        for name, (low, high, open_low, open_high) in FLOAT_BOUNDS.items():
+            value = getattr(self, name)
+            inside = math.isfinite(value) and (low < value if open_low else low <= value) and (value < high if open_high else value <= high)
+            if not inside:
+                interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+                raise TrainingError(f"{name} must be a finite number in {interval}, got {shown(value)}")
+        if self.resolution is not None and self.resolution % 8:
+            raise TrainingError(f"resolution must be a multiple of 8, got {self.resolution}")
+        if self.lambda_min > self.lambda_max:
             raise TrainingError(f"need 0 <= lambda_min <= lambda_max <= 1, got {self.lambda_min} and {self.lambda_max}")
-        for name in ("lr", "delta_normalization"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise TrainingError(f"{name} must be a positive number, got {value}")
-        for name in ("weight_decay", "delta_weight", "max_grad_norm", "cads_noise_scale"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise TrainingError(f"{name} must be a number >= 0, got {value}")
-        if not 0.0 <= self.balance_momentum < 1.0:
-            raise TrainingError(f"balance_momentum must be in [0, 1), got {self.balance_momentum}")
-        if not 0.0 <= self.cads_psi <= 1.0:
-            raise TrainingError(f"cads_psi must be in [0, 1], got {self.cads_psi}")
         if self.cads_tau2 <= self.cads_tau1:
             raise TrainingError(f"cads_tau2 must exceed cads_tau1, got {self.cads_tau1} and {self.cads_tau2}")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise TrainingError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        if not self.caption_extension.startswith("."):
-            raise TrainingError(f"caption_extension must start with a dot, got {self.caption_extension!r}")
+                raise TrainingError(f"{name} must be one of {', '.join(allowed)}; got {shown(getattr(self, name))}")
+        for name in PATH_SETTINGS:
+            value = getattr(self, name)
+            if value is not None and (not value or "\0" in value or len(value) > MAX_PATH_CHARS):
+                raise TrainingError(f"{name} must be a path of 1 to {MAX_PATH_CHARS} characters without NUL bytes, got {shown(value)}")
+        if not _CAPTION_EXTENSION.match(self.caption_extension):
+            raise TrainingError(f"caption_extension must be a dot and 1 to 31 letters, digits, _ . or -, got {shown(self.caption_extension)}")
+        from .data import IMAGE_EXTENSIONS
+
+        if self.caption_extension.lower() in IMAGE_EXTENSIONS:
+            raise TrainingError(f"caption_extension must not be an image extension, got {shown(self.caption_extension)}")
+        if self.output_name is not None and not _valid_file_stem(self.output_name):
+            raise TrainingError(
+                f"output_name must be a file name without extension: 1 to {MAX_NAME_CHARS} letters, digits, spaces or _ - . + ( ) [ ], "
+                f"starting with a letter, digit or _ (no folders), got {shown(self.output_name)}"
+            )
+        if self.model_family is not None:
+            import annealing
+
+            try:  # the checkpoint's own rule, so a name that would be refused when the first checkpoint is saved is refused now
+                annealing.CheckpointMetadata(model_family=self.model_family)
+            except ValueError as exc:
+                raise TrainingError(str(exc)) from None
+        if self.resume and self.overwrite:
+            raise TrainingError("resume and overwrite exclude each other: --resume continues the run in the output folder, --overwrite starts it again")
+        try:  # the core's own architecture bounds (it may be stricter than ours)
+            import annealing
+
+            annealing.GuidanceModelConfig(hidden_size=self.mlp_hidden, n_layers=self.mlp_layers, delta_embed_normalization=self.delta_normalization)
+        except ValueError as exc:
+            raise TrainingError(f"guidance MLP settings (mlp_hidden, mlp_layers, delta_normalization): {exc}") from None
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,6 +286,8 @@ def _field_kind(f: dataclasses.Field) -> type:
 
 def coerce(name: str, value: Any, source: str) -> Any:
     """Check a config-file value against the field's type (ints are accepted where floats are expected)."""
+    from .files import shown
+
     f = {f.name: f for f in config_fields()}[name]
     if value is None:
         if "None" in str(f.type):
@@ -210,40 +304,75 @@ def coerce(name: str, value: Any, source: str) -> Any:
             return value
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # a 400-digit integer: out of range, which validate() then says
+                return math.inf if value > 0 else -math.inf
     elif isinstance(value, str):
         return value
-    raise TrainingError(f"{source}: {name} must be a {kind.__name__}, got {value!r}")
+    raise TrainingError(f"{source}: {name} must be {_KIND_NAMES[kind]}, got {shown(value)}")
+
+
+def _safe_yaml_loader():
+    """``yaml.SafeLoader`` that refuses aliases (a 400-byte "billion laughs" file expands to gigabytes through them, and a
+    flat mapping of settings never needs one) and nesting deeper than a config file can use."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                line = self.peek_event().start_mark.line + 1
+                raise TrainingError(f"line {line}: YAML aliases (*name) are not allowed in config files; write the value out")
+            if self.depth >= MAX_YAML_DEPTH:
+                raise TrainingError(f"line {self.peek_event().start_mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels")
+            self.depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return Loader
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Parse a YAML (.yaml/.yml) or TOML (.toml) config file into checked ``TrainConfig`` keyword arguments."""
+    """Parse a YAML (.yaml/.yml) or TOML (.toml) config file into checked ``TrainConfig`` keyword arguments.
+
+    The file is bounded (a regular file of at most ``MAX_CONFIG_BYTES``, UTF-8) before it is parsed, YAML aliases are
+    refused, and no error message echoes more than a short piece of a value."""
+    from .files import read_text, shown
+
     path = Path(path)
-    if not path.is_file():
-        raise TrainingError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".toml"):
+        raise TrainingError(f"{path}: config files must end in .yaml, .yml or .toml")
+    if not path.exists():
+        raise TrainingError(f"{path}: config file not found")
+    text = read_text(path, MAX_CONFIG_BYTES, "config file")
     try:
         if suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        elif suffix == ".toml":
+            loader = _safe_yaml_loader()(text)
+            try:
+                data = loader.get_single_data()
+            finally:
+                loader.dispose()
+        else:
             try:
                 import tomllib
             except ImportError:  # Python 3.10
                 try:
                     import tomli as tomllib
                 except ImportError:
-                    raise TrainingError(f"{path}: TOML configs need Python 3.11+ or `pip install tomli`; or use YAML") from None
+                    raise TrainingError("TOML configs need Python 3.11+ or `pip install tomli`; or use YAML") from None
             data = tomllib.loads(text)
-        else:
-            raise TrainingError(f"{path}: config files must end in .yaml, .yml or .toml")
-    except TrainingError:
-        raise
-    except Exception as exc:  # yaml.YAMLError / tomllib.TOMLDecodeError
+    except TrainingError as exc:
+        raise TrainingError(f"{path}: {exc}") from None
+    except RecursionError:
+        raise TrainingError(f"{path}: cannot parse the config file (nested too deeply)") from None
+    except Exception as exc:  # yaml.YAMLError / tomllib.TOMLDecodeError / ValueError for a number too long to convert
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrainingError(f"{path}: cannot parse the config file ({first})") from None
+        raise TrainingError(f"{path}: cannot parse the config file ({first[:200]})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -251,9 +380,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     known = {f.name for f in config_fields()}
     values = {}
     for key, value in data.items():
-        name = str(key).replace("-", "_")
+        name = key.replace("-", "_") if isinstance(key, str) else None
         if name not in known:
-            raise TrainingError(f"{path}: unknown setting {key!r}")
+            raise TrainingError(f"{path}: unknown setting {shown(key)}")
         values[name] = coerce(name, value, str(path))
     return values
 

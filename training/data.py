@@ -6,9 +6,15 @@ Dataset layouts
 * A ``.jsonl`` manifest, one JSON object per line: ``{"image": "path/relative/to/manifest.jpg", "caption": "..."}``
   (``file_name``/``path`` and ``text`` are accepted as aliases).
 
-Images are resized so the short side equals the resolution (bicubic), center-cropped to a square and scaled to [-1, 1].
-An image that cannot be decoded is skipped and counted, never fatal; a missing caption is an error unless skipping
-is asked for.
+Images are center-cropped to a square and resized to the resolution (bicubic), then scaled to [-1, 1]; 16-bit images
+by their 16-bit range, float images as [0, 1] (or by their own range when their values lie outside it). An image that
+cannot be decoded, is not a regular file, has more than ``MAX_IMAGE_PIXELS`` pixels or is longer than
+``MAX_ASPECT_RATIO`` times its width (or the reverse) is skipped and counted, never fatal; a missing caption is an
+error unless skipping is asked for.
+
+Everything read here may come from strangers, so it is bounded before use: only regular files are opened (a FIFO would
+hang the run), caption files and manifest lines have a size limit, a dataset has at most ``MAX_SAMPLES`` samples and
+``MAX_TEXT_BYTES`` of captions, and an image's pixel count is checked from its header before it is decoded.
 
 Precomputed embeddings (``python -m training embed``) live in a folder:
 * ``index.json``: {"format": "annealing-training-embeddings", "version": 1, "model_family", "base_model",
@@ -31,8 +37,27 @@ from pathlib import Path
 import torch
 
 from .config import TrainingError
+from .files import NotARegularFile, clipped, decode_utf8, format_size, open_regular, read_text, shown
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+#: The decoders PIL may use: those of the extensions above. A file is identified by its content, so without this list a
+#: ``.png`` holding, say, EPS would reach a plugin that runs an external program.
+PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF")  # JPEG includes multi-picture (MPO) files
+#: Pixels an image may have (checked from the header, before decoding): 64 Mpx, an 8K x 8K image; 192 MiB as RGB.
+MAX_IMAGE_PIXELS = 2**26
+#: Longest side / shortest side. The center crop of a longer image keeps less than an eighth of it; a 1 x 10000 image
+#: would otherwise be resized to 512 x 5.12 M pixels.
+MAX_ASPECT_RATIO = 8
+#: A caption (file or manifest field); the text encoders read at most a few hundred tokens of it.
+MAX_CAPTION_BYTES = 64 * 1024
+#: A manifest line: a caption and an image path, with room to spare.
+MAX_MANIFEST_LINE_BYTES = 256 * 1024
+#: Samples of a dataset (50 x the paper's 20k), and bytes of caption text a dataset may hold in memory in total.
+MAX_SAMPLES = 1_000_000
+MAX_TEXT_BYTES = 256 * 2**20
+#: PIL modes with more than 8 bits per channel: PIL's ``convert("RGB")`` clips them to black and white, so they are
+#: scaled by their real range instead (16-bit integers by 65535, floats by [0, 1] or their own range).
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 EMBEDDINGS_FORMAT = "annealing-training-embeddings"
 
 
@@ -55,49 +80,90 @@ def caption_key(caption: str) -> str:
 # ------------------------------------------------------------------------------------------------------------ scanning
 
 
+def _too_many(where) -> TrainingError:
+    return TrainingError(f"{where}: more than {MAX_SAMPLES:,} samples; split the dataset (at most {MAX_SAMPLES:,} per run)")
+
+
 def scan_folder(root: Path, caption_extension: str = ".txt", skip_missing_captions: bool = False) -> DatasetScan:
     """Images under ``root`` (recursive, sorted) with their same-named caption files."""
     samples, missing = [], []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+    text_bytes = 0
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())  # is_file: regular only
+    if len(images) > MAX_SAMPLES:
+        raise _too_many(root)
+    for path in images:
         caption_path = path.with_suffix(caption_extension)
-        if not caption_path.is_file():
+        if not caption_path.exists():
             if not skip_missing_captions:
                 raise TrainingError(f"{path}: no caption file {caption_path.name} (pass --skip-missing-captions to skip such images)")
             missing.append(path)
             continue
-        try:
-            caption = caption_path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise TrainingError(f"{caption_path}: cannot read the caption ({exc})") from None
+        caption = read_text(caption_path, MAX_CAPTION_BYTES, "caption file").strip()
+        text_bytes += len(caption)
+        if text_bytes > MAX_TEXT_BYTES:
+            raise TrainingError(f"{root}: the captions add up to more than {format_size(MAX_TEXT_BYTES)}")
         samples.append(Sample(path, caption))
     return DatasetScan(samples, missing)
+
+
+def _manifest_lines(manifest: Path):
+    """(number, text) of each line, bounded in length, count and total size, decoded as UTF-8."""
+    try:
+        handle = open_regular(manifest)
+    except NotARegularFile as exc:
+        raise TrainingError(f"{manifest}: the manifest is {exc}") from None
+    except OSError as exc:
+        raise TrainingError(f"{manifest}: cannot read the manifest ({exc.strerror or type(exc).__name__})") from None
+    total = 0
+    with handle:
+        for number in range(1, 2**62):
+            line = handle.readline(MAX_MANIFEST_LINE_BYTES + 1)
+            if not line:
+                return
+            if len(line) > MAX_MANIFEST_LINE_BYTES:
+                raise TrainingError(f"{manifest}:{number}: line longer than {format_size(MAX_MANIFEST_LINE_BYTES)}")
+            total += len(line)
+            if total > MAX_TEXT_BYTES:
+                raise TrainingError(f"{manifest}: larger than {format_size(MAX_TEXT_BYTES)}; split the dataset")
+            if number > 2 * MAX_SAMPLES:  # blank and skipped lines are allowed, but not without end
+                raise TrainingError(f"{manifest}: more than {2 * MAX_SAMPLES:,} lines; split the dataset")
+            yield number, decode_utf8(line, manifest, "manifest", number)
 
 
 def read_manifest(manifest: Path, skip_missing_captions: bool = False) -> DatasetScan:
     """Samples of a JSONL manifest; image paths are relative to the manifest's folder unless absolute."""
     samples, missing = [], []
     base = manifest.parent
-    with open(manifest, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TrainingError(f"{manifest}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise TrainingError(f"{manifest}:{number}: expected a JSON object with image and caption")
-            image = next((row[k] for k in ("image", "file_name", "path") if k in row), None)
-            if not isinstance(image, str) or not image:
-                raise TrainingError(f"{manifest}:{number}: missing the image path (key 'image')")
-            path = Path(image) if os.path.isabs(image) else base / image
-            caption = next((row[k] for k in ("caption", "text") if k in row), None)
-            if caption is None or not isinstance(caption, str):
-                if not skip_missing_captions:
-                    raise TrainingError(f"{manifest}:{number}: missing caption for {image} (pass --skip-missing-captions to skip such rows)")
-                missing.append(path)
-                continue
-            samples.append(Sample(path, caption.strip()))
+    for number, line in _manifest_lines(manifest):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TrainingError(f"{manifest}:{number}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise TrainingError(f"{manifest}:{number}: not valid JSON (nested too deeply)") from None
+        except ValueError as exc:  # an integer too long to convert
+            raise TrainingError(f"{manifest}:{number}: not valid JSON ({str(exc)[:100]})") from None
+        if not isinstance(row, dict):
+            raise TrainingError(f"{manifest}:{number}: expected a JSON object with image and caption")
+        image = next((row[k] for k in ("image", "file_name", "path") if k in row), None)
+        if not isinstance(image, str) or not image:
+            raise TrainingError(f"{manifest}:{number}: missing the image path (key 'image')")
+        if "\0" in image or len(image) > 4096:
+            raise TrainingError(f"{manifest}:{number}: not a usable image path ({shown(image)})")
+        path = Path(image) if os.path.isabs(image) else base / image
+        caption = next((row[k] for k in ("caption", "text") if k in row), None)
+        if caption is None or not isinstance(caption, str):
+            if not skip_missing_captions:
+                raise TrainingError(f"{manifest}:{number}: missing caption for {clipped(image)} (pass --skip-missing-captions to skip such rows)")
+            missing.append(path)
+            continue
+        if len(caption) > MAX_CAPTION_BYTES:
+            raise TrainingError(f"{manifest}:{number}: caption longer than {format_size(MAX_CAPTION_BYTES)}")
+        samples.append(Sample(path, caption.strip()))
+        if len(samples) > MAX_SAMPLES:
+            raise _too_many(manifest)
     return DatasetScan(samples, missing)
 
 
@@ -107,7 +173,7 @@ def scan_dataset(dataset: str | Path, caption_extension: str = ".txt", skip_miss
     if path.is_dir():
         scan = scan_folder(path, caption_extension, skip_missing_captions)
         kind = f"no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) with captions"
-    elif path.is_file():
+    elif path.exists():
         if path.suffix.lower() != ".jsonl":
             raise TrainingError(f"{path}: a dataset is a folder of images or a .jsonl manifest")
         scan = read_manifest(path, skip_missing_captions)
@@ -122,21 +188,57 @@ def scan_dataset(dataset: str | Path, caption_extension: str = ".txt", skip_miss
 # ------------------------------------------------------------------------------------------------------------ images
 
 
+def check_image_size(width: int, height: int) -> None:
+    """Refuse (ValueError: the image is skipped) sizes whose decode or resize would cost too much, before decoding."""
+    if width < 1 or height < 1:
+        raise ValueError(f"empty image ({width} x {height})")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{width} x {height} pixels is more than {MAX_IMAGE_PIXELS:,}")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(f"{width} x {height} is longer than {MAX_ASPECT_RATIO}:1")
+
+
+def _high_depth_range(mode: str, low: float, high: float) -> tuple[float, float]:
+    """The values that map to black and white for a 16-bit or float image whose pixels lie in [low, high]."""
+    if mode.startswith("I;16"):
+        return 0.0, 65535.0
+    if mode == "I":  # 32-bit integers; PIL also reads some 16-bit files so
+        return (0.0, 65535.0) if low >= 0 and high <= 65535 else (low, high)
+    if low >= 0 and high <= 1:  # float: [0, 1] is the convention
+        return 0.0, 1.0
+    return min(low, 0.0), high
+
+
 def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """(3, R, R) float32 in [-1, 1]: short side resized to R (bicubic), center crop. Raises on undecodable files."""
+    """(3, R, R) float32 in [-1, 1]: the centered square of the image, resized to R (bicubic). Raises on files that cannot
+    be used (see the module docstring), which the dataset turns into a skipped image."""
     from PIL import Image
 
-    with warnings.catch_warnings():
+    with open_regular(path) as raw, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as handle:
+        with Image.open(raw, formats=PIL_FORMATS) as handle:
+            width, height = handle.size
+            check_image_size(width, height)  # from the header: nothing is decoded yet
             handle.load()  # decode fully here so a truncated file fails now
-            image = handle.convert("RGB")
-    width, height = image.size
-    scale = resolution / min(width, height)
-    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
-    image = image.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
+            high_depth = handle.mode in HIGH_DEPTH_MODES
+            image = handle.convert("F") if high_depth else handle.convert("RGB")
+            mode = handle.mode
+    # Crop then resize (the box): the resize target is R x R whatever the aspect ratio.
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    box = (left, top, left + side, top + side)
+    if high_depth:
+        low, high = image.getextrema()
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError("infinite pixel values")
+        black, white = _high_depth_range(mode, low, high)
+        resized = image.resize((resolution, resolution), Image.BICUBIC, box=box)
+        data = torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.float32).reshape(resolution, resolution)
+        if not torch.isfinite(data).all():  # getextrema skips NaN
+            raise ValueError("NaN pixel values")
+        gray = ((data - black) / max(white - black, 1e-30)).clamp(0, 1)
+        return (gray * 2 - 1).expand(3, resolution, resolution).contiguous()
+    image = image.resize((resolution, resolution), Image.BICUBIC, box=box)
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
     return data.permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
 
@@ -215,15 +317,23 @@ class EmbeddingStore:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         index_path = self.folder / "index.json"
-        if not index_path.is_file():
+        if not index_path.exists():
             raise TrainingError(f"{self.folder}: not an embeddings folder (no index.json); write one with `python -m training embed`")
+        text = read_text(index_path, MAX_TEXT_BYTES, "embeddings index")
         try:
-            self.index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise TrainingError(f"{index_path}: cannot read the index ({exc})") from None
+            self.index = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise TrainingError(f"{index_path}: cannot read the index ({str(exc)[:100]})") from None
         if not isinstance(self.index, dict) or self.index.get("format") != EMBEDDINGS_FORMAT:
             raise TrainingError(f"{index_path}: not an embeddings index (format is not {EMBEDDINGS_FORMAT!r})")
-        for shard in self.index["shards"] + ["uncond.safetensors"]:
+        shards, table = self.index.get("shards"), self.index.get("captions")
+        if not (isinstance(shards, list) and all(isinstance(n, str) and n and os.path.basename(n) == n and n not in (".", "..") for n in shards)
+                and isinstance(table, dict) and isinstance(self.index.get("model_family"), str)
+                and isinstance(self.index.get("has_pooled"), bool)):
+            raise TrainingError(f"{index_path}: malformed embeddings index (shards, captions, model_family or has_pooled)")
+        if not all(isinstance(e, list) and len(e) == 2 and all(type(i) is int and i >= 0 for i in e) and e[0] < len(shards) for e in table.values()):
+            raise TrainingError(f"{index_path}: malformed embeddings index (a caption entry is not [shard, row])")
+        for shard in shards + ["uncond.safetensors"]:
             if not (self.folder / shard).is_file():
                 raise TrainingError(f"{self.folder / shard}: embeddings shard missing")
         self._handles: dict[int, object] = {}

@@ -18,10 +18,15 @@ Files in the output folder:
 * ``resume.pt``: MLP, optimizer, step, counters, balance EMA and the seed (plain tensors and dicts, read back with
   ``torch.load(weights_only=True)``); every file is written to a temporary name and renamed;
 * ``train_log.jsonl``: one line every ``log_every`` steps; ``training_report.json``: the final report.
+
+A folder that holds a resumable or finished run is refused unless ``--resume`` continues it or ``--overwrite`` starts
+again (removing only the files above, for the run's output names). Temporary files a killed run left are removed when
+a run starts; a folder whose run was killed before its first resume state was complete starts again by itself.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -42,24 +47,63 @@ from .algorithm import CADSConfig, LossTerms, RunningBalance, annealing_loss
 from .backends import FrozenDiffusionBackend, ModelInfo, TextCondition, default_resolution, detect_model, load_backend
 from .config import TrainConfig, TrainingError
 from .data import EmbeddingStore, ImageCaptionDataset, MicroBatchSampler, collate, scan_dataset
+from .files import shown
 
 RESUME_FORMAT = "annealing-training-resume"
 RESUME_FILE = "resume.pt"
+LOG_FILE = "train_log.jsonl"
+REPORT_FILE = "training_report.json"
+CURVES_FILE = "training_curves.png"
+WRITE_TEST_PREFIX = ".write-test-"
+#: Counters of the resume state (non-negative integers).
+RESUME_COUNTERS = ("step", "micro_step", "images_seen", "nan_losses", "skipped_steps", "skipped_image_events")
 #: Settings a resumed run must share with the run it continues (others, e.g. max_steps, may change).
 RESUME_LOCKED = ("mlp_hidden", "mlp_layers", "delta_normalization", "grid_steps", "model_family_resolved", "resolution_resolved")
 FP16_LOSS_SCALE = 1024.0
 
 
 def ensure_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and prove a file can be written there (one-line error otherwise)."""
+    """Check that ``folder`` is a writable folder, or can be created as one, without creating it (one-line error).
+
+    The folder is only made once every check has passed, so a refused run leaves nothing behind."""
+    folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise TrainingError(f"{folder}: the output path exists and is not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-", delete=True):
-            pass
-    except OSError as exc:
-        raise TrainingError(f"{folder}: output folder is not writable ({exc.strerror or exc})") from None
+    if folder.is_dir():
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=WRITE_TEST_PREFIX, delete=True):
+                pass
+        except OSError as exc:
+            raise TrainingError(f"{folder}: output folder is not writable ({exc.strerror or exc})") from None
+        return
+    parent = folder.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TrainingError(f"{folder}: cannot create the output folder, {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainingError(f"{folder}: cannot create the output folder, {parent} is not writable")
+
+
+def run_files(output: Path, names) -> list[Path]:
+    """The files of a training run in ``output`` that exist: for each output name its final and periodic checkpoints,
+    and the run's resume state, log, report and curves. Nothing else in the folder is the run's."""
+    found = [output / f for f in (RESUME_FILE, LOG_FILE, REPORT_FILE, CURVES_FILE)]
+    for name in sorted(set(names)):
+        found.append(output / f"{name}.safetensors")
+        found += sorted((output / "checkpoints").glob(f"{glob.escape(name)}-step*.safetensors"))
+    return [path for path in found if path.is_file() or path.is_symlink()]
+
+
+def stale_temp_files(output: Path, names) -> list[Path]:
+    """Temporary files that a killed run left behind (``atomic_write`` names them ``.<file>.<random>.tmp``)."""
+    found = list(output.glob(f"{WRITE_TEST_PREFIX}*"))
+    for fixed in (RESUME_FILE, LOG_FILE, REPORT_FILE, CURVES_FILE):
+        found += output.glob(f".{glob.escape(fixed)}.*.tmp")
+    for name in sorted(set(names)):
+        found += output.glob(f".{glob.escape(name)}.safetensors.*.tmp")
+        found += (output / "checkpoints").glob(f".{glob.escape(name)}-step*.safetensors.*.tmp")
+    return sorted(path for path in found if path.is_file() or path.is_symlink())
 
 
 def micro_seed(seed: int, rank: int, micro_step: int) -> int:
@@ -129,6 +173,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ checks
     def preflight(self) -> None:
+        """Every check that bad input can fail, before any weight is loaded and before anything is written: the output
+        folder is created only when training starts (``_prepare_output``)."""
         cfg = self.config.validate()
         self.output = Path(cfg.output)
         ensure_writable(self.output)
@@ -157,24 +203,74 @@ class Trainer:
             "resolution_resolved": self.resolution,
         }
         self.resume_state = self._read_resume() if cfg.resume else None
+        self._plan_output()
 
-    def _read_resume(self) -> dict | None:
+    def _read_resume(self) -> dict:
         path = self.output / RESUME_FILE
-        if not path.is_file():
+        if not path.exists():
             raise TrainingError(f"{path}: --resume given but there is no resume state in the output folder")
-        try:
-            with open(path, "rb") as handle:
-                state = torch.load(handle, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TrainingError(f"{path}: unreadable resume state ({first[:200]})") from None
-        if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
-            raise TrainingError(f"{path}: not a training resume state")
+        state = load_resume_state(path)
         saved = json.loads(state["locked"])
         for key in RESUME_LOCKED:
             if saved.get(key) != self.locked[key]:
-                raise TrainingError(f"{path}: cannot resume, {key} was {saved.get(key)!r} and is now {self.locked[key]!r}")
+                raise TrainingError(f"{path}: cannot resume, {key} was {shown(saved.get(key))} and is now {shown(self.locked[key])}")
+        problem = resume_shape_problem(state, self._mlp_config())
+        if problem:
+            raise TrainingError(f"{path}: malformed resume state ({problem}); start again without --resume")
         return state
+
+    def _mlp_config(self) -> annealing.GuidanceModelConfig:
+        cfg = self.config
+        return annealing.GuidanceModelConfig(hidden_size=cfg.mlp_hidden, n_layers=cfg.mlp_layers, delta_embed_normalization=cfg.delta_normalization)
+
+    def _plan_output(self) -> None:
+        """Decide what becomes of what the output folder holds; nothing is changed before training starts.
+
+        A folder with a finished or resumable run (a valid resume state, or this run's final checkpoint) is refused
+        unless ``--resume`` continues it or ``--overwrite`` starts again; the files of a run that left neither (it was
+        killed before its first resume state was complete) are removed, and the run starts again, saying so."""
+        cfg = self.config
+        self.run_names = {self.output_name}
+        self.remove_at_start: list[Path] = []
+        self.output_note: str | None = None
+        if not self.output.is_dir():
+            return
+        if self.resume_state is not None:
+            self.run_names.add(_run_name(self.resume_state))
+            return
+        state, problem = None, ""
+        if (self.output / RESUME_FILE).exists():
+            try:
+                state = load_resume_state(self.output / RESUME_FILE)
+                self.run_names.add(_run_name(state))
+            except TrainingError as exc:
+                reason = str(exc).removeprefix(f"{self.output / RESUME_FILE}: ").split("; start again")[0]
+                problem = f" ({RESUME_FILE} is unusable: {reason})"
+        final = self.output / f"{self.output_name}.safetensors"
+        held = ([f"a resume state at step {state['step']}"] if state is not None else []) + ([final.name] if final.exists() else [])
+        if held and not cfg.overwrite:
+            raise TrainingError(f"{self.output} holds a training run ({', '.join(held)}); pass --resume to continue it or --overwrite to start again")
+        self.remove_at_start = run_files(self.output, self.run_names)
+        if held and self.remove_at_start:
+            self.output_note = f"--overwrite: removing the {len(self.remove_at_start)} file(s) of the earlier run in {self.output}"
+        elif self.remove_at_start:
+            self.output_note = (f"{self.output}: an earlier run left no resume state and no final checkpoint{problem}; starting again "
+                                f"(removing its {len(self.remove_at_start)} file(s))")
+
+    def _prepare_output(self) -> None:
+        """Create the output folder (only now, so a run refused by any check leaves none), remove what ``_plan_output``
+        chose and the temporary files a killed run left; main process only, the others wait."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            try:
+                self.output.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise TrainingError(f"{self.output}: cannot create the output folder ({exc.strerror or exc})") from None
+            if self.output_note:
+                acc.print(self.output_note)
+            for path in self.remove_at_start + stale_temp_files(self.output, self.run_names):
+                path.unlink(missing_ok=True)
+        acc.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -319,7 +415,7 @@ class Trainer:
             "locked": json.dumps(locked, sort_keys=True),
             "config": self.config.to_json(),
         }
-        atomic_write(self.output / RESUME_FILE, lambda tmp: torch.save(state, tmp))
+        atomic_write(self.output / RESUME_FILE, lambda tmp: _torch_save(state, tmp))
 
     def _prune_checkpoints(self) -> None:
         keep = self.config.keep_checkpoints
@@ -340,6 +436,7 @@ class Trainer:
         if self.info is None:
             self.preflight()
         self.setup()
+        self._prepare_output()
         cfg, acc = self.config, self.accelerator
         start_step = self.step
         resumed_from = start_step if self.resume_state is not None else None
@@ -526,6 +623,124 @@ class _Window:
         return out
 
 
+def _torch_save(obj, path) -> None:
+    # through a Python file: a full disk then reaches atomic_write as an OSError (torch's own path writer reports only
+    # "unexpected pos ...")
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
+def _run_name(state: dict) -> str:
+    """The output name of the run a (checked) resume state belongs to."""
+    from .config import _valid_file_stem
+
+    config, locked = json.loads(state["config"]), json.loads(state["locked"])
+    name = config.get("output_name") if isinstance(config, dict) else None
+    name = name if isinstance(name, str) else f"annealing_{locked.get('model_family_resolved')}"
+    return name if _valid_file_stem(name) else "annealing_unknown"
+
+
+def load_resume_state(path: Path) -> dict:
+    """Read and check a resume state (structure and types; the architecture is checked by ``resume_shape_problem``)."""
+    from .files import NotARegularFile, open_regular
+
+    try:
+        with open_regular(path) as handle:
+            state = torch.load(handle, map_location="cpu", weights_only=True)
+    except NotARegularFile as exc:
+        raise TrainingError(f"{path}: the resume state is {exc}") from None
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrainingError(f"{path}: unreadable resume state ({first[:200]})") from None
+    problem = resume_state_problem(state)
+    if problem:
+        raise TrainingError(f"{path}: malformed resume state ({problem}); start again without --resume")
+    return state
+
+
+def resume_state_problem(state) -> str | None:
+    """What is wrong with the fields of a resume state, or None: every field ``_apply_resume`` reads, with its type."""
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        return "not a training resume state"
+    if state.get("version") != 1:
+        return f"version {shown(state.get('version'))} is not 1"
+
+    def missing_or(key: str, what: str) -> str:
+        return f"{key} is missing" if key not in state else f"{key} is {shown(state[key])}, not {what}"
+
+    for key in RESUME_COUNTERS:
+        if type(state.get(key)) is not int or state[key] < 0:
+            return missing_or(key, "a count")
+    if type(state.get("seed")) is not int:
+        return missing_or("seed", "an integer")
+    decoded = {}
+    for key, kind in (("failed_paths", list), ("locked", dict), ("config", dict)):
+        if not isinstance(state.get(key), str):
+            return missing_or(key, "JSON text")
+        try:
+            decoded[key] = json.loads(state[key])
+        except (ValueError, RecursionError):
+            return f"{key} is not valid JSON"
+        if not isinstance(decoded[key], kind):
+            return f"{key} is not a JSON {'list' if kind is list else 'object'}"
+    if not all(isinstance(p, str) for p in decoded["failed_paths"]):
+        return "failed_paths is not a list of paths"
+    for key in RESUME_LOCKED + ("effective_batch", "seed"):
+        if key not in decoded["locked"]:
+            return f"locked settings lack {key}"
+    for key in ("balance_quality", "balance_alignment"):
+        value = state.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            return missing_or(key, "a finite number or None")
+    mlp = state.get("mlp")
+    if not isinstance(mlp, dict) or not mlp:
+        return missing_or("mlp", "the MLP's weights")
+    for key, value in mlp.items():
+        if not isinstance(key, str) or not _plain_tensor(value) or not value.is_floating_point() or not torch.isfinite(value).all():
+            return f"MLP weight {shown(key)} is not a finite float tensor"
+    optimizer = state.get("optimizer")
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict) and isinstance(optimizer.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in optimizer["param_groups"])):
+        return missing_or("optimizer", "an optimizer state (state and param_groups)")
+    return None
+
+
+def resume_shape_problem(state: dict, mlp_config: annealing.GuidanceModelConfig) -> str | None:
+    """What in a checked resume state does not fit an MLP of ``mlp_config`` (weights, optimizer moments, hyperparameters)."""
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = annealing.GuidanceScaleModel(mlp_config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    weights = {k: tuple(v.shape) for k, v in state["mlp"].items()}
+    if weights != expected:
+        wrong = sorted(set(weights) ^ set(expected)) or sorted(k for k in expected if weights[k] != expected[k])
+        return f"MLP weights do not fit the configured MLP (e.g. {shown(wrong[0])})"
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    groups = state["optimizer"]["param_groups"]
+    ids = [i for group in groups for i in group["params"]]
+    if len(ids) != len(shapes) or len(set(ids)) != len(ids) or not all(type(i) is int for i in ids):
+        return f"the optimizer state is for {len(ids)} parameters, the MLP has {len(shapes)}"
+    for group in groups:
+        for key, value in group.items():
+            values = value if isinstance(value, (tuple, list)) and key != "params" else [value]
+            if key != "params" and any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                return f"optimizer setting {shown(key)} is not finite"
+    position = {i: n for n, i in enumerate(ids)}
+    for index, moments in state["optimizer"]["state"].items():
+        if index not in position or not isinstance(moments, dict):
+            return f"optimizer state for an unknown parameter {shown(index)}"
+        for key, value in moments.items():
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)  # "step" is a plain number in some versions
+            if not (math.isfinite(value) if number else _plain_tensor(value) and bool(torch.isfinite(value).all())):
+                return f"optimizer {shown(key)} is not a finite tensor"
+            if key in ("exp_avg", "exp_avg_sq") and tuple(value.shape) != shapes[position[index]]:
+                return f"optimizer {key} of parameter {index} has shape {tuple(value.shape)}, expected {shapes[position[index]]}"
+    return None
+
+
+def _plain_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) and value.layout == torch.strided and not value.is_meta
+
+
 def _to_cpu(value):
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
@@ -566,7 +781,7 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():  # a damaged line is dropped below
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
