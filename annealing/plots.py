@@ -167,7 +167,7 @@ def plot_model_explorer(model, lambdas=DEFAULT_LAMBDAS, delta_norms=None, title:
             first = first or ax
             for color, lam in zip(colors, lambdas):
                 values = lines[(lam, d)] * factor if row == 0 else lines[(lam, d)]
-                ax.plot(timesteps, values, color=color, label=f"lambda {lam:g}")
+                ax.plot(timesteps, values, color=color, label=f"{lam:g}")
             ax.set_xlim(timesteps[0], timesteps[-1])
             ax.set_title(f"{name}, ||delta|| = {d:g}", fontsize=9)
             ax.set_xlabel(t_label, fontsize=8)

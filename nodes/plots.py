@@ -43,7 +43,7 @@ class AnnealingSchedulePlot(io.ComfyNode):
         if run is None:
             fig = plot_trace(GuidanceTrace(steps=[]), title=f"{hook.source}: no sampling run recorded yet")
         else:
-            title = f"{hook.source}: lambda {lam:g}, {run.sampler_name or 'unknown sampler'}, {run.mode}\n{run.rule}"
+            title = f"{hook.source}: lambda {lam:g}, {run.sampler_name or 'unknown sampler'}\n{run.rule}"
             note = None if matched else "these samples match none of this guider's runs: showing its latest run"
             fig = plot_trace(run.trace, title=title, note=note)
         image = figure_to_tensor(fig)

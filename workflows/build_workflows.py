@@ -80,6 +80,19 @@ SD3_ANNEALING = "annealing_sd3_my_training.safetensors"
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed, dramatic lighting"
 
 
+#: Layout: the frontend draws a node's title bar above its position and its body at the size given here (wider where its
+#: text needs it); nodes are placed in columns, each below or beside the last, so none is drawn over another.
+TITLE_HEIGHT = 30
+GAP = 50
+WIDTHS = {"CLIPTextEncode": 400, "StageWiseGuidance": 420}
+COLUMNS = (0, 400, 880, 1300, 1700, 2100)  # x of each column: loaders, prompts, guidance, sampling, decode/plots, saves
+
+
+def node_size(node_type: str) -> list[int]:
+    sockets, widgets, outputs = NODE_DEFS[node_type]
+    return [WIDTHS.get(node_type, 320), 60 + 26 * (len(sockets) + len(widgets) + len(outputs))]
+
+
 class Workflow:
     def __init__(self):
         self.nodes = []  # dicts: id, type, title, widgets, pos
@@ -90,8 +103,17 @@ class Workflow:
         missing = set(NODE_DEFS[node_type][1]) - set(widgets)
         if missing:
             raise ValueError(f"{node_type}: missing widget values {sorted(missing)}")
-        self.nodes.append(dict(id=node_id, type=node_type, title=title, widgets=widgets, pos=list(pos), inputs={}))
+        self.nodes.append(dict(id=node_id, type=node_type, title=title, widgets=widgets, pos=list(pos), inputs={}, size=node_size(node_type)))
         return node_id
+
+    def below(self, node_id, gap=GAP):
+        """The position under a node (its title bar and body), in the same column."""
+        node = self.nodes[node_id - 1]
+        return (node["pos"][0], node["pos"][1] + node["size"][1] + TITLE_HEIGHT + gap)
+
+    def right_of(self, node_id, gap=GAP):
+        node = self.nodes[node_id - 1]
+        return (node["pos"][0] + node["size"][0] + gap, node["pos"][1])
 
     def connect(self, src, src_slot, dst, input_name):
         src_type = NODE_DEFS[self.nodes[src - 1]["type"]][2][src_slot][1]
@@ -133,7 +155,7 @@ class Workflow:
             for slot, (name, kind) in enumerate(outputs):
                 out.append({"name": name, "type": kind, "links": [lk[0] for lk in self.links if lk[1] == node["id"] and lk[2] == slot],
                             "slot_index": slot})
-            entry = {"id": node["id"], "type": node["type"], "pos": node["pos"], "size": [320, 60 + 26 * (len(inputs) + len(outputs))],
+            entry = {"id": node["id"], "type": node["type"], "pos": node["pos"], "size": list(node["size"]),
                      "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": out,
                      "properties": {"Node name for S&R": node["type"]}, "widgets_values": values}
             if node["title"]:
@@ -147,9 +169,9 @@ class Workflow:
                 "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
 
 
-def _text_encoders(wf, loader, prompt, x=420):
+def _text_encoders(wf, loader, prompt, x=COLUMNS[1]):
     positive = wf.add("CLIPTextEncode", (x, 80), title="Positive prompt", text=prompt)
-    negative = wf.add("CLIPTextEncode", (x, 320), title="Negative prompt (empty: what the MLP was trained with)", text="")
+    negative = wf.add("CLIPTextEncode", wf.below(positive), title="Negative prompt (empty: what the MLP was trained with)", text="")
     wf.connect(loader, 1, positive, "clip")
     wf.connect(loader, 1, negative, "clip")
     return positive, negative
@@ -157,46 +179,47 @@ def _text_encoders(wf, loader, prompt, x=420):
 
 def _guided_sampling(wf, ckpt, model, positive, negative, annealing, *, fallback_cfg, scheduler, steps, latent_type, prefix):
     """Annealing Guider -> SamplerCustomAdvanced -> decode/save, plus the schedule plot fed by the sampler's output."""
-    guider = wf.add("AnnealingGuider", (860, 80), **ANNEALING_DEFAULTS, fallback_cfg=fallback_cfg)
+    guider = wf.add("AnnealingGuider", (COLUMNS[2], 80), **ANNEALING_DEFAULTS, fallback_cfg=fallback_cfg)
     wf.connect(model, 0, guider, "model")
     wf.connect(positive, 0, guider, "positive")
     wf.connect(negative, 0, guider, "negative")
     wf.connect(annealing, 0, guider, "annealing_model")
-    noise = wf.add("RandomNoise", (860, 520), noise_seed=42)
-    sampler = wf.add("KSamplerSelect", (860, 660), sampler_name="euler")
-    sigmas = wf.add("BasicScheduler", (860, 780), scheduler=scheduler, steps=steps, denoise=1.0)
+    noise = wf.add("RandomNoise", wf.below(guider), noise_seed=42)
+    sampler = wf.add("KSamplerSelect", wf.below(noise), sampler_name="euler")
+    sigmas = wf.add("BasicScheduler", wf.below(sampler), scheduler=scheduler, steps=steps, denoise=1.0)
     wf.connect(model, 0, sigmas, "model")
-    latent = wf.add(latent_type, (420, 560 if latent_type == "EmptyLatentImage" else 760), width=1024, height=1024, batch_size=1)
-    sample = wf.add("SamplerCustomAdvanced", (1240, 80))
+    latent = wf.add(latent_type, wf.below(negative), width=1024, height=1024, batch_size=1)
+    sample = wf.add("SamplerCustomAdvanced", (COLUMNS[3], 80))
     wf.connect(noise, 0, sample, "noise")
     wf.connect(guider, 0, sample, "guider")
     wf.connect(sampler, 0, sample, "sampler")
     wf.connect(sigmas, 0, sample, "sigmas")
     wf.connect(latent, 0, sample, "latent_image")
-    _decode_and_save(wf, sample, ckpt, (1600, 80), prefix)
-    plot = wf.add("AnnealingSchedulePlot", (1600, 420))
+    decode = _decode_and_save(wf, sample, ckpt, (COLUMNS[4], 80), prefix)
+    plot = wf.add("AnnealingSchedulePlot", wf.below(decode))
     wf.connect(sample, 0, plot, "samples")
     wf.connect(guider, 0, plot, "guider")
+    return latent
 
 
 def sdxl_guider() -> Workflow:
     wf = Workflow()
-    ckpt = wf.add("CheckpointLoaderSimple", (0, 200), ckpt_name=SDXL_CHECKPOINT)
+    ckpt = wf.add("CheckpointLoaderSimple", (0, 80), ckpt_name=SDXL_CHECKPOINT)
     positive, negative = _text_encoders(wf, ckpt, PROMPT)
-    annealing = wf.add("LoadAnnealingGuidanceModel", (0, 520), model_name=SDXL_ANNEALING)
+    annealing = wf.add("LoadAnnealingGuidanceModel", wf.below(ckpt), model_name=SDXL_ANNEALING)
     _guided_sampling(wf, ckpt, ckpt, positive, negative, annealing, fallback_cfg=5.0, scheduler="normal", steps=40,
                      latent_type="EmptyLatentImage", prefix="annealing_guidance")
     return wf
 
 
-def _sdxl_patched(wf, x=860, y=520, title=None):
-    ckpt = wf.add("CheckpointLoaderSimple", (0, 200), ckpt_name=SDXL_CHECKPOINT)
+def _sdxl_patched(wf, y=80, title=None):
+    ckpt = wf.add("CheckpointLoaderSimple", (0, 80), ckpt_name=SDXL_CHECKPOINT)
     positive, negative = _text_encoders(wf, ckpt, PROMPT)
-    annealing = wf.add("LoadAnnealingGuidanceModel", (0, 520), model_name=SDXL_ANNEALING)
-    patch = wf.add("ApplyAnnealingGuidance", (x, y), title=title, **ANNEALING_DEFAULTS)
+    annealing = wf.add("LoadAnnealingGuidanceModel", wf.below(ckpt), model_name=SDXL_ANNEALING)
+    patch = wf.add("ApplyAnnealingGuidance", (COLUMNS[2], y), title=title, **ANNEALING_DEFAULTS)
     wf.connect(ckpt, 0, patch, "model")
     wf.connect(annealing, 0, patch, "annealing_model")
-    latent = wf.add("EmptyLatentImage", (420, 560), width=1024, height=1024, batch_size=1)
+    latent = wf.add("EmptyLatentImage", wf.below(negative), width=1024, height=1024, batch_size=1)
     return ckpt, positive, negative, patch, latent
 
 
@@ -213,16 +236,17 @@ def _decode_and_save(wf, sampler, ckpt, pos, prefix):
     decode = wf.add("VAEDecode", pos)
     wf.connect(sampler, 0, decode, "samples")
     wf.connect(ckpt, 2, decode, "vae")
-    save = wf.add("SaveImage", (pos[0] + 300, pos[1]), filename_prefix=prefix)
+    save = wf.add("SaveImage", wf.right_of(decode), filename_prefix=prefix)
     wf.connect(decode, 0, save, "images")
+    return decode
 
 
 def sdxl_ksampler() -> Workflow:
     wf = Workflow()
     ckpt, positive, negative, patch, latent = _sdxl_patched(wf)
-    sampler = _ksampler(wf, patch, 0, positive, negative, latent, (1240, 80), "KSampler (cfg only used outside the active range)", 5.0)
-    _decode_and_save(wf, sampler, ckpt, (1600, 80), "annealing_guidance")
-    plot = wf.add("AnnealingSchedulePlot", (1600, 420))
+    sampler = _ksampler(wf, patch, 0, positive, negative, latent, (COLUMNS[3], 80), "KSampler (cfg only used outside the active range)", 5.0)
+    decode = _decode_and_save(wf, sampler, ckpt, (COLUMNS[4], 80), "annealing_guidance")
+    plot = wf.add("AnnealingSchedulePlot", wf.below(decode))
     wf.connect(sampler, 0, plot, "samples")
     wf.connect(patch, 0, plot, "model")
     return wf
@@ -231,11 +255,11 @@ def sdxl_ksampler() -> Workflow:
 def sdxl_side_by_side() -> Workflow:
     wf = Workflow()
     ckpt, positive, negative, patch, latent = _sdxl_patched(wf)
-    plain = _ksampler(wf, ckpt, 0, positive, negative, latent, (1240, 80), "Plain CFG 7.5", 7.5)
-    annealed = _ksampler(wf, patch, 0, positive, negative, latent, (1240, 560), "Annealing guidance, lambda 0.4 (same seed)", 7.5)
-    _decode_and_save(wf, plain, ckpt, (1600, 80), "compare/cfg_7.5")
-    _decode_and_save(wf, annealed, ckpt, (1600, 560), "compare/annealing_lambda_0.4")
-    plot = wf.add("AnnealingSchedulePlot", (2200, 560))
+    plain = _ksampler(wf, ckpt, 0, positive, negative, latent, (COLUMNS[3], 80), "Plain CFG 7.5", 7.5)
+    annealed = _ksampler(wf, patch, 0, positive, negative, latent, wf.below(plain), "Annealing guidance, lambda 0.4 (same seed)", 7.5)
+    _decode_and_save(wf, plain, ckpt, (COLUMNS[4], 80), "compare/cfg_7.5")
+    decode = _decode_and_save(wf, annealed, ckpt, (COLUMNS[4], wf.nodes[annealed - 1]["pos"][1]), "compare/annealing_lambda_0.4")
+    plot = wf.add("AnnealingSchedulePlot", wf.below(decode))
     wf.connect(annealed, 0, plot, "samples")
     wf.connect(patch, 0, plot, "model")
     return wf
@@ -244,42 +268,45 @@ def sdxl_side_by_side() -> Workflow:
 def sdxl_guidance_comparison() -> Workflow:
     """One seed, one prompt, the same KSampler settings; four guidance methods, their images saved side by side."""
     wf = Workflow()
-    ckpt, positive, negative, patch, latent = _sdxl_patched(wf, y=1040, title="Annealing guidance (lambda 0.4)")
-    tv = wf.add("StageWiseGuidance", (860, 1560), title="TV-CFG: symmetric schedule, time average = KSampler cfg", **TV_CFG_DEFAULTS)
-    adg = wf.add("AngleDomainGuidance", (860, 1900), title="ADG: w 7, cap 60 degrees", **ADG_DEFAULTS)
+    ckpt, positive, negative, patch, latent = _sdxl_patched(wf, y=560, title="Annealing guidance (lambda 0.4)")
+    tv = wf.add("StageWiseGuidance", wf.below(patch), title="TV-CFG: symmetric schedule, time average = KSampler cfg", **TV_CFG_DEFAULTS)
+    adg = wf.add("AngleDomainGuidance", wf.below(tv), title="ADG: w 7, cap 60 degrees", **ADG_DEFAULTS)
     wf.connect(ckpt, 0, tv, "model")
     wf.connect(ckpt, 0, adg, "model")
     rows = [
         (ckpt, "1 Plain CFG 7", "compare_guidance/1_cfg_7"),
-        (patch, "2 Annealing guidance, lambda 0.4 (cfg used only outside the active range)", "compare_guidance/2_annealing_lambda_0.4"),
+        (patch, "2 Annealing guidance, lambda 0.4", "compare_guidance/2_annealing_lambda_0.4"),
         (tv, "3 TV-CFG symmetric, average cfg 7", "compare_guidance/3_tvcfg_symmetric_7"),
         (adg, "4 Angle Domain Guidance, w 7", "compare_guidance/4_adg_w_7"),
     ]
+    y = 80
     for column, (model, title, prefix) in enumerate(rows):
-        y = 80 + 480 * column
-        sampler = _ksampler(wf, model, 0, positive, negative, latent, (1240, y), title, 7.0)
-        decode = wf.add("VAEDecode", (1600, y))
+        sampler = _ksampler(wf, model, 0, positive, negative, latent, (COLUMNS[3], y), title, 7.0)
+        decode = wf.add("VAEDecode", (COLUMNS[4], y))
         wf.connect(sampler, 0, decode, "samples")
         wf.connect(ckpt, 2, decode, "vae")
-        save = wf.add("SaveImage", (1900 + 560 * column, 80), title=title.split(" (")[0], filename_prefix=prefix)
+        # the four images side by side in one row, left to right in the order of the samplers
+        save = wf.add("SaveImage", (COLUMNS[5] + 420 * column, 80), title=title.split(" (")[0], filename_prefix=prefix)
         wf.connect(decode, 0, save, "images")
-        if model == patch:  # annealing's w along the run, for reading its image against the others
-            plot = wf.add("AnnealingSchedulePlot", (1900, 700))
+        if model == patch:  # annealing's schedule along the run, for reading its image against the others
+            plot = wf.add("AnnealingSchedulePlot", wf.below(decode))
             wf.connect(sampler, 0, plot, "samples")
             wf.connect(patch, 0, plot, "model")
+        y = wf.below(sampler)[1]
     return wf
 
 
 def sd3_user_checkpoint() -> Workflow:
     wf = Workflow()
-    ckpt = wf.add("CheckpointLoaderSimple", (0, 200), ckpt_name=SD3_CHECKPOINT)
-    shifted = wf.add("ModelSamplingSD3", (420, 620), shift=3.0)
+    ckpt = wf.add("CheckpointLoaderSimple", (0, 80), ckpt_name=SD3_CHECKPOINT)
+    shifted = wf.add("ModelSamplingSD3", wf.below(ckpt), shift=3.0)
     wf.connect(ckpt, 0, shifted, "model")
     positive, negative = _text_encoders(wf, ckpt, PROMPT)
-    annealing = wf.add("LoadAnnealingGuidanceModel", (0, 520), title="Your flow checkpoint (trained with python -m training)", model_name=SD3_ANNEALING)
-    _guided_sampling(wf, ckpt, shifted, positive, negative, annealing, fallback_cfg=4.5, scheduler="simple", steps=28,
-                     latent_type="EmptySD3LatentImage", prefix="annealing_sd3")
-    explorer = wf.add("AnnealingModelExplorer", (420, 960), lambdas="0.0, 0.2, 0.4, 0.6, 0.8, 1.0")
+    annealing = wf.add("LoadAnnealingGuidanceModel", wf.below(shifted), title="Your flow checkpoint (trained with python -m training)",
+                       model_name=SD3_ANNEALING)
+    latent = _guided_sampling(wf, ckpt, shifted, positive, negative, annealing, fallback_cfg=4.5, scheduler="simple", steps=28,
+                              latent_type="EmptySD3LatentImage", prefix="annealing_sd3")
+    explorer = wf.add("AnnealingModelExplorer", wf.below(latent), lambdas="0.0, 0.2, 0.4, 0.6, 0.8, 1.0")
     wf.connect(annealing, 0, explorer, "annealing_model")
     return wf
 

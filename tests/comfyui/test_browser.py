@@ -190,7 +190,19 @@ def close_dialogs(page) -> None:
 NODE_STATE = """() => window.app.graph.nodes.map(n => ({
     id: n.id, type: n.type, registered: !!window.LiteGraph.registered_node_types[n.type], errors: !!n.has_errors,
     widgets: (n.widgets || []).map(w => w.label || w.name),
+    box: [n.pos[0], n.pos[1] - window.LiteGraph.NODE_TITLE_HEIGHT, n.size[0], n.size[1] + window.LiteGraph.NODE_TITLE_HEIGHT],
 }))"""
+
+
+def overlapping(nodes: list[dict]) -> list[tuple[str, str]]:
+    """Pairs of nodes whose boxes (title bar included) overlap as the frontend lays them out."""
+    pairs = []
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1 :]:
+            (ax, ay, aw, ah), (bx, by, bw, bh) = a["box"], b["box"]
+            if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah:
+                pairs.append((f"{a['id']} {a['type']}", f"{b['id']} {b['type']}"))
+    return pairs
 
 
 def load_workflow(page, workflow: dict) -> list[dict]:
@@ -209,6 +221,7 @@ def test_every_workflow_loads_with_no_missing_or_red_node(page, path):
     missing = [n["type"] for n in nodes if not n["registered"]]
     red = [n["type"] for n in nodes if n["errors"]]
     assert not missing and not red, f"{path.name}: missing {missing}, with errors {red}; screenshot in {SCREENSHOTS}"
+    assert not overlapping(nodes), f"{path.name}: nodes drawn on top of each other: {overlapping(nodes)}"
     for node in nodes:
         if node["type"] in ("AnnealingGuider", "ApplyAnnealingGuidance"):
             assert "lambda" in node["widgets"] and "lam" not in node["widgets"], node["widgets"]
