@@ -344,17 +344,19 @@ def parse_metadata(path: str | os.PathLike, meta: dict[str, str]) -> tuple[Guida
         if key not in meta:
             raise CheckpointError(path, f"missing metadata {key!r}")
     training = json_field("training")
+    # read (and refuse) the raw fields first: the handler below is for the values' meaning, and would wrap their errors twice
+    raw_grid = json_field("training_grid") if version >= 2 else None
+    steps, latent_numel = int_field("sampling_steps") if version < 2 else None, int_field("trained_latent_numel")
     try:
         if version >= 2:
-            grid = grid_from_dict(json_field("training_grid"))
-            method = meta.get("method", "")
+            grid, method = grid_from_dict(raw_grid), meta.get("method", "")
         else:
-            grid, method = _version1_grid(meta["timestep_convention"], int_field("sampling_steps"), training), "annealing"
+            grid, method = _version1_grid(meta["timestep_convention"], steps, training), "annealing"
         metadata = CheckpointMetadata(
             model_family=meta["model_family"],
             prediction_space=meta["prediction_space"],
             timestep_convention=meta["timestep_convention"],
-            trained_latent_numel=int_field("trained_latent_numel"),
+            trained_latent_numel=latent_numel,
             training_grid=grid,
             training=training,
             method=method,
