@@ -241,27 +241,36 @@ def _config_from(path: Path, raw) -> GuidanceModelConfig:
         raise CheckpointError(path, f"invalid architecture config: {exc}") from None
 
 
-def _refusal(name: str | None, detail: str | None = None) -> str:
+def _refusal(kind: str | None, detail: str | None) -> str:
     # Never relay torch's advice: it suggests loading with weights_only=False, which would run whatever the file holds.
-    if name is None and detail is not None:
+    if kind == "call":
+        return f"refused to load: its pickle calls {printable(detail, 100)}, where only tensors may be rebuilt, and may be malicious"
+    if kind == "size":
+        return f"refused to load: its pickle has more than {detail} instructions (a guidance checkpoint needs a few thousand)"
+    if kind == "build":
+        return "refused to load: its pickle sets an object's state from something other than a dict, and may be malicious"
+    if kind == "opcode":
+        return f"refused to load: its pickle uses the instruction {printable(detail, 40)}, which torch.save never writes, and may be malicious"
+    if kind == "torch" and detail:
         return f"refused to load: its pickle uses an instruction the safe loader does not accept ({printable(detail, 120)}) and may be malicious"
-    asks = f" (it asks for {printable(name, 100)})" if name else ""
+    asks = f" (it asks for {printable(detail, 100)})" if kind == "global" and detail else ""
     return f"refused to load: the file contains objects other than tensors{asks} and may be malicious"
 
 
 def _read_torch(path: Path, handle, size: int) -> tuple[dict, GuidanceModelConfig, CheckpointMetadata]:
     pickled = untrusted.inspect_torch_zip(path, handle, size)
     try:
-        foreign = untrusted.foreign_global(pickled)
+        problem = untrusted.scan_pickle(pickled)
     except ValueError as exc:
         raise CheckpointError(path, f"corrupt PyTorch file: its data.pkl cannot be read ({exc})") from None
-    if foreign is not None:
-        raise CheckpointError(path, _refusal(foreign))
+    if problem is not None:
+        raise CheckpointError(path, _refusal(*problem))
     handle.seek(0)
     try:  # the file object, not the name: torch must not second-guess the format, and the file must be the one checked
         data = torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(path, _refusal(*untrusted.torch_refusal(str(exc)))) from None
+        name, detail = untrusted.torch_refusal(str(exc))
+        raise CheckpointError(path, _refusal("global", name) if name else _refusal("torch", detail)) from None
     except Exception as exc:  # torch raises RuntimeError, EOFError and more for damaged files
         raise CheckpointError(path, f"corrupt or truncated PyTorch file: torch could not read it ({untrusted.short_reason(exc)})") from None
     if not isinstance(data, dict):
@@ -404,11 +413,11 @@ def _legacy_problem(path: Path, handle, size: int) -> str:
     claims before any data is read, so it cannot be bounded the way a zip is. Name what it asks for when that is not a tensor."""
     head = untrusted.read_exactly(path, handle, 0, min(size, untrusted.MAX_PICKLE_BYTES), "the pickle")
     try:
-        foreign = untrusted.foreign_global(head, max_pickles=4)  # legacy files hold 4 pickles: magic, protocol, sys info, data
+        problem = untrusted.scan_pickle(head, max_pickles=4, strict=False)  # legacy files: magic, protocol, sys info, data
     except ValueError:
-        foreign = None
-    if foreign is not None:
-        return _refusal(foreign)
+        problem = None
+    if problem is not None and problem[0] == "global":
+        return _refusal(*problem)
     return ("a raw pickle or legacy PyTorch file (torch before 1.6): not read, because its sizes cannot be checked before torch "
             "allocates them; only the zip format torch has written since 1.6 and safetensors are read")
 

@@ -36,7 +36,8 @@ MAX_JSON_CHARS = 64 << 10  # one JSON metadata value (ours: well under 2 KB)
 MAX_JSON_DEPTH = 32  # ours nest 3 deep
 MAX_NUMBER_CHARS = 40  # digits of one JSON number: any float64 fits in 24; int() of thousands of digits is slow or refused
 MAX_ZIP_ENTRIES = 4096  # a torch file has one entry per storage plus 6 (upstream: 42)
-MAX_PICKLE_BYTES = 1 << 20  # data.pkl of a torch file (upstream: 4.7 KB)
+MAX_PICKLE_BYTES = 1 << 20  # data.pkl of a torch file (upstream: 4.7 KB; 64 layers with Adam state: 50 KB)
+MAX_PICKLE_OPS = 50_000  # its instructions (upstream: 1,524; 64 layers with Adam state: 17,172); each costs microseconds
 MAX_TENSOR_DIMS = 8
 
 #: Globals a torch pickle of plain tensors names (module and name as the pickle spells them). Everything else is refused
@@ -356,42 +357,131 @@ def inspect_torch_zip(path: Path, handle: BinaryIO, size: int) -> bytes:
 
 # ------------------------------------------------------------------------------------------------------------------ pickles
 
+#: The globals a torch pickle may call (REDUCE), and what it calls them with: every other global (storage classes, dtypes) is
+#: only data inside a persistent id or an argument. torch.FloatStorage(n) or UntypedStorage(n) would allocate n elements, and
+#: OrderedDict(x) iterates x, which a zero-stride view can make 10^9 rows long.
+CALLABLE_GLOBALS = frozenset({"torch._utils _rebuild_tensor_v2", "torch._utils _rebuild_tensor_v3", "torch._utils _rebuild_parameter",
+                              "collections OrderedDict"})
+
+#: The opcodes torch.save writes (pickle protocol 2, the subset torch's weights_only unpickler implements, less NEWOBJ).
+TORCH_OPCODES = frozenset({
+    "PROTO", "STOP", "GLOBAL", "REDUCE", "BUILD", "BINPERSID", "MARK", "POP", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE",
+    "EMPTY_LIST", "APPEND", "APPENDS", "EMPTY_DICT", "SETITEM", "SETITEMS", "EMPTY_SET", "NONE", "NEWTRUE", "NEWFALSE", "BININT",
+    "BININT1", "BININT2", "LONG1", "BINFLOAT", "BINUNICODE", "SHORT_BINSTRING", "BINGET", "LONG_BINGET", "BINPUT", "LONG_BINPUT",
+})
+
 _STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
+_MARK, _EMPTY_TUPLE = object(), object()
 
 
-def foreign_global(data: bytes, max_pickles: int = 1) -> str | None:
-    """The first global the pickle(s) in ``data`` ask for outside :data:`TENSOR_GLOBALS`, as ``module.name``; None when all
-    are tensor globals. Reads the opcodes only (pickletools), never builds an object. A stream that cannot be read to its
-    end raises ``ValueError``."""
+class _Global:
+    __slots__ = ("key",)
+
+    def __init__(self, key: str):
+        self.key = key  # "module name", as the pickle spells it
+
+    def __str__(self):
+        return self.key.replace(" ", ".", 1)
+
+
+def scan_pickle(data: bytes, max_pickles: int = 1, strict: bool = True) -> tuple[str, str] | None:
+    """Why the pickle(s) in ``data`` are not plain tensors, or None. Reads the opcodes only (pickletools), never builds an
+    object, and follows the stack abstractly to see what each REDUCE calls and with what:
+
+    ('global', 'module.name'): a global outside :data:`TENSOR_GLOBALS`;
+    ('call', what): a REDUCE of anything but a tensor rebuilder (or of OrderedDict with arguments);
+    ('build', what): a BUILD whose state is not a dict;
+    ('opcode', name): an instruction torch.save never writes;
+    ('size', count): more than MAX_PICKLE_OPS instructions.
+
+    With ``strict`` False only globals are looked for (to name what a raw pickle asks for). A stream that cannot be read
+    to its end raises ``ValueError``. Time and memory are linear in ``len(data)``."""
     stream = io.BytesIO(data)
-    memo: dict = {}
-    pushed: list = []  # recent string constants, for STACK_GLOBAL (protocol 4), whose module and name come from the stack
     for _ in range(max_pickles):
         if stream.tell() >= len(data):
             break
+        stack = _AbstractStack()
+        strings: list = []  # recent string constants, to name a STACK_GLOBAL (protocol 4) in the message
         try:
-            for opcode, arg, _ in pickletools.genops(stream):
+            for count, (opcode, arg, _) in enumerate(pickletools.genops(stream)):
+                if count >= MAX_PICKLE_OPS:
+                    return "size", f"{MAX_PICKLE_OPS:,}"
                 name = opcode.name
                 if name in ("GLOBAL", "INST"):
                     module, _, attr = str(arg).partition(" ")
                     if f"{module} {attr}" not in TENSOR_GLOBALS:
-                        return f"{module}.{attr}"
+                        return "global", f"{module}.{attr}"
                 elif name == "STACK_GLOBAL":
-                    module, attr = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else ("?", "?")
-                    return f"{module}.{attr}"  # torch's own pickles never use it (protocol 2)
+                    return "global", ".".join(strings[-2:]) if len(strings) >= 2 else "a global named on the stack"
                 elif name in ("EXT1", "EXT2", "EXT4"):
-                    return f"extension code {arg}"
-                elif name in _STRING_OPS:
-                    pushed = [*pushed[-1:], arg if isinstance(arg, str) else arg.decode("latin-1")]
-                elif name in ("PUT", "BINPUT", "LONG_BINPUT") and pushed:
-                    memo[arg] = pushed[-1]
-                elif name == "MEMOIZE" and pushed:
-                    memo[len(memo)] = pushed[-1]
-                elif name in ("GET", "BINGET", "LONG_BINGET"):
-                    pushed = [*pushed[-1:], memo.get(arg, "?")]
+                    return "global", f"extension code {arg}"
+                if name in _STRING_OPS:
+                    strings = [*strings[-1:], arg if isinstance(arg, str) else arg.decode("latin-1")]
+                if not strict:
+                    continue
+                if name not in TORCH_OPCODES:
+                    return "opcode", name
+                items = stack.items
+                if name == "REDUCE":
+                    callee, args = items[-2:] if len(items) >= 2 else (None, None)
+                    if not isinstance(callee, _Global) or callee.key not in CALLABLE_GLOBALS:
+                        return "call", str(callee) if isinstance(callee, _Global) else "an object that is not a function"
+                    if callee.key == "collections OrderedDict" and args is not _EMPTY_TUPLE:
+                        return "call", "collections.OrderedDict with arguments"
+                elif name == "BUILD" and (len(items) < 2 or items[-1] != "dict"):
+                    return "build", "a state that is not a dict"
+                stack.apply(opcode, arg)
         except Exception as exc:  # pickletools raises ValueError for bad opcodes and lengths, and more for odd arguments
             raise ValueError(printable(str(exc), 120) or type(exc).__name__) from None
     return None
+
+
+class _AbstractStack:
+    """The pickle machine's stack and memo with each object replaced by what the checks need: a global, the empty tuple,
+    or pickletools' name for its kind ("dict", "tuple", "any", ...). Every opcode costs O(1) amortised."""
+
+    def __init__(self):
+        self.items: list = []
+        self.memo: dict = {}
+        self.marks = 0
+
+    def apply(self, opcode, arg) -> None:
+        """What ``opcode`` does to the stack, as pickletools documents it (``stack_before`` / ``stack_after``)."""
+        items, name, before, after = self.items, opcode.name, opcode.stack_before, opcode.stack_after
+        if pickletools.markobject in before or (name == "POP" and items and items[-1] is _MARK):
+            if not self.marks:
+                raise ValueError(f"{name} without a MARK")
+            while items.pop() is not _MARK:
+                pass
+            self.marks -= 1
+            count = before.index(pickletools.markobject) if pickletools.markobject in before else 0
+        else:
+            count = len(before)
+        if count > len(items):
+            raise ValueError(f"{name} pops {count} items from a stack of {len(items)}")
+        top = items[-1] if items else None
+        if name in ("BINPUT", "LONG_BINPUT", "PUT"):
+            self.memo[arg] = top
+        for _ in range(count):
+            if items.pop() is _MARK:
+                raise ValueError(f"{name} takes a MARK as an argument")
+        if name == "GLOBAL":
+            items.append(_Global(str(arg)))
+        elif name == "EMPTY_TUPLE":
+            items.append(_EMPTY_TUPLE)
+        elif name in ("BINGET", "LONG_BINGET", "GET"):
+            if arg not in self.memo:
+                raise ValueError(f"{name} of memo {arg}, never stored")
+            items.append(self.memo[arg])
+        elif name == "DUP":
+            items += [top, top]
+        else:
+            for kind in after:
+                if kind is pickletools.markobject:
+                    self.marks += 1
+                    items.append(_MARK)
+                else:
+                    items.append(kind.name)
 
 
 _TORCH_GLOBAL_MESSAGE = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")

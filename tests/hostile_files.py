@@ -102,6 +102,29 @@ class Global:
         return (_GlobalStub(self.module, self.name), self.args)
 
 
+class Call:
+    """Pickles as ``callee(*args)`` (REDUCE), then BUILD with ``state`` when given: callee may be a Global's stub, a
+    CallableStorage, anything the pickler can write."""
+
+    def __init__(self, callee, args=(), state=None):
+        self.callee, self.args, self.state = callee, tuple(args), state
+
+    def __reduce__(self):
+        return (self.callee, self.args) if self.state is None else (self.callee, self.args, self.state)
+
+
+class CallableStorage(StorageRef):
+    """A storage reference the pickler accepts as a REDUCE callee (pickle insists on callables): what no real file does."""
+
+    def __call__(self, *args):
+        raise AssertionError("only ever pickled")
+
+
+def stub(module: str, name: str):
+    """The global ``module.name`` as a callee for Call."""
+    return _GlobalStub(module, name)
+
+
 class _GlobalStub:
     def __init__(self, module, name):
         self.module, self.name = module, name

@@ -120,6 +120,22 @@ def _bombs(folder):
                        hf.checkpoint_object({"combined_head.0.weight": hf.Global("builtins", "bytearray", (10**10,))}), {})
     hf.write_torch_zip(add("float_tensor.pt", ["torch.floattensor", "may be malicious"]),
                        hf.checkpoint_object({"combined_head.0.weight": hf.Global("torch", "FloatTensor", (100000, 100000))}), {})
+    # what weights_only allows but must not run here: allocating storages, iterating a 10^9-row view, and calling a storage,
+    # whose error message torch formats element by element (100 us each)
+    hf.write_torch_zip(add("untyped_storage.pt", ["calls torch.storage.untypedstorage"]),
+                       hf.checkpoint_object({"w": hf.Global("torch.storage", "UntypedStorage", (10**10,))}), {})
+    rows = hf.TensorRef(hf.StorageRef("0", 1), (10**9, 2), stride=(0, 0))
+    hf.write_torch_zip(add("ordered_dict_rows.pt", ["ordereddict with arguments"]),
+                       hf.checkpoint_object({"w": hf.Global("collections", "OrderedDict", (rows,))}), {"0": bytes(4)})
+    hf.write_torch_zip(add("build_rows.pt", ["state from something other than a dict"]),
+                       hf.checkpoint_object({"w": hf.Call(hf.stub("collections", "OrderedDict"), (), rows)}), {"0": bytes(4)})
+    hf.write_torch_zip(add("call_a_storage.pt", ["not a function"]),
+                       hf.checkpoint_object({"w": hf.Call(hf.CallableStorage("0", 1 << 18), ())}), {"0": bytes(1 << 20)})
+    version = [{"name": "a/byteorder", "data": b"little"}, {"name": "a/version", "data": b"3\n"}]
+    many = b"\x80\x02" + b"]" * (limits.MAX_PICKLE_BYTES - 3) + b"."  # a million instructions, each microseconds to read
+    hf.write_zip(add("pickle_ops.pt", ["more than 50,000 instructions"]), [{"name": "a/data.pkl", "data": many}, *version])
+    just_under = b"\x80\x02" + b"]" * (limits.MAX_PICKLE_OPS - 3) + b"."  # what the bound still lets through: torch reads it
+    hf.write_zip(add("pickle_ops_at_bound.pt", ["expected a dict checkpoint"]), [{"name": "a/data.pkl", "data": just_under}, *version])
     hf.write_safetensors(add("layers_1e8.safetensors", ["n_layers", "64"]), hf.small_state(),
                          hf.our_metadata({"hidden_size": 8, "n_layers": 10**8}))
     hf.write_safetensors(add("wide_1e6.safetensors", ["parameters"]), hf.small_state(),
@@ -153,7 +169,8 @@ def bomb_results(tmp_path_factory):
 
 
 BOMBS = ["zero_stride_30000.pt", "zero_stride_4096.pt", "deflate_1gib.pt", "size_lie.pt", "overlapping.pt", "bytearray.pt",
-         "float_tensor.pt", "layers_1e8.safetensors", "wide_1e6.safetensors", "huge_shape.safetensors", "header_length.safetensors",
+         "float_tensor.pt", "untyped_storage.pt", "ordered_dict_rows.pt", "build_rows.pt", "call_a_storage.pt", "pickle_ops.pt",
+         "pickle_ops_at_bound.pt", "layers_1e8.safetensors", "wide_1e6.safetensors", "huge_shape.safetensors", "header_length.safetensors",
          "deep_header.safetensors", "deep_metadata.safetensors", "digits_5000.safetensors", "fifo.pt"]
 
 
@@ -298,7 +315,7 @@ def test_huge_numbers_in_the_pickle(tmp_path):
     refuse(path, "hidden_size", "401 digits")
     path = tmp_path / "w5000.pt"  # 2 KB integers need LONG4, which torch's safe unpickler refuses
     hf.write_small_torch_checkpoint(path, config={"w_scale": 10**5000})
-    refuse(path, "refused", "unsupported operand")
+    refuse(path, "refused", "long4")
     path = tmp_path / "step.pt"  # provenance that would not survive conversion is dropped, not fatal
     hf.write_small_torch_checkpoint(path, step=10**400, config={"w_scale": 2})
     assert "steps" not in annealing.load_guidance_model(path).metadata.training
@@ -439,3 +456,21 @@ def test_json_limits_directly():
                         ("{", "not valid JSON"), ("x" * (limits.MAX_JSON_CHARS + 1), "characters, more than")]:
         with pytest.raises(ValueError, match=words):
             limits.load_json(text)
+
+
+def test_the_largest_real_layouts_still_load(tmp_path):
+    """The bounds leave room for real files: 64 layers saved with their Adam state (17,172 pickle instructions of the
+    50,000 allowed), and a file at the parameter bound's edge in width (4096 hidden units)."""
+    config = annealing.GuidanceModelConfig(hidden_size=4, n_layers=64)
+    model = annealing.GuidanceScaleModel(config)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(2), torch.ones(2), 0.5).sum().backward()
+    optimizer.step()
+    path = tmp_path / "deep.pt"
+    torch.save({"config": {"guidance_scale_model": config.to_dict()}, "guidance_scale_model": model.state_dict(),
+                "optimizer_state_dict": optimizer.state_dict(), "step": 1}, path)
+    loaded = annealing.load_guidance_model(path)
+    torch.testing.assert_close(loaded(torch.ones(3), torch.ones(3), 0.2), model(torch.ones(3), torch.ones(3), 0.2))
+    wide = annealing.GuidanceScaleModel(annealing.GuidanceModelConfig(hidden_size=4096, n_layers=0), annealing.CheckpointMetadata())
+    annealing.save_guidance_model(wide, tmp_path / "wide.safetensors")
+    assert annealing.load_guidance_model(tmp_path / "wide.safetensors").config.hidden_size == 4096
