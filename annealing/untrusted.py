@@ -2,9 +2,9 @@
 
 Used by :mod:`annealing.checkpoint`; docs/security.md explains the limits. Nothing here unpickles:
 
-* a torch zip is inspected first (its central directory, every entry's local header, the globals its pickle names) and only
-  then handed to ``torch.load(weights_only=True)``; entries must be stored uncompressed, inside the file, without overlaps,
-  so what torch reads is never more than the file holds;
+* a torch zip is inspected first (its central directory, every entry's local header, then its pickle, walked opcode by
+  opcode: what it names, calls and builds) and only then handed to ``torch.load(weights_only=True)``; entries must be
+  stored uncompressed, inside the file, without overlaps, so what torch reads is never more than the file holds;
 * a safetensors file is parsed here: header length, JSON, dtypes, shapes and offsets are checked against the file size
   before one tensor is read;
 * JSON (the safetensors header and our metadata) is bounded in size, nesting depth and number length before it is parsed,
