@@ -1,12 +1,15 @@
 """Reading, validating and writing guidance-scale checkpoints.
 
-Two formats are read, told apart by their first bytes (never by the file name):
+Two formats are read, told apart by their structure (never by the file name):
 
-* the project's ``.safetensors``: weights plus string metadata that says how to use them (see :class:`CheckpointMetadata`);
-* the upstream release (a torch zip pickle with ``config`` and ``guidance_scale_model``), read with
-  ``torch.load(..., weights_only=True, map_location="cpu")``, which refuses any pickle that asks for arbitrary classes.
+* the project's ``.safetensors``: weights plus string metadata that says how to use them (see :class:`CheckpointMetadata`),
+  parsed by :mod:`annealing.untrusted` with every length, offset and JSON value bounded before it is used;
+* the upstream release (a torch zip pickle with ``config`` and ``guidance_scale_model``): its zip and the globals its pickle
+  names are checked first, then it is read with ``torch.load(..., weights_only=True, map_location="cpu")``.
 
-Every problem raises :class:`annealing.errors.CheckpointError` naming the file and the problem in one line.
+Checkpoints come from strangers: every problem, however odd the file, raises :class:`annealing.errors.CheckpointError`
+naming the file and the problem in one line, and no file can make the reader allocate much more than the file holds
+(docs/security.md).
 Writing goes to a temporary file in the target folder that is renamed into place, so a crash never leaves half a file.
 """
 
@@ -18,14 +21,14 @@ import json
 import os
 import pickle
 import re
-import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from . import untrusted
+from .errors import CheckpointError, printable, show
 from .model import GuidanceModelConfig, GuidanceScaleModel
 from .training_grid import FlowGrid, TrainingGrid, VPGrid, grid_from_dict
 
@@ -43,6 +46,7 @@ KNOWN_FAMILIES = ("sdxl", "sd15", "sd2", "sd3", "flux", "toy2d")
 _FAMILY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 SDXL_LATENT_NUMEL = 4 * 128 * 128  # SDXL at 1024x1024
+MAX_LATENT_NUMEL = 1 << 40  # far above any latent (a 16-channel 8K video latent of 1000 frames is 2^33)
 
 
 def _read_umask() -> int:
@@ -80,18 +84,18 @@ class CheckpointMetadata:
 
     def __post_init__(self):
         if not isinstance(self.model_family, str) or not _FAMILY_PATTERN.match(self.model_family):
-            raise ValueError(f"model_family must be a short lower-case name such as {', '.join(KNOWN_FAMILIES)}; got {self.model_family!r}")
+            raise ValueError(f"model_family must be a short lower-case name such as {', '.join(KNOWN_FAMILIES)}; got {show(self.model_family)}")
         if self.prediction_space not in PREDICTION_SPACES:
-            raise ValueError(f"prediction_space must be one of {PREDICTION_SPACES}, got {self.prediction_space!r}")
+            raise ValueError(f"prediction_space must be one of {PREDICTION_SPACES}, got {show(self.prediction_space)}")
         if self.timestep_convention not in TIMESTEP_CONVENTIONS:
-            raise ValueError(f"timestep_convention must be one of {TIMESTEP_CONVENTIONS}, got {self.timestep_convention!r}")
+            raise ValueError(f"timestep_convention must be one of {TIMESTEP_CONVENTIONS}, got {show(self.timestep_convention)}")
         value = self.trained_latent_numel
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"trained_latent_numel must be a positive integer or None, got {value!r}")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_LATENT_NUMEL):
+            raise ValueError(f"trained_latent_numel must be an integer from 1 to {MAX_LATENT_NUMEL} or None, got {show(value)}")
         if not isinstance(self.training, dict):
             raise ValueError(f"training must be a dict, got {type(self.training).__name__}")
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {show(self.method)}")
         grid = self.training_grid
         if grid is None:
             grid = VPGrid() if self.timestep_convention == "ddpm_index" else FlowGrid()
@@ -143,97 +147,135 @@ class CheckpointMetadata:
 
 def upstream_metadata(checkpoint: dict | None = None) -> CheckpointMetadata:
     """Metadata for the released SDXL checkpoint (SDXL base 1.0, epsilon, DDPM index, 1024x1024), trained on diffusers'
-    DDIM grid: 50 steps, leading spacing, steps_offset 0, scaled_linear betas 0.00085..0.012 (timesteps 980, 960, ..., 0)."""
+    DDIM grid: 50 steps, leading spacing, steps_offset 0, scaled_linear betas 0.00085..0.012 (timesteps 980, 960, ..., 0).
+    Provenance from the file is kept only when it is sane (a stranger's file may put anything there)."""
     checkpoint = checkpoint if isinstance(checkpoint, dict) else {}
     config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
     diffusion = config.get("diffusion") if isinstance(config.get("diffusion"), dict) else {}
     steps = diffusion.get("num_timesteps", 50)
     steps = steps if isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= 1000 else 50
     training = {"source": "annealing-guidance upstream release (arXiv 2506.24108)", "base_prediction_type": "epsilon"}
-    if isinstance(diffusion.get("model_id"), str):
-        training["base_model"] = diffusion["model_id"]
-    if isinstance(checkpoint.get("step"), int):
-        training["steps"] = checkpoint["step"]
+    model_id = diffusion.get("model_id")
+    if isinstance(model_id, str) and len(model_id) <= 256 and model_id.isprintable():
+        training["base_model"] = model_id
+    step = checkpoint.get("step")
+    if isinstance(step, int) and not isinstance(step, bool) and 0 <= step < 2**53:
+        training["steps"] = step
     return CheckpointMetadata(training_grid=VPGrid(num_steps=steps), training=training)
 
 
 # ----------------------------------------------------------------------------------------------------------------- reading
+# Everything read here comes from a stranger: untrusted.py bounds the file, its structure and its JSON before anything is
+# allocated, the architecture is bounded by GuidanceModelConfig, and every tensor is checked before its values are touched.
 
 
-def _sniff_format(path: Path) -> str:
-    """'safetensors', 'torch' or raise: decided by content."""
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(path, "the file is empty")
-    with open(path, "rb") as handle:
-        head = handle.read(16)
-    if head.startswith(b"PK\x03\x04"):
-        return "torch"
-    if head[:1] == b"\x80":  # a raw pickle stream: torch's legacy format
-        return "torch"
-    if len(head) >= 9:
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if head[8:9] == b"{":
-            if 8 + header_len > size:
-                raise CheckpointError(path, f"truncated safetensors file (header says {header_len} bytes, file has {size})")
-            return "safetensors"
-    raise CheckpointError(path, "not a guidance checkpoint: neither safetensors nor a PyTorch file")
+def _as_path(path) -> Path:
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    try:
+        return Path(path)
+    except TypeError:
+        raise CheckpointError(None, f"expected the path of a checkpoint file, got a {printable(type(path).__name__, 40)}") from None
 
 
-def _check_path(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(path, "is a directory, expected a checkpoint file")
-    if not path.exists():
-        raise CheckpointError(path, "file not found")
-    return path
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _validate_state_dict(path: Path, state: dict, config: GuidanceModelConfig) -> dict[str, torch.Tensor]:
-    if not isinstance(state, dict):
-        raise CheckpointError(path, f"the weights are a {type(state).__name__}, expected a mapping of tensors")
-    expected = config.expected_shapes()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+def _check_names(path: Path, names, expected: dict) -> None:
+    names = list(names)
+    odd = next((name for name in names if not isinstance(name, str)), None)
+    if odd is not None:
+        raise CheckpointError(path, f"the weights are named by {show(odd)}; weight names must be strings")
+    missing = sorted(set(expected) - set(names))
+    unexpected = sorted(set(names) - set(expected))
     if missing:
         raise CheckpointError(path, f"missing weights {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
     if unexpected:
-        raise CheckpointError(path, f"unexpected weights {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
-    clean = {}
+        shown = ", ".join(show(name, 40).strip("'") for name in unexpected[:4])
+        raise CheckpointError(path, f"unexpected weights {shown}{' ...' if len(unexpected) > 4 else ''}")
+
+
+def _check_dtype_and_shape(path: Path, key: str, dtype_name: str, is_float: bool, shape: tuple, expected: tuple) -> None:
+    if not is_float:
+        raise CheckpointError(path, f"weight {key} has dtype {dtype_name}, expected floating point (float16, bfloat16, float32 or float64)")
+    if shape != expected:
+        raise CheckpointError(path, f"weight {key} has shape {shape}, expected {expected} for the configured architecture")
+
+
+def _validate_state_dict(path: Path, state, config: GuidanceModelConfig) -> dict[str, torch.Tensor]:
+    """Float32 CPU copies of the weights ``config`` expects. Every tensor's kind, dtype, shape and stored size is checked
+    before any value is read or copied."""
+    if not isinstance(state, dict):
+        raise CheckpointError(path, f"the weights are {show(state)}, expected a mapping of tensors")
+    expected = config.expected_shapes()
+    _check_names(path, state, expected)
+    tensors = {}
     for key, shape in expected.items():
-        tensor = state[key]
-        if not isinstance(tensor, torch.Tensor):
-            raise CheckpointError(path, f"weight {key} is a {type(tensor).__name__}, expected a tensor")
-        if not tensor.is_floating_point():
-            raise CheckpointError(path, f"weight {key} has dtype {tensor.dtype}, expected floating point")
-        if tuple(tensor.shape) != shape:
-            raise CheckpointError(path, f"weight {key} has shape {tuple(tensor.shape)}, expected {shape} for the configured architecture")
-        tensor = tensor.detach().to(device="cpu", dtype=torch.float32)
+        value = state[key]
+        if type(value) not in (torch.Tensor, torch.nn.Parameter):
+            raise CheckpointError(path, f"weight {key} is {show(value)}, expected a tensor")
+        tensor = torch.Tensor.detach(value)  # a plain tensor: a pickled Parameter may carry attributes that shadow methods
+        if tensor.layout != torch.strided or tensor.device.type != "cpu":
+            kind = "a meta tensor (no data)" if tensor.device.type == "meta" else f"a {tensor.layout} tensor on {tensor.device.type}"
+            raise CheckpointError(path, f"weight {key} is {kind}, expected an ordinary tensor")
+        _check_dtype_and_shape(path, key, str(tensor.dtype).replace("torch.", ""), tensor.dtype in _FLOAT_DTYPES, tuple(tensor.shape), shape)
+        stored = tensor.untyped_storage().nbytes() - tensor.storage_offset() * tensor.element_size()
+        if stored < tensor.numel() * tensor.element_size():  # a view repeating a few stored values (zero strides)
+            raise CheckpointError(path, f"weight {key} claims {tensor.numel():,} values but the file stores {max(stored, 0) // tensor.element_size():,} "
+                                        "(a view that repeats its data); every weight must be stored in full")
+        tensors[key] = tensor
+    clean = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.to(device="cpu", dtype=torch.float32)
         if not torch.isfinite(tensor).all():
             raise CheckpointError(path, f"weight {key} contains NaN or inf values")
         clean[key] = tensor
     return clean
 
 
-def _config_from(path: Path, raw: dict) -> GuidanceModelConfig:
+def _config_from(path: Path, raw) -> GuidanceModelConfig:
+    if not isinstance(raw, dict):
+        raise CheckpointError(path, f"invalid architecture config: expected a mapping, got {show(raw)}")
     try:
         return GuidanceModelConfig.from_dict(raw)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(path, f"invalid architecture config: {exc}") from None
 
 
-def _read_torch(path: Path) -> tuple[dict, GuidanceModelConfig, CheckpointMetadata]:
+def _refusal(kind: str | None, detail: str | None) -> str:
+    # Never relay torch's advice: it suggests loading with weights_only=False, which would run whatever the file holds.
+    if kind == "call":
+        return f"refused to load: its pickle calls {printable(detail, 100)}, where only tensors may be rebuilt, and may be malicious"
+    if kind == "size":
+        return f"refused to load: its pickle has more than {detail} instructions (a guidance checkpoint needs a few thousand)"
+    if kind == "build":
+        return "refused to load: its pickle sets an object's state from something other than a dict, and may be malicious"
+    if kind == "opcode":
+        return f"refused to load: its pickle uses the instruction {printable(detail, 40)}, which torch.save never writes, and may be malicious"
+    if kind == "torch" and detail:
+        return f"refused to load: its pickle uses an instruction the safe loader does not accept ({printable(detail, 120)}) and may be malicious"
+    asks = f" (it asks for {printable(detail, 100)})" if kind == "global" and detail else ""
+    return f"refused to load: the file contains objects other than tensors{asks} and may be malicious"
+
+
+def _read_torch(path: Path, handle, size: int) -> tuple[dict, GuidanceModelConfig, CheckpointMetadata]:
+    pickled = untrusted.inspect_torch_zip(path, handle, size)
     try:
-        with open(path, "rb") as handle:  # a file object: torch must not second-guess the format from the name
-            data = torch.load(handle, map_location="cpu", weights_only=True)
+        problem = untrusted.scan_pickle(pickled)
+    except ValueError as exc:
+        raise CheckpointError(path, f"corrupt PyTorch file: its data.pkl cannot be read ({exc})") from None
+    if problem is not None:
+        raise CheckpointError(path, _refusal(*problem))
+    handle.seek(0)
+    try:  # the file object, not the name: torch must not second-guess the format, and the file must be the one checked
+        data = torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
-        raise CheckpointError(path, f"refused to unpickle: the file asks for objects other than tensors ({first})") from None
-    except Exception as exc:  # torch raises RuntimeError/EOFError/zip errors for damaged files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(path, f"corrupt or truncated PyTorch file ({reason[:200]})") from None
+        name, detail = untrusted.torch_refusal(str(exc))
+        raise CheckpointError(path, _refusal("global", name) if name else _refusal("torch", detail)) from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError and more for damaged files
+        raise CheckpointError(path, f"corrupt or truncated PyTorch file: torch could not read it ({untrusted.short_reason(exc)})") from None
     if not isinstance(data, dict):
-        raise CheckpointError(path, f"expected a dict checkpoint, found a {type(data).__name__}")
+        raise CheckpointError(path, f"expected a dict checkpoint, found {show(data)}")
     if "guidance_scale_model" in data:
         state = data["guidance_scale_model"]
         config = data.get("config")
@@ -252,35 +294,37 @@ def _read_torch(path: Path) -> tuple[dict, GuidanceModelConfig, CheckpointMetada
 def _infer_config(path: Path, state: dict) -> dict:
     """Architecture of a bare state dict, assuming equal embedding sizes (true of every released file)."""
     first = state.get("combined_head.0.weight")
-    if not isinstance(first, torch.Tensor) or first.dim() != 2 or first.shape[1] % 3:
+    if type(first) not in (torch.Tensor, torch.nn.Parameter) or len(first.shape) != 2 or first.shape[1] % 3:
         raise CheckpointError(path, "cannot infer the architecture: missing or odd combined_head.0.weight and no config")
-    linear = [k for k in state if k.startswith("combined_head.") and k.endswith(".weight")]
+    linear = [k for k in state if isinstance(k, str) and k.startswith("combined_head.") and k.endswith(".weight")]
     embed = first.shape[1] // 3
     return {"hidden_size": first.shape[0], "n_layers": len(linear) - 2, "t_embed_dim": embed, "delta_embed_dim": embed, "lambda_embed_dim": embed}
 
 
-def _read_safetensors(path: Path) -> tuple[dict, GuidanceModelConfig, CheckpointMetadata]:
-    from safetensors import safe_open
+def _read_safetensors(path: Path, handle, size: int) -> tuple[dict, GuidanceModelConfig, CheckpointMetadata]:
+    entries, meta, data_start = untrusted.safetensors_header(path, handle, size)
+    config, metadata = parse_metadata(path, meta)
+    expected = config.expected_shapes()
+    _check_names(path, entries, expected)
+    for key, shape in expected.items():  # every tensor is checked before any is read
+        entry = entries[key]
+        _check_dtype_and_shape(path, key, entry.dtype_name, entry.dtype is not None, entry.shape, shape)
+    state = {key: untrusted.read_safetensor(path, handle, data_start, entries[key]) for key in expected}
+    return state, config, metadata
 
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            meta = handle.metadata() or {}
-            state = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(path, f"corrupt or truncated safetensors file ({reason[:200]})") from None
-    return state, *parse_metadata(path, meta)
+
+_DIGITS = re.compile(r"[0-9]{1,18}")
 
 
 def parse_metadata(path: str | os.PathLike, meta: dict[str, str]) -> tuple[GuidanceModelConfig, CheckpointMetadata]:
-    """Validate the string metadata of one of our safetensors files."""
+    """Validate the string metadata of one of our safetensors files (JSON values bounded: untrusted.load_json)."""
     path = Path(path)
     if meta.get("format") != FORMAT_NAME:
-        raise CheckpointError(path, f"no annealing-guidance metadata (metadata 'format' is {meta.get('format')!r}, expected {FORMAT_NAME!r})")
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        raise CheckpointError(path, f"invalid format_version {meta.get('format_version')!r}") from None
+        raise CheckpointError(path, f"no annealing-guidance metadata (metadata 'format' is {show(meta.get('format'))}, expected {FORMAT_NAME!r})")
+    raw_version = meta.get("format_version", "")
+    if not isinstance(raw_version, str) or not _DIGITS.fullmatch(raw_version):
+        raise CheckpointError(path, f"invalid format_version {show(raw_version)}")
+    version = int(raw_version)
     if version > FORMAT_VERSION:
         raise CheckpointError(path, f"written by a newer format version {version} (this pack reads up to {FORMAT_VERSION}); update the pack")
     if version < 1:
@@ -290,9 +334,9 @@ def parse_metadata(path: str | os.PathLike, meta: dict[str, str]) -> tuple[Guida
         if key not in meta:
             raise CheckpointError(path, f"missing metadata {key!r}")
         try:
-            value = json.loads(meta[key])
-        except json.JSONDecodeError:
-            raise CheckpointError(path, f"metadata {key!r} is not valid JSON") from None
+            value = untrusted.load_json(meta[key])
+        except ValueError as exc:
+            raise CheckpointError(path, f"metadata {key!r} {exc}") from None
         if not isinstance(value, dict):
             raise CheckpointError(path, f"metadata {key!r} must be a JSON object")
         return value
@@ -301,33 +345,34 @@ def parse_metadata(path: str | os.PathLike, meta: dict[str, str]) -> tuple[Guida
         value = meta.get(key, "")
         if value == "":
             return None
-        try:
-            return int(value)
-        except ValueError:
-            raise CheckpointError(path, f"metadata {key!r} must be an integer, got {value!r}") from None
+        if not _DIGITS.fullmatch(value):
+            raise CheckpointError(path, f"metadata {key!r} must be an integer, got {show(value)}")
+        return int(value)
 
     config = _config_from(path, json_field("architecture"))
     for key in ("model_family", "prediction_space", "timestep_convention"):
         if key not in meta:
             raise CheckpointError(path, f"missing metadata {key!r}")
     training = json_field("training")
+    # read (and refuse) the raw fields first: the handler below is for the values' meaning, and would wrap their errors twice
+    raw_grid = json_field("training_grid") if version >= 2 else None
+    steps, latent_numel = int_field("sampling_steps") if version < 2 else None, int_field("trained_latent_numel")
     try:
         if version >= 2:
-            grid = grid_from_dict(json_field("training_grid"))
-            method = meta.get("method", "")
+            grid, method = grid_from_dict(raw_grid), meta.get("method", "")
         else:
-            grid, method = _version1_grid(meta["timestep_convention"], int_field("sampling_steps"), training), "annealing"
+            grid, method = _version1_grid(meta["timestep_convention"], steps, training), "annealing"
         metadata = CheckpointMetadata(
             model_family=meta["model_family"],
             prediction_space=meta["prediction_space"],
             timestep_convention=meta["timestep_convention"],
-            trained_latent_numel=int_field("trained_latent_numel"),
+            trained_latent_numel=latent_numel,
             training_grid=grid,
             training=training,
             method=method,
             format_version=version,
         )
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise CheckpointError(path, f"invalid metadata: {exc}") from None
     return config, metadata
 
@@ -338,16 +383,44 @@ def _version1_grid(convention: str, steps: int | None, training: dict) -> Traini
     if convention == "ddpm_index":
         return VPGrid(num_steps=steps or 50)
     shift = training.get("flow_shift", 3.0)
-    return FlowGrid(num_steps=steps or 28, shift=float(shift) if isinstance(shift, (int, float)) else 3.0, spacing="simple")
+    shift = float(shift) if isinstance(shift, (int, float)) and not isinstance(shift, bool) and abs(shift) < 1e300 else 3.0
+    return FlowGrid(num_steps=steps or 28, shift=shift, spacing="simple")
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], GuidanceModelConfig, CheckpointMetadata, str]:
-    """Read and validate a checkpoint: (float32 CPU state dict, config, metadata, 'safetensors' | 'torch')."""
-    path = _check_path(path)
-    kind = _sniff_format(path)
-    reader = _read_safetensors if kind == "safetensors" else _read_torch
-    state, config, metadata = reader(path)
-    return _validate_state_dict(path, state, config), config, metadata, kind
+    """Read and validate a checkpoint: (float32 CPU state dict, config, metadata, 'safetensors' | 'torch').
+
+    Any problem with the file, however odd, raises :class:`CheckpointError` (one line naming the file and the problem)."""
+    path = _as_path(path)
+    handle, size = untrusted.open_checkpoint(path)
+    try:
+        with handle:
+            kind = untrusted.sniff_format(path, handle, size)
+            if kind == "pickle":
+                raise CheckpointError(path, _legacy_problem(path, handle, size))
+            reader = _read_safetensors if kind == "safetensors" else _read_torch
+            state, config, metadata = reader(path, handle, size)
+            return _validate_state_dict(path, state, config), config, metadata, kind
+    except CheckpointError:
+        raise
+    except OSError as exc:  # the disk failed while reading
+        raise CheckpointError(path, f"could not read the file: {exc.strerror or type(exc).__name__}") from None
+    except Exception as exc:  # a case the checks above did not foresee: still one line, never a traceback in the UI
+        raise CheckpointError(path, f"could not be read as a guidance checkpoint ({untrusted.short_reason(exc)})") from None
+
+
+def _legacy_problem(path: Path, handle, size: int) -> str:
+    """Why a raw pickle stream (torch's format before 1.6) is not loaded: its storages are allocated at the sizes its pickle
+    claims before any data is read, so it cannot be bounded the way a zip is. Name what it asks for when that is not a tensor."""
+    head = untrusted.read_exactly(path, handle, 0, min(size, untrusted.MAX_PICKLE_BYTES), "the pickle")
+    try:
+        problem = untrusted.scan_pickle(head, max_pickles=4, strict=False)  # legacy files: magic, protocol, sys info, data
+    except ValueError:
+        problem = None
+    if problem is not None and problem[0] == "global":
+        return _refusal(*problem)
+    return ("a raw pickle or legacy PyTorch file (torch before 1.6): not read, because its sizes cannot be checked before torch "
+            "allocates them; only the zip format torch has written since 1.6 and safetensors are read")
 
 
 def load_guidance_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> GuidanceScaleModel:
@@ -359,7 +432,7 @@ def load_guidance_model(path: str | os.PathLike, device: str | torch.device = "c
     state, config, metadata, kind = read_checkpoint(path)
     model = GuidanceScaleModel(config, metadata)
     model.load_state_dict(state)
-    model.source_path = os.fspath(path)
+    model.source_path = os.fspath(_as_path(path))
     model.source_format = kind
     model.requires_grad_(False)
     return model.to(device).eval()

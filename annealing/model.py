@@ -17,7 +17,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import show
+
 TensorLike = torch.Tensor | float | int
+
+# Bounds on what an architecture (from a stranger's checkpoint) may ask for, far above any guidance MLP: the released one is
+# 12 -> 128 -> 3 x 128 -> 1 (51,329 parameters). They keep a tiny file from making us build gigabytes of layers.
+MAX_HIDDEN_SIZE = 4096
+MAX_LAYERS = 64
+MAX_EMBED_DIM = 1024
+MAX_PARAMETERS = 1 << 25  # 33.5 million: 128 MiB in float32, 650x the released MLP
 
 
 @dataclass(frozen=True)
@@ -39,23 +48,31 @@ class GuidanceModelConfig:
     w_bias: float = 1.0
 
     def __post_init__(self):
-        for name in ("hidden_size", "t_embed_dim", "delta_embed_dim", "lambda_embed_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.n_layers, int) or isinstance(self.n_layers, bool) or self.n_layers < 0:
-            raise ValueError(f"n_layers must be a non-negative integer, got {self.n_layers!r}")
+        for name, high in (("hidden_size", MAX_HIDDEN_SIZE), ("t_embed_dim", MAX_EMBED_DIM), ("delta_embed_dim", MAX_EMBED_DIM),
+                           ("lambda_embed_dim", MAX_EMBED_DIM), ("n_layers", MAX_LAYERS)):
+            value, low = getattr(self, name), 0 if name == "n_layers" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer from {low} to {high}, got {show(value)}")
         for name in ("t_embed_normalization", "delta_embed_normalization", "w_scale", "w_bias"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+                raise ValueError(f"{name} must be a finite number, got {show(value)}")
         for name in ("t_embed_normalization", "delta_embed_normalization"):
             if getattr(self, name) == 0:
                 raise ValueError(f"{name} must not be zero")
+        if self.num_parameters > MAX_PARAMETERS:
+            raise ValueError(f"the architecture has {self.num_parameters:,} parameters, more than the {MAX_PARAMETERS:,} a guidance MLP "
+                             f"may have (hidden_size {self.hidden_size}, n_layers {self.n_layers})")
 
     @property
     def input_size(self) -> int:
         return self.t_embed_dim + self.delta_embed_dim + self.lambda_embed_dim
+
+    @property
+    def num_parameters(self) -> int:
+        """Weights and biases of the MLP (the released checkpoint: 51,329)."""
+        hidden = self.hidden_size
+        return (self.input_size + 1) * hidden + self.n_layers * (hidden + 1) * hidden + hidden + 1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -66,8 +83,11 @@ class GuidanceModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
         for key in ("t_embed_normalization", "delta_embed_normalization", "w_scale", "w_bias"):
-            if key in kwargs and isinstance(kwargs[key], int) and not isinstance(kwargs[key], bool):
-                kwargs[key] = float(kwargs[key])
+            value = kwargs.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                if value.bit_length() > 1000:  # float() would raise OverflowError
+                    raise ValueError(f"{key} must be a finite number, got {show(value)}")
+                kwargs[key] = float(value)
         return cls(**kwargs)
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -63,6 +63,26 @@ def test_invalid_config_values_are_refused():
         GuidanceModelConfig(delta_embed_normalization=float("nan"))
 
 
+def test_architecture_bounds_accept_every_real_mlp_and_refuse_bombs():
+    """The bounds (model.py) sit far above the released 12-128x4-1 MLP; what lies at a bound builds, one past it is refused
+    before any layer is allocated."""
+    from annealing.model import MAX_EMBED_DIM, MAX_HIDDEN_SIZE, MAX_LAYERS, MAX_PARAMETERS
+
+    assert GuidanceModelConfig().num_parameters == 12 * 128 + 128 + 3 * (128 * 128 + 128) + 128 + 1  # 51,329
+    for edge in (dict(hidden_size=MAX_HIDDEN_SIZE, n_layers=0), dict(hidden_size=4, n_layers=MAX_LAYERS),
+                 dict(hidden_size=4, t_embed_dim=MAX_EMBED_DIM, delta_embed_dim=MAX_EMBED_DIM, lambda_embed_dim=MAX_EMBED_DIM)):
+        config = GuidanceModelConfig(**edge)
+        assert sum(p.numel() for p in GuidanceScaleModel(config).parameters()) == config.num_parameters
+    for name, value in (("hidden_size", MAX_HIDDEN_SIZE + 1), ("n_layers", MAX_LAYERS + 1), ("t_embed_dim", MAX_EMBED_DIM + 1),
+                        ("n_layers", -1), ("hidden_size", 10**400), ("hidden_size", 8.0), ("n_layers", True)):
+        with pytest.raises(ValueError, match=name):
+            GuidanceModelConfig(**{name: value})
+    with pytest.raises(ValueError, match=f"more than the {MAX_PARAMETERS:,}"):
+        GuidanceModelConfig(hidden_size=MAX_HIDDEN_SIZE, n_layers=2)  # 33.6 million parameters
+    with pytest.raises(ValueError, match="w_scale must be a finite number, got an integer of about 401 digits"):
+        GuidanceModelConfig.from_dict({"w_scale": 10**400})  # float() of it would raise OverflowError
+
+
 def test_public_api_names_are_stable():
     assert callable(annealing.load_guidance_model)
     assert issubclass(annealing.GuidanceScaleModel, torch.nn.Module)
