@@ -160,7 +160,7 @@ def test_a_config_that_is_a_fifo_or_not_utf8_is_one_line(tmp_path):
         ({"balance_momentum": 1.0}, r"balance_momentum must be a finite number in \[0, 1\)"),
         ({"delta_normalization": 0.0}, "delta_normalization must be a finite number"),
         ({"weight_decay": "0.01"}, "weight_decay must be a number, got '0.01'"),
-        ({"mlp_hidden": 10**6}, r"mlp_hidden must be an integer in \[1, 4096\], got 1000000"),
+        ({"mlp_hidden": 10**6}, r"mlp_hidden must be an integer in \[1, 2048\], got 1000000"),
         ({"mlp_layers": 17}, r"mlp_layers must be an integer in \[0, 16\]"),
         ({"resolution": 10**6}, r"resolution must be an integer in \[8, 4096\]"),
         ({"resolution": 100}, "resolution must be a multiple of 8"),
@@ -200,8 +200,11 @@ def test_every_numeric_setting_has_bounds():
         if kind == "float":
             assert f.name in FLOAT_BOUNDS, f.name
     TrainConfig(model="m", dataset="d", output="o").validate()  # the defaults are inside them
-    extreme = {name: high for name, (low, high) in INT_BOUNDS.items() if name != "resolution"}
+    extreme = {name: high for name, (low, high) in INT_BOUNDS.items() if name not in ("resolution", "mlp_layers")}
     TrainConfig(model="m", dataset="d", output="o", output_name="my model (v2) [final]", **extreme).validate()
+    # each MLP bound alone is allowed, but the widest MLP at the deepest setting exceeds the core's parameter bound
+    with pytest.raises(TrainingError, match="parameters"):
+        TrainConfig(model="m", dataset="d", output="o", **extreme, mlp_layers=INT_BOUNDS["mlp_layers"][1]).validate()
 
 
 def test_bad_settings_fail_before_any_model_loads_and_leave_no_output_folder(tmp_path, monkeypatch, capsys):
