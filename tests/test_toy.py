@@ -13,10 +13,10 @@ import annealing
 from annealing import AnnealingGuidance, AnnealingOptions
 from annealing.training_grid import VPGrid
 from training.algorithm import CADSConfig, SamplingGrid, annealing_loss
-from training.toy.__main__ import main
+from training.toy.__main__ import build_config, main, parse_args
 from training.toy.metrics import Evaluator, manifold_threshold, sliced_wasserstein
 from training.toy.problem import ExactRingDenoiser, RingProblem
-from training.toy.samplers import Annealing, ToySampler
+from training.toy.samplers import Annealing, CFGPlusPlus, ReadAnnealing, ReadCFGPlusPlus, ToySampler, karras_schedule
 from training.toy.train import TOY_MODEL_CONFIG
 
 ABAR = VPGrid().alphas_cumprod()
@@ -151,10 +151,11 @@ def quick_run(tmp_path_factory):
 
 def test_quick_run_writes_every_result(quick_run, capsys):
     names = {p.name for p in quick_run.iterdir()}
-    expected = {"results.json", "results.md", "toy-front.png", "toy-samples.png", "toy-w-trajectories.png", "annealing_toy2d_seed0.safetensors"}
+    expected = {"results.json", "results.md", "toy-front.png", "toy-samples.png", "toy-w-trajectories.png", "toy-step-counts.png",
+                "annealing_toy2d_seed0.safetensors"}
     assert expected <= names
     assert not [n for n in names if n.endswith(".tmp")]
-    for png in ("toy-front.png", "toy-samples.png", "toy-w-trajectories.png"):
+    for png in ("toy-front.png", "toy-samples.png", "toy-w-trajectories.png", "toy-step-counts.png"):
         size = (quick_run / png).stat().st_size
         assert 10_000 < size < 300_000, (png, size)
     data = json.loads((quick_run / "results.json").read_text())
@@ -221,3 +222,84 @@ def test_trained_checkpoint_cfgpp_loop_equals_guide_with_euler(quick_run, lam):
         d = guide.guide(s.expand(labels.shape[0]), d_c, d_u, sampling="eps")  # anchored: on the training grid, the CFG++ step
         x = x + (sigmas[i + 1] - s) * (x - d) / s
     torch.testing.assert_close(x, reference.double(), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------- the step-count study
+
+
+def _run(method, steps: int, labels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return ToySampler(RingProblem(), SamplingGrid.vp_ddim(steps), ABAR).run(method, noise, labels)
+
+
+def test_per_step_reading_is_the_cfgpp_step_and_both_readings_agree_on_the_training_grid(quick_run):
+    """The core's scale rule under a plain DDIM sampler: per_step reproduces the CFG++ step at any step count; on the
+    training grid anchored is the same step; elsewhere the two readings differ."""
+    model = annealing.load_guidance_model(quick_run / "annealing_toy2d_seed0.safetensors")
+    train = VPGrid(50)
+    labels = torch.arange(3).repeat(20)
+    noise = torch.randn(labels.shape[0], 2, generator=torch.Generator().manual_seed(5))
+    for steps in (20, 50):
+        schedule = karras_schedule(SamplingGrid.vp_ddim(steps))
+        cfgpp = _run(CFGPlusPlus(0.2), steps, labels, noise)
+        anneal = _run(Annealing(0.4, model), steps, labels, noise)
+        torch.testing.assert_close(_run(ReadCFGPlusPlus(0.2, "per_step", train, schedule), steps, labels, noise), cfgpp, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(_run(ReadAnnealing(0.4, model, "per_step", schedule), steps, labels, noise), anneal, atol=1e-4, rtol=1e-4)
+        anchored_cfgpp = _run(ReadCFGPlusPlus(0.2, "anchored", train, schedule), steps, labels, noise)
+        anchored_anneal = _run(ReadAnnealing(0.4, model, "anchored", schedule), steps, labels, noise)
+        if steps == 50:
+            torch.testing.assert_close(anchored_cfgpp, cfgpp, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(anchored_anneal, anneal, atol=1e-4, rtol=1e-4)
+        else:
+            assert float((anchored_cfgpp - cfgpp).norm(dim=1).mean()) > 0.1
+            assert float((anchored_anneal - anneal).norm(dim=1).mean()) > 0.1
+
+
+def test_anchored_reading_converges_with_the_step_count_and_per_step_does_not():
+    """Anchored, w = 0.2 is one CFG scale per noise level, so DDIM converges to its ODE as steps grow (here towards 1000
+    steps, the finest leading grid that still starts near t = 999); per_step's guidance grows with the step count."""
+    train = VPGrid(50)
+    labels = torch.arange(3).repeat(30)
+    noise = torch.randn(labels.shape[0], 2, generator=torch.Generator().manual_seed(6))
+    gaps = {}
+    for mode in ("anchored", "per_step"):
+        runs = {n: _run(ReadCFGPlusPlus(0.2, mode, train, karras_schedule(SamplingGrid.vp_ddim(n))), n, labels, noise) for n in (25, 100, 200, 1000)}
+        gaps[mode] = [float((runs[n] - runs[1000]).norm(dim=1).mean()) for n in (25, 100, 200)]
+    anchored, per_step = gaps["anchored"], gaps["per_step"]
+    assert anchored[0] > anchored[1] > anchored[2] and anchored[2] < 0.02, gaps
+    assert min(per_step) > 0.3 and per_step[2] > 10 * anchored[2], gaps
+
+
+def test_quick_run_reports_the_step_count_study(quick_run):
+    data = json.loads((quick_run / "results.json").read_text())
+    study, config = data["step_study"], data["config"]
+    assert study["step_counts"] == config["step_counts"] == [10, 50] and study["training_steps"] == 50
+    keys = {(r["family"], r["param"], r["mode"], r["steps"]) for r in study["rows"]}
+    settings = [(family, p) for family, params in config["step_study_settings"].items() for p in params]
+    assert keys == {(f, p, mode, n) for f, p in settings for mode in ("anchored", "per_step") for n in (10, 50)}
+    rows = {(r["family"], r["param"], r["mode"], r["steps"]): r["metrics"] for r in study["rows"]}
+    main_rows = {(r["family"], r["param"]): r["metrics"] for r in data["methods"]}
+    for family, param in settings:
+        # on the training grid both readings are the benchmark's own sampler: the main table's numbers
+        for mode in ("anchored", "per_step"):
+            assert rows[(family, param, mode, 50)]["sw"]["mean"] == pytest.approx(main_rows[(family, param)]["sw"]["mean"], abs=2e-3)
+        assert rows[(family, param, "anchored", 10)]["sw"]["mean"] != pytest.approx(rows[(family, param, "per_step", 10)]["sw"]["mean"], abs=1e-3)
+    table = (quick_run / "results.md").read_text()
+    assert "| CFG++ | w=0.2 | anchored |" in table and "| annealing | lambda=0.4 | per_step |" in table
+    stats = data["annealing_w"]["per_lambda"]["0.4"]
+    assert stats["w_min"] <= stats["w_mean_last"] <= stats["w_max"] and 0 <= stats["non_monotone_fraction"] <= 1
+    assert 0 <= stats["delta_norm_p01"] < stats["delta_norm_p99"]
+
+
+def test_step_counts_option():
+    assert build_config(parse_args(["--out", "x"])).step_counts == (10, 20, 50, 100, 200)
+    assert build_config(parse_args(["--out", "x", "--quick"])).step_counts == (10, 50)
+    assert build_config(parse_args(["--out", "x", "--step-counts", "15", "30"])).step_counts == (15, 30)
+    assert build_config(parse_args(["--out", "x", "--step-counts"])).step_counts == ()
+
+
+@pytest.mark.parametrize("counts", [["1"], ["10", "10"], ["2000"]])
+def test_step_counts_option_is_validated(counts, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "x"), "--step-counts", *counts])
+    assert exc.value.code == 2 and "--step-counts" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
