@@ -13,10 +13,12 @@ import annealing
 from annealing import AnnealingGuidance, AnnealingOptions
 from annealing.training_grid import VPGrid
 from training.algorithm import CADSConfig, SamplingGrid, annealing_loss
+from training.toy import docs as toy_docs
 from training.toy.__main__ import build_config, main, parse_args
 from training.toy.metrics import Evaluator, manifold_threshold, sliced_wasserstein
 from training.toy.problem import ExactRingDenoiser, RingProblem
-from training.toy.samplers import Annealing, CFGPlusPlus, ReadAnnealing, ReadCFGPlusPlus, ToySampler, karras_schedule
+from training.toy.report import step_table
+from training.toy.samplers import Annealing, CFGPlusPlus, ReadAnnealing, ReadCFGPlusPlus, ToySampler
 from training.toy.train import TOY_MODEL_CONFIG
 
 ABAR = VPGrid().alphas_cumprod()
@@ -239,13 +241,12 @@ def test_per_step_reading_is_the_cfgpp_step_and_both_readings_agree_on_the_train
     labels = torch.arange(3).repeat(20)
     noise = torch.randn(labels.shape[0], 2, generator=torch.Generator().manual_seed(5))
     for steps in (20, 50):
-        schedule = karras_schedule(SamplingGrid.vp_ddim(steps))
         cfgpp = _run(CFGPlusPlus(0.2), steps, labels, noise)
         anneal = _run(Annealing(0.4, model), steps, labels, noise)
-        torch.testing.assert_close(_run(ReadCFGPlusPlus(0.2, "per_step", train, schedule), steps, labels, noise), cfgpp, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(_run(ReadAnnealing(0.4, model, "per_step", schedule), steps, labels, noise), anneal, atol=1e-4, rtol=1e-4)
-        anchored_cfgpp = _run(ReadCFGPlusPlus(0.2, "anchored", train, schedule), steps, labels, noise)
-        anchored_anneal = _run(ReadAnnealing(0.4, model, "anchored", schedule), steps, labels, noise)
+        torch.testing.assert_close(_run(ReadCFGPlusPlus(0.2, "per_step", train), steps, labels, noise), cfgpp, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(_run(ReadAnnealing(0.4, model, "per_step"), steps, labels, noise), anneal, atol=1e-4, rtol=1e-4)
+        anchored_cfgpp = _run(ReadCFGPlusPlus(0.2, "anchored", train), steps, labels, noise)
+        anchored_anneal = _run(ReadAnnealing(0.4, model, "anchored"), steps, labels, noise)
         if steps == 50:
             torch.testing.assert_close(anchored_cfgpp, cfgpp, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(anchored_anneal, anneal, atol=1e-4, rtol=1e-4)
@@ -262,7 +263,7 @@ def test_anchored_reading_converges_with_the_step_count_and_per_step_does_not():
     noise = torch.randn(labels.shape[0], 2, generator=torch.Generator().manual_seed(6))
     gaps = {}
     for mode in ("anchored", "per_step"):
-        runs = {n: _run(ReadCFGPlusPlus(0.2, mode, train, karras_schedule(SamplingGrid.vp_ddim(n))), n, labels, noise) for n in (25, 100, 200, 1000)}
+        runs = {n: _run(ReadCFGPlusPlus(0.2, mode, train), n, labels, noise) for n in (25, 100, 200, 1000)}
         gaps[mode] = [float((runs[n] - runs[1000]).norm(dim=1).mean()) for n in (25, 100, 200)]
     anchored, per_step = gaps["anchored"], gaps["per_step"]
     assert anchored[0] > anchored[1] > anchored[2] and anchored[2] < 0.02, gaps
@@ -303,3 +304,90 @@ def test_step_counts_option_is_validated(counts, tmp_path, capsys):
         main(["--out", str(tmp_path / "x"), "--step-counts", *counts])
     assert exc.value.code == 2 and "--step-counts" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------- the docs generator
+
+
+def _table_rows(lines: list[str]) -> list[list[str]]:
+    """Cells of a markdown table's body rows; asserts every row has the header's column count."""
+    width = lines[0].count(" | ") + 1
+    assert set(lines[1].replace("|", "")) <= {"-", ":"}, lines[1]
+    body = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[2:]]
+    assert all(len(cells) == width for cells in body), lines
+    return body
+
+
+def test_generated_tables_are_well_formed_and_carry_the_results_numbers(quick_run):
+    data = json.loads((quick_run / "results.json").read_text())
+    by_family = {}
+    for r in data["methods"]:
+        by_family.setdefault(r["family"], []).append(r)
+    body = _table_rows(toy_docs.best_table(data))
+    assert body[0][0] == "exact samples" and body[1][0] == "CFG w = 1 (no guidance)"
+    for cells in body[2:]:
+        family = next(f for f in toy_docs.README_FAMILIES if cells[0] == "Learn to Guide" and f == "learn-to-guide"
+                      or cells[0].startswith(f + " "))
+        lowest = min(by_family[family], key=lambda r: r["metrics"]["sw"]["mean"])  # the stated rule
+        if family != "learn-to-guide":
+            assert cells[0].endswith(f"= {lowest['param']:g}")
+        for column, metric, digits in ((1, "sw", 3), (2, "align", 3), (3, "off", 3), (4, "coverage", 2)):
+            assert cells[column] == f"{lowest['metrics'][metric]['mean']:.{digits}f}", (cells, metric)
+    assert len(body) == 2 + len(toy_docs.README_FAMILIES)
+
+    study = _table_rows(step_table(data))
+    rows = {(r["family"], r["param"], r["mode"], r["steps"]): r["metrics"] for r in data["step_study"]["rows"]}
+    assert len(study) == len({k[:3] for k in rows})
+    for cells in study:
+        family, param, mode = cells[0], float(cells[1].split("=")[1]), cells[2]
+        for n, cell in zip(data["step_study"]["step_counts"], cells[3:]):
+            metrics = rows[(family, param, mode, n)]
+            assert cell == f"{metrics['sw']['mean']:.3f} / {metrics['align']['mean']:.3f}"
+
+
+def test_committed_docs_are_what_the_committed_results_say(capsys):
+    """docs/toy-benchmark.md and the README's 2D-benchmark section equal what the generator makes of docs/toy-results."""
+    assert toy_docs.main(["--check"]) == 0, capsys.readouterr().err
+    readme = (toy_docs.ROOT / "README.md").read_text()
+    assert readme.count("<!-- toy-table:start") == 1 and toy_docs.BEST_RULE.split(":")[0] in readme.replace("\n", " ")
+    for plot in toy_docs.PLOTS:
+        assert (toy_docs.ROOT / "docs" / "images" / plot).is_file()
+
+
+def test_the_check_notices_a_stale_doc_and_the_generator_rewrites_it(tmp_path, capsys):
+    root = tmp_path / "repo"
+    for path in (toy_docs.RESULTS / "main.json", toy_docs.RESULTS / "leak0.json", toy_docs.DOC, toy_docs.README):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text((toy_docs.ROOT / path).read_text())
+    rendered = toy_docs.render(root)
+    assert rendered[root / toy_docs.DOC] == (root / toy_docs.DOC).read_text()
+    # a number changed by hand inside a block is overwritten; text outside the blocks is kept
+    doc = (root / toy_docs.DOC).read_text()
+    tampered = doc.replace("| CFG | w=3 | ", "| CFG | w=3 | 9", 1) + "\nhand-written tail\n"
+    assert tampered != doc + "\nhand-written tail\n"
+    (root / toy_docs.DOC).write_text(tampered)
+    again = toy_docs.render(root)[root / toy_docs.DOC]
+    assert again == doc + "\nhand-written tail\n"
+    with pytest.raises(ValueError, match="toy-steps"):
+        toy_docs.fill(doc.replace("<!-- toy-steps:end -->", ""), {"toy-steps": "x"}, "doc")
+
+
+def test_a_sentence_the_results_contradict_stops_the_generator():
+    runs = toy_docs.load_runs()
+    main_run = runs["main"]
+    toy_docs.reading(main_run)  # the committed results support every sentence
+    for r in main_run["methods"]:
+        if r["family"] == "annealing":  # pretend annealing stayed on the ring
+            r["metrics"]["off"]["mean"] = 0.004
+    with pytest.raises(toy_docs.StaleClaim, match="over-guides"):
+        toy_docs.reading(main_run)
+
+
+def test_import_copies_a_run_into_the_docs(quick_run, tmp_path):
+    root = tmp_path / "repo"
+    (root / "docs" / "images").mkdir(parents=True)
+    written = toy_docs.import_run(quick_run, "main", root)
+    assert (root / toy_docs.RESULTS / "main.json").read_text() == (quick_run / "results.json").read_text()
+    assert {p.name for p in written} == {"main.json", *toy_docs.PLOTS}
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        toy_docs.import_run(tmp_path / "nowhere", "leak0", root)
