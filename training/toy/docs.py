@@ -405,8 +405,8 @@ def readme_block(runs: dict[str, dict]) -> str:
         f"of its self-consistency objective). {len(config['seeds'])} seeds, "
         f"{config['samples_per_class'] * config['problem']['num_classes']} samples per method and seed; the run took "
         f"{main['timing_s']['total_s'] / 60:.1f} min on the development machine's 2 shared CPU cores"
-        + (f" ({main['timing_s']['cpu_s'] / 60:.1f} min of CPU time)" if "cpu_s" in main["timing_s"] else "")
-        + " (`--quick`: a smoke test in seconds).",
+        + (f" ({main['timing_s']['cpu_s'] / 60:.1f} min of CPU time; " if "cpu_s" in main["timing_s"] else " (")
+        + "`--quick`: a smoke test in seconds).",
         "",
         BEST_RULE,
         "",

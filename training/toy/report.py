@@ -246,7 +246,7 @@ def plot_w_trajectories(results: dict, problem: RingProblem, path: Path, per_cla
         for c in range(problem.num_classes):
             idx = torch.nonzero(labels == c).reshape(-1)[:per_class]
             for i in idx.tolist():
-                ax.plot(timesteps, trace[:, i].numpy(), color=CLASS_COLOURS[c], linewidth=1, alpha=0.8)
+                ax.plot(timesteps, trace[:, i].numpy(), color=CLASS_COLOURS[c], linewidth=1)  # opaque: colours match the legend
         ax.plot(timesteps, trace.mean(dim=1).numpy(), color="black", linestyle="--", linewidth=1.2)
         ax.set_title(f"annealing, lambda = {lam:g}", fontsize=9)
         ax.set_xlabel(f"DDPM timestep t (sampling runs left to right, {timesteps[0]:g} to {timesteps[-1]:g})", fontsize=8)
