@@ -13,10 +13,12 @@ import annealing
 from annealing import AnnealingGuidance, AnnealingOptions
 from annealing.training_grid import VPGrid
 from training.algorithm import CADSConfig, SamplingGrid, annealing_loss
-from training.toy.__main__ import main
+from training.toy import docs as toy_docs
+from training.toy.__main__ import build_config, main, parse_args
 from training.toy.metrics import Evaluator, manifold_threshold, sliced_wasserstein
 from training.toy.problem import ExactRingDenoiser, RingProblem
-from training.toy.samplers import Annealing, ToySampler
+from training.toy.report import step_table
+from training.toy.samplers import Annealing, CFGPlusPlus, ReadAnnealing, ReadCFGPlusPlus, ToySampler
 from training.toy.train import TOY_MODEL_CONFIG
 
 ABAR = VPGrid().alphas_cumprod()
@@ -151,10 +153,11 @@ def quick_run(tmp_path_factory):
 
 def test_quick_run_writes_every_result(quick_run, capsys):
     names = {p.name for p in quick_run.iterdir()}
-    expected = {"results.json", "results.md", "toy-front.png", "toy-samples.png", "toy-w-trajectories.png", "annealing_toy2d_seed0.safetensors"}
+    expected = {"results.json", "results.md", "toy-front.png", "toy-samples.png", "toy-w-trajectories.png", "toy-step-counts.png",
+                "annealing_toy2d_seed0.safetensors"}
     assert expected <= names
     assert not [n for n in names if n.endswith(".tmp")]
-    for png in ("toy-front.png", "toy-samples.png", "toy-w-trajectories.png"):
+    for png in ("toy-front.png", "toy-samples.png", "toy-w-trajectories.png", "toy-step-counts.png"):
         size = (quick_run / png).stat().st_size
         assert 10_000 < size < 300_000, (png, size)
     data = json.loads((quick_run / "results.json").read_text())
@@ -221,3 +224,170 @@ def test_trained_checkpoint_cfgpp_loop_equals_guide_with_euler(quick_run, lam):
         d = guide.guide(s.expand(labels.shape[0]), d_c, d_u, sampling="eps")  # anchored: on the training grid, the CFG++ step
         x = x + (sigmas[i + 1] - s) * (x - d) / s
     torch.testing.assert_close(x, reference.double(), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------- the step-count study
+
+
+def _run(method, steps: int, labels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return ToySampler(RingProblem(), SamplingGrid.vp_ddim(steps), ABAR).run(method, noise, labels)
+
+
+def test_per_step_reading_is_the_cfgpp_step_and_both_readings_agree_on_the_training_grid(quick_run):
+    """The core's scale rule under a plain DDIM sampler: per_step reproduces the CFG++ step at any step count; on the
+    training grid anchored is the same step; elsewhere the two readings differ."""
+    model = annealing.load_guidance_model(quick_run / "annealing_toy2d_seed0.safetensors")
+    train = VPGrid(50)
+    labels = torch.arange(3).repeat(20)
+    noise = torch.randn(labels.shape[0], 2, generator=torch.Generator().manual_seed(5))
+    for steps in (20, 50):
+        cfgpp = _run(CFGPlusPlus(0.2), steps, labels, noise)
+        anneal = _run(Annealing(0.4, model), steps, labels, noise)
+        torch.testing.assert_close(_run(ReadCFGPlusPlus(0.2, "per_step", train), steps, labels, noise), cfgpp, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(_run(ReadAnnealing(0.4, model, "per_step"), steps, labels, noise), anneal, atol=1e-4, rtol=1e-4)
+        anchored_cfgpp = _run(ReadCFGPlusPlus(0.2, "anchored", train), steps, labels, noise)
+        anchored_anneal = _run(ReadAnnealing(0.4, model, "anchored"), steps, labels, noise)
+        if steps == 50:
+            torch.testing.assert_close(anchored_cfgpp, cfgpp, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(anchored_anneal, anneal, atol=1e-4, rtol=1e-4)
+        else:
+            assert float((anchored_cfgpp - cfgpp).norm(dim=1).mean()) > 0.1
+            assert float((anchored_anneal - anneal).norm(dim=1).mean()) > 0.1
+
+
+def test_anchored_reading_converges_with_the_step_count_and_per_step_does_not():
+    """Anchored, w = 0.2 is one CFG scale per noise level, so DDIM converges to its ODE as steps grow (here towards 1000
+    steps, the finest leading grid that still starts near t = 999); per_step's guidance grows with the step count."""
+    train = VPGrid(50)
+    labels = torch.arange(3).repeat(30)
+    noise = torch.randn(labels.shape[0], 2, generator=torch.Generator().manual_seed(6))
+    gaps = {}
+    for mode in ("anchored", "per_step"):
+        runs = {n: _run(ReadCFGPlusPlus(0.2, mode, train), n, labels, noise) for n in (25, 100, 200, 1000)}
+        gaps[mode] = [float((runs[n] - runs[1000]).norm(dim=1).mean()) for n in (25, 100, 200)]
+    anchored, per_step = gaps["anchored"], gaps["per_step"]
+    assert anchored[0] > anchored[1] > anchored[2] and anchored[2] < 0.02, gaps
+    assert min(per_step) > 0.3 and per_step[2] > 10 * anchored[2], gaps
+
+
+def test_quick_run_reports_the_step_count_study(quick_run):
+    data = json.loads((quick_run / "results.json").read_text())
+    study, config = data["step_study"], data["config"]
+    assert study["step_counts"] == config["step_counts"] == [10, 50] and study["training_steps"] == 50
+    keys = {(r["family"], r["param"], r["mode"], r["steps"]) for r in study["rows"]}
+    settings = [(family, p) for family, params in config["step_study_settings"].items() for p in params]
+    assert keys == {(f, p, mode, n) for f, p in settings for mode in ("anchored", "per_step") for n in (10, 50)}
+    rows = {(r["family"], r["param"], r["mode"], r["steps"]): r["metrics"] for r in study["rows"]}
+    main_rows = {(r["family"], r["param"]): r["metrics"] for r in data["methods"]}
+    for family, param in settings:
+        # on the training grid both readings are the benchmark's own sampler: the main table's numbers
+        for mode in ("anchored", "per_step"):
+            assert rows[(family, param, mode, 50)]["sw"]["mean"] == pytest.approx(main_rows[(family, param)]["sw"]["mean"], abs=2e-3)
+        assert rows[(family, param, "anchored", 10)]["sw"]["mean"] != pytest.approx(rows[(family, param, "per_step", 10)]["sw"]["mean"], abs=1e-3)
+    table = (quick_run / "results.md").read_text()
+    assert "| CFG++ | w=0.2 | anchored |" in table and "| annealing | lambda=0.4 | per_step |" in table
+    stats = data["annealing_w"]["per_lambda"]["0.4"]
+    assert stats["w_min"] <= stats["w_mean_last"] <= stats["w_max"] and 0 <= stats["non_monotone_fraction"] <= 1
+    assert 0 <= stats["delta_norm_p01"] < stats["delta_norm_p99"]
+
+
+def test_step_counts_option():
+    assert build_config(parse_args(["--out", "x"])).step_counts == (10, 20, 50, 100, 200)
+    assert build_config(parse_args(["--out", "x", "--quick"])).step_counts == (10, 50)
+    assert build_config(parse_args(["--out", "x", "--step-counts", "15", "30"])).step_counts == (15, 30)
+    assert build_config(parse_args(["--out", "x", "--step-counts"])).step_counts == ()
+
+
+@pytest.mark.parametrize("counts", [["1"], ["10", "10"], ["2000"]])
+def test_step_counts_option_is_validated(counts, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "x"), "--step-counts", *counts])
+    assert exc.value.code == 2 and "--step-counts" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------- the docs generator
+
+
+def _table_rows(lines: list[str]) -> list[list[str]]:
+    """Cells of a markdown table's body rows; asserts every row has the header's column count."""
+    width = lines[0].count(" | ") + 1
+    assert set(lines[1].replace("|", "")) <= {"-", ":"}, lines[1]
+    body = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[2:]]
+    assert all(len(cells) == width for cells in body), lines
+    return body
+
+
+def test_generated_tables_are_well_formed_and_carry_the_results_numbers(quick_run):
+    data = json.loads((quick_run / "results.json").read_text())
+    by_family = {}
+    for r in data["methods"]:
+        by_family.setdefault(r["family"], []).append(r)
+    body = _table_rows(toy_docs.best_table(data))
+    assert body[0][0] == "exact samples" and body[1][0] == "CFG w = 1 (no guidance)"
+    for cells in body[2:]:
+        family = next(f for f in toy_docs.README_FAMILIES if cells[0] == "Learn to Guide" and f == "learn-to-guide"
+                      or cells[0].startswith(f + " "))
+        lowest = min(by_family[family], key=lambda r: r["metrics"]["sw"]["mean"])  # the stated rule
+        if family != "learn-to-guide":
+            assert cells[0].endswith(f"= {lowest['param']:g}")
+        for column, metric, digits in ((1, "sw", 3), (2, "align", 3), (3, "off", 3), (4, "coverage", 2)):
+            assert cells[column] == f"{lowest['metrics'][metric]['mean']:.{digits}f}", (cells, metric)
+    assert len(body) == 2 + len(toy_docs.README_FAMILIES)
+
+    study = _table_rows(step_table(data))
+    rows = {(r["family"], r["param"], r["mode"], r["steps"]): r["metrics"] for r in data["step_study"]["rows"]}
+    assert len(study) == len({k[:3] for k in rows})
+    for cells in study:
+        family, param, mode = cells[0], float(cells[1].split("=")[1]), cells[2]
+        for n, cell in zip(data["step_study"]["step_counts"], cells[3:]):
+            metrics = rows[(family, param, mode, n)]
+            assert cell == f"{metrics['sw']['mean']:.3f} / {metrics['align']['mean']:.3f}"
+
+
+def test_committed_docs_are_what_the_committed_results_say(capsys):
+    """docs/toy-benchmark.md and the README's 2D-benchmark section equal what the generator makes of docs/toy-results."""
+    assert toy_docs.main(["--check"]) == 0, capsys.readouterr().err
+    readme = (toy_docs.ROOT / "README.md").read_text()
+    assert readme.count("<!-- toy-table:start") == 1 and toy_docs.BEST_RULE.split(":")[0] in readme.replace("\n", " ")
+    for plot in toy_docs.PLOTS:
+        assert (toy_docs.ROOT / "docs" / "images" / plot).is_file()
+
+
+def test_the_check_notices_a_stale_doc_and_the_generator_rewrites_it(tmp_path, capsys):
+    root = tmp_path / "repo"
+    for path in (toy_docs.RESULTS / "main.json", toy_docs.RESULTS / "leak0.json", toy_docs.DOC, toy_docs.README):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text((toy_docs.ROOT / path).read_text())
+    rendered = toy_docs.render(root)
+    assert rendered[root / toy_docs.DOC] == (root / toy_docs.DOC).read_text()
+    # a number changed by hand inside a block is overwritten; text outside the blocks is kept
+    doc = (root / toy_docs.DOC).read_text()
+    tampered = doc.replace("| CFG | w=3 | ", "| CFG | w=3 | 9", 1) + "\nhand-written tail\n"
+    assert tampered != doc + "\nhand-written tail\n"
+    (root / toy_docs.DOC).write_text(tampered)
+    again = toy_docs.render(root)[root / toy_docs.DOC]
+    assert again == doc + "\nhand-written tail\n"
+    with pytest.raises(ValueError, match="toy-steps"):
+        toy_docs.fill(doc.replace("<!-- toy-steps:end -->", ""), {"toy-steps": "x"}, "doc")
+
+
+def test_a_sentence_the_results_contradict_stops_the_generator():
+    runs = toy_docs.load_runs()
+    main_run = runs["main"]
+    toy_docs.reading(main_run)  # the committed results support every sentence
+    for r in main_run["methods"]:
+        if r["family"] == "annealing":  # pretend annealing stayed on the ring
+            r["metrics"]["off"]["mean"] = 0.004
+    with pytest.raises(toy_docs.StaleClaim, match="over-guides"):
+        toy_docs.reading(main_run)
+
+
+def test_import_copies_a_run_into_the_docs(quick_run, tmp_path):
+    root = tmp_path / "repo"
+    (root / "docs" / "images").mkdir(parents=True)
+    written = toy_docs.import_run(quick_run, "main", root)
+    assert (root / toy_docs.RESULTS / "main.json").read_text() == (quick_run / "results.json").read_text()
+    assert {p.name for p in written} == {"main.json", *toy_docs.PLOTS}
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        toy_docs.import_run(tmp_path / "nowhere", "leak0", root)

@@ -2,7 +2,8 @@
 
 Modules: ``problem`` (the ring mixture and its exact denoiser, the training backend), ``samplers`` (every method as one
 DDIM loop), ``train`` (annealing with Algorithm 1 of ``training.algorithm``), ``learn_to_guide``, ``metrics``,
-``benchmark`` (the run) and ``report`` (table and plots).
+``benchmark`` (the run, with the step-count study), ``report`` (tables and plots) and ``docs`` (the docs' generated
+blocks, from committed results: ``python -m training.toy.docs``).
 """
 
 from .problem import ExactRingDenoiser, RingProblem

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from annealing import cfgpp_step, per_sample_norm
+from annealing import AnnealingGuidance, AnnealingOptions, SamplerInfo, cfgpp_step, evaluation_scale, k_train, per_sample_norm
 from annealing.baselines import StageWiseGuidance, angle_domain_guidance, apg, cfg, interval_scale
+from annealing.training_grid import TrainingGrid
 from training.algorithm import SamplingGrid
 
 from .problem import RingProblem
@@ -50,6 +51,11 @@ class StepContext:
     def karras_sigma(self) -> torch.Tensor:
         """ComfyUI's x-space sigma = s / a."""
         return (self.sigma / self.alpha).expand(self.z.shape[0])
+
+    @property
+    def step_schedule(self) -> torch.Tensor:
+        """[sigma, sigma_next] in x-space: the part of the sampler's schedule that the k of this step depends on."""
+        return torch.stack([self.sigma / self.alpha, self.sigma_next / self.alpha_next]).reshape(2)
 
     def plain(self, eps_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A plain DDIM step with the guided noise."""
@@ -97,7 +103,8 @@ class CFGPlusPlus(Method):
 
 
 class Annealing(Method):
-    """w = MLP(t, ||eps_u - eps_c||, lambda), CFG++ step. Records every w in ``self.trace`` (steps x batch)."""
+    """w = MLP(t, ||eps_u - eps_c||, lambda), CFG++ step. Records every w in ``self.trace`` and the ||delta|| it saw in
+    ``self.norms`` (steps x batch each)."""
 
     family = "annealing"
     param_name = "lambda"
@@ -106,14 +113,17 @@ class Annealing(Method):
         super().__init__(param)
         self.model = model
         self.trace: list[torch.Tensor] = []
+        self.norms: list[torch.Tensor] = []
 
     def reset(self, batch):
-        self.trace = []
+        self.trace, self.norms = [], []
 
     def step(self, ctx):
+        norm = per_sample_norm(ctx.eps_u - ctx.eps_c)
         with torch.no_grad():
-            w = self.model(ctx.timestep, per_sample_norm(ctx.eps_u - ctx.eps_c), self.param)
+            w = self.model(ctx.timestep, norm, self.param)
         self.trace.append(w)
+        self.norms.append(norm)
         _, x0_hat, _ = cfgpp_step(ctx.z, ctx.eps_u, ctx.eps_c, w, ctx.alpha, ctx.sigma, ctx.alpha_next, ctx.sigma_next)
         return x0_hat, ctx.eps_u
 
@@ -181,6 +191,55 @@ class LearnedTable(Method):
 
     def step(self, ctx):
         return ctx.plain(cfg(ctx.eps_c, ctx.eps_u, self.table[ctx.labels, ctx.index]))
+
+
+# ------------------------------------------------------------------- w read at another step count than it was trained on
+
+#: The host sampler the readings below stand for: a plain first-order sampler that renoises with the D it is given.
+DDIM = SamplerInfo("ddim")
+
+
+class ReadCFGPlusPlus(Method):
+    """CFG++ scale w, in CFG++ units on ``training_grid``, applied by a plain DDIM sampler at this run's step count with the
+    scale the core's rule gives it (:func:`annealing.evaluation_scale`): ``anchored`` = CFG scale w * k_train(sigma) of the
+    training grid, ``per_step`` = w * k of this run's own step, i.e. the CFG++ step at this step count.
+
+    per_step is handed the step's own two sigmas rather than the whole schedule: the same k, without a (batch x steps)
+    schedule search at every step (the study samples 6000 points at up to 200 steps)."""
+
+    family = "CFG++"
+
+    def __init__(self, param: float, mode: str, training_grid: TrainingGrid):
+        super().__init__(param)
+        self.mode, self.training_grid = mode, training_grid
+
+    def step(self, ctx):
+        sigma = ctx.karras_sigma
+        anchor = k_train(self.training_grid, sigma).to(sigma.dtype)
+        schedule = ctx.step_schedule if self.mode == "per_step" else None  # anchored needs no schedule
+        rule = evaluation_scale(self.mode, sigma, anchor, sampling="eps", sampler=DDIM, sample_sigmas=schedule)
+        return ctx.plain(cfg(ctx.eps_c, ctx.eps_u, self.param * rule.factor))
+
+
+class ReadAnnealing(Method):
+    """The annealing checkpoint through the pack's own hook (:meth:`annealing.AnnealingGuidance.guide`) under a plain DDIM
+    sampler at this run's step count, in the given mode (anchored: the checkpoint's training grid fixes k, no schedule
+    needed; per_step: the step's own two sigmas, as in :class:`ReadCFGPlusPlus`)."""
+
+    family = "annealing"
+    param_name = "lambda"
+
+    def __init__(self, param: float, model, mode: str):
+        super().__init__(param)
+        self.mode = mode
+        self.guidance = AnnealingGuidance(model, AnnealingOptions(lam=param, mode=mode))
+
+    def step(self, ctx):
+        schedule = ctx.step_schedule if self.mode == "per_step" else None
+        with torch.no_grad():
+            d = self.guidance.guide(ctx.karras_sigma, ctx.x0(ctx.eps_c), ctx.x0(ctx.eps_u), sampling="eps", sampler=DDIM,
+                                    sample_sigmas=schedule)
+        return ctx.from_x0(d)
 
 
 @dataclass
