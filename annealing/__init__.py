@@ -28,6 +28,7 @@ from .guidance import (
     per_sample_norm,
     prediction_delta,
 )
+from .learn_to_guide import LearnToGuideConfig, LearnToGuideNet, prompt_embedding
 from .model import GuidanceModelConfig, GuidanceScaleModel
 from .recorder import GuidanceRecorder, GuidanceTrace
 from .samplers import SamplerInfo
@@ -51,6 +52,8 @@ __all__ = [
     "GuidanceRecorder",
     "GuidanceScaleModel",
     "GuidanceTrace",
+    "LearnToGuideConfig",
+    "LearnToGuideNet",
     "SamplerInfo",
     "VPGrid",
     "anchored_omega",
@@ -64,6 +67,7 @@ __all__ = [
     "locate_on_schedule",
     "per_sample_norm",
     "prediction_delta",
+    "prompt_embedding",
     "read_checkpoint",
     "renoise_factor",
     "save_guidance_model",

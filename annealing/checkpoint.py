@@ -29,6 +29,7 @@ import torch
 
 from . import untrusted
 from .errors import CheckpointError, printable, show
+from .learn_to_guide import LearnToGuideConfig, LearnToGuideNet
 from .model import GuidanceModelConfig, GuidanceScaleModel
 from .training_grid import FlowGrid, TrainingGrid, VPGrid, grid_from_dict
 
@@ -36,7 +37,11 @@ FORMAT_NAME = "annealing-guidance"
 #: 2: the training grid is described completely (``training_grid``) and the guidance method is named (``method``).
 #: Version 1 files (only ``sampling_steps``) are read with the grid their trainer used.
 FORMAT_VERSION = 2
-METHODS = ("annealing",)
+#: The guidance method a checkpoint implements, and the architecture and network class of each.
+METHODS = ("annealing", "learn_to_guide")
+ARCHITECTURES = {"annealing": (GuidanceModelConfig, GuidanceScaleModel), "learn_to_guide": (LearnToGuideConfig, LearnToGuideNet)}
+ModelConfig = GuidanceModelConfig | LearnToGuideConfig
+GuidanceNetwork = GuidanceScaleModel | LearnToGuideNet
 
 PREDICTION_SPACES = ("epsilon", "velocity")
 #: ddpm_index: DDPM timestep 0..999 of a discrete VP model; sigma_x1000: flow sigma * 1000 (SD3); sigma: flow sigma (Flux).
@@ -70,7 +75,8 @@ class CheckpointMetadata:
                           Default: the grid of the timestep convention's usual model (upstream SDXL's 50-step DDIM grid for
                           ddpm_index, SD3's 28-step flow grid otherwise).
     training:             provenance: steps, images, lambda_min, lambda_max, base_model, source, ... (JSON-serialisable).
-    method:               the guidance method the weights implement ("annealing").
+    method:               the guidance method the weights implement: "annealing" (w in CFG++ units from the timestep, ||delta||
+                          and lambda) or "learn_to_guide" (a CFG scale from the step's timesteps and the prompt embedding).
     """
 
     model_family: str = "sdxl"
@@ -111,7 +117,7 @@ class CheckpointMetadata:
         """Steps of the training grid (the paper's N; upstream: 50)."""
         return self.training_grid.num_steps
 
-    def to_strings(self, config: GuidanceModelConfig) -> dict[str, str]:
+    def to_strings(self, config: ModelConfig) -> dict[str, str]:
         """The safetensors metadata (a flat str -> str mapping)."""
         return {
             "format": FORMAT_NAME,
@@ -233,11 +239,13 @@ def _validate_state_dict(path: Path, state, config: GuidanceModelConfig) -> dict
     return clean
 
 
-def _config_from(path: Path, raw) -> GuidanceModelConfig:
+def _config_from(path: Path, raw, method: str = "annealing") -> ModelConfig:
     if not isinstance(raw, dict):
         raise CheckpointError(path, f"invalid architecture config: expected a mapping, got {show(raw)}")
+    if method not in ARCHITECTURES:
+        raise CheckpointError(path, f"unknown guidance method {show(method)} (this pack reads {', '.join(METHODS)}); update the pack")
     try:
-        return GuidanceModelConfig.from_dict(raw)
+        return ARCHITECTURES[method][0].from_dict(raw)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(path, f"invalid architecture config: {exc}") from None
 
@@ -349,7 +357,8 @@ def parse_metadata(path: str | os.PathLike, meta: dict[str, str]) -> tuple[Guida
             raise CheckpointError(path, f"metadata {key!r} must be an integer, got {show(value)}")
         return int(value)
 
-    config = _config_from(path, json_field("architecture"))
+    method_name = meta.get("method", "annealing") if version >= 2 else "annealing"
+    config = _config_from(path, json_field("architecture"), method_name)
     for key in ("model_family", "prediction_space", "timestep_convention"):
         if key not in meta:
             raise CheckpointError(path, f"missing metadata {key!r}")
@@ -423,14 +432,15 @@ def _legacy_problem(path: Path, handle, size: int) -> str:
             "allocates them; only the zip format torch has written since 1.6 and safetensors are read")
 
 
-def load_guidance_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> GuidanceScaleModel:
-    """Load a guidance-scale model from an upstream ``.pt`` or one of our ``.safetensors`` files, in eval mode.
+def load_guidance_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> GuidanceNetwork:
+    """Load a guidance network from an upstream ``.pt`` or one of our ``.safetensors`` files, in eval mode: a
+    :class:`GuidanceScaleModel` (annealing) or a :class:`LearnToGuideNet` (learn_to_guide): ``model.metadata.method`` says which.
 
     The model carries its :class:`CheckpointMetadata` as ``model.metadata`` and its source as ``model.source_path``.
     Raises :class:`CheckpointError` for anything wrong with the file.
     """
     state, config, metadata, kind = read_checkpoint(path)
-    model = GuidanceScaleModel(config, metadata)
+    model = ARCHITECTURES[metadata.method][1](config, metadata)
     model.load_state_dict(state)
     model.source_path = os.fspath(_as_path(path))
     model.source_format = kind
@@ -509,13 +519,15 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
-def save_guidance_model(model: GuidanceScaleModel, path: str | os.PathLike, metadata: CheckpointMetadata | None = None) -> None:
+def save_guidance_model(model: GuidanceNetwork, path: str | os.PathLike, metadata: CheckpointMetadata | None = None) -> None:
     """Write ``model`` as our ``.safetensors`` with full metadata (``metadata`` defaults to ``model.metadata``)."""
     from safetensors.torch import save_file
 
     metadata = metadata or model.metadata
     if metadata is None:
         raise CheckpointError(path, "no metadata given: say which model family, prediction space and timestep convention it is for")
+    if not isinstance(model.config, ARCHITECTURES[metadata.method][0]):
+        raise CheckpointError(path, f"the metadata says method {metadata.method!r} but the network is a {type(model).__name__}")
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     for key, tensor in tensors.items():
         if not torch.isfinite(tensor).all():

@@ -66,8 +66,11 @@ def cmd_inspect(args) -> int:
         return 0
     print(f"file:                 {args.checkpoint} ({model.source_format})")
     print(f"parameters:           {params:,}  (MLP {config.hidden_size} x {config.n_layers} hidden layers)")
+    if meta.method == "learn_to_guide":
+        print(f"prompt embedding:     {config.prompt_embedding}, {config.prompt_dim} wide")
     print(f"model family:         {meta.model_family}")
-    print(f"delta space:          {meta.prediction_space}")
+    if meta.method != "learn_to_guide":
+        print(f"delta space:          {meta.prediction_space}")
     print(f"timestep convention:  {meta.timestep_convention}")
     print(f"trained latent size:  {meta.trained_latent_numel if meta.trained_latent_numel else 'unknown'} elements per sample")
     print(f"training grid:        {meta.training_grid.describe()}")
@@ -75,6 +78,10 @@ def cmd_inspect(args) -> int:
     print(f"format version:       {meta.format_version}")
     print(f"training:             {json.dumps(meta.training, sort_keys=True)}")
     print(f"architecture:         {json.dumps(config.to_dict(), sort_keys=True)}")
+    if meta.method == "learn_to_guide":
+        print()
+        print(learned_table(model))
+        return 0
     base = float(config.delta_embed_normalization)
     print()
     print(omega_table(model, [m * base for m in DELTA_NORM_MULTIPLES]))
@@ -82,6 +89,23 @@ def cmd_inspect(args) -> int:
         print()
         print(w_table(model, delta_norm=norm))
     return 0
+
+
+def learned_table(model, rows: int = 8) -> str:
+    """A learn_to_guide checkpoint's CFG scale 1 + omega along its training grid, for the zero prompt embedding."""
+    import numpy as np
+    import torch
+
+    from .plots import learned_scale
+
+    grid = model.metadata.training_grid
+    sigmas = grid.sigmas()[:-1].numpy()
+    picks = np.linspace(0, len(sigmas) - 1, min(rows, len(sigmas))).round().astype(int)
+    scale = learned_scale(model, torch.zeros(model.config.prompt_dim), sigmas[picks])
+    lines = [f"CFG scale 1 + omega along the training grid (zero prompt embedding; the real scale depends on the prompt, read as "
+             f"the {model.config.prompt_embedding} embedding, {model.config.prompt_dim} wide):", "grid step | sigma     | CFG scale"]
+    lines += [f"{i:>9} | {sigmas[i]:<9.4g} | {scale[j]:.3f}" for j, i in enumerate(picks)]
+    return "\n".join(lines)
 
 
 def omega_table(model, delta_norms, lambdas=TABLE_LAMBDAS) -> str:

@@ -22,7 +22,7 @@ import torch
 
 from .broadcast import as_batch, batch_view
 from .recorder import GuidanceRecorder
-from .samplers import SamplerInfo
+from .samplers import SamplerInfo, sampler_step_end
 from .scale_rule import MODES, check_mode, evaluation_scale
 from .schedules import check_sampling, locate_on_schedule, signal_scale
 from .training_grid import GridLookup
@@ -176,10 +176,15 @@ class AnnealingOptions:
 
 
 class AnnealingGuidance:
-    """Applies a guidance-scale model inside any sampler: ``guide(...)`` returns the guided x0-prediction.
+    """Applies a guidance network inside any sampler: ``guide(...)`` returns the guided x0-prediction.
 
-    Holds the model, the user's :class:`AnnealingOptions` and the checkpoint's grid lookup (the MLP's timestep and
-    k_train of any sigma); keeps no state between calls except the optional recorder.
+    Holds the network, the user's :class:`AnnealingOptions` and the checkpoint's grid lookup (the network's timestep,
+    k_train and the training grid's next point for any sigma); keeps no state between calls except the optional recorder.
+    Two methods, as ``model.metadata.method`` says:
+
+    * annealing: w = MLP(t, ||delta||, lambda) in CFG++ units, turned into the sampler's scale by the mode's rule;
+    * learn_to_guide: the CFG scale 1 + omega(t, s, prompt) of a step from t to s (s: the training grid's next point in
+      anchored mode, the sampler's own next noise level in per_step mode); it needs the prompt embedding.
     """
 
     def __init__(self, model, options: AnnealingOptions | None = None):
@@ -188,6 +193,10 @@ class AnnealingGuidance:
             raise ValueError("the guidance model has no metadata; load it with annealing.load_guidance_model")
         self.model = model
         self.options = options or AnnealingOptions()
+        self.method = metadata.method
+        if self.method == "learn_to_guide" and self.options.mode == "as_is":
+            raise ValueError("mode as_is applies to annealing's CFG++ units; a learn_to_guide checkpoint gives a CFG scale: use "
+                             "anchored or per_step")
         self.lookup = GridLookup(metadata.training_grid, metadata.timestep_convention)
 
     def guide(
@@ -200,6 +209,7 @@ class AnnealingGuidance:
         sampler: SamplerInfo | None = None,
         sample_sigmas: torch.Tensor | None = None,
         host_cfg: float = 1.0,
+        prompt: torch.Tensor | None = None,
         recorder: GuidanceRecorder | None = None,
     ) -> torch.Tensor:
         """The guided x0-prediction D_g for one model evaluation, in d_cond's dtype.
@@ -211,6 +221,7 @@ class AnnealingGuidance:
         sample_sigmas:  the running sampler's schedule (decreasing, ending at 0). Needed by per_step mode, *_cfg_pp
                         samplers and an active range; anchored mode with an ordinary sampler needs none.
         host_cfg:       the host's own CFG scale, used outside the active range when ``options.fallback_cfg`` is None.
+        prompt:         learn_to_guide only: the prompt embedding, (B, P) or (1, P) (:func:`annealing.prompt_embedding`).
         recorder:       optional :class:`annealing.GuidanceRecorder`.
 
         At sigma <= 0 the two predictions coincide and no guidance is applied (scale 1). fp16 results are clamped to
@@ -234,16 +245,21 @@ class AnnealingGuidance:
         difference = d_cond.to(torch.float32) - d_uncond32
         norm = delta_norm_from_difference(sigma, per_sample_norm(difference), sampling, meta.prediction_space)
         norm = torch.where(positive, norm, 0.0)
-        # Far outside anything seen in training the MLP's output is meaningless and can overflow: its input is bounded.
-        bound = MAX_DELTA_NORM_MULTIPLE * self.model.config.delta_embed_normalization
-        factor = delta_norm_scale(difference[0].numel(), meta.trained_latent_numel) if opts.normalize_delta_norm else 1.0
-        mlp_norm = (norm * factor).clamp(max=bound)
-        timestep, k_train = self.lookup(sigma)
-        w = self.model(timestep, mlp_norm, opts.lam)
+        if self.method == "learn_to_guide":
+            w, k_train, timestep = self._learned_scale(sigma, prompt, sampling, sampler, sample_sigmas)
+            mlp_norm = norm  # recorded for the plot; the network does not read it
+            mode = "anchored"  # w is a CFG scale already: only *_cfg_pp samplers need it converted
+        else:
+            # Far outside anything seen in training the MLP's output is meaningless and can overflow: its input is bounded.
+            bound = MAX_DELTA_NORM_MULTIPLE * self.model.config.delta_embed_normalization
+            factor = delta_norm_scale(difference[0].numel(), meta.trained_latent_numel) if opts.normalize_delta_norm else 1.0
+            mlp_norm = (norm * factor).clamp(max=bound)
+            timestep, k_train, _ = self.lookup(sigma)
+            w, mode = self.model(timestep, mlp_norm, opts.lam), opts.mode
         if opts.w_min is not None or opts.w_max is not None:
             w = w.clamp(min=opts.w_min, max=opts.w_max)
 
-        rule = evaluation_scale(opts.mode, sigma, k_train, sampling=sampling, sampler=sampler, sample_sigmas=sample_sigmas)
+        rule = evaluation_scale(mode, sigma, k_train, sampling=sampling, sampler=sampler, sample_sigmas=sample_sigmas)
         scale = w if rule.factor is None else w * rule.factor
         omega = scale if rule.cfg_factor is rule.factor else (w if rule.cfg_factor is None else w * rule.cfg_factor)
         active = None
@@ -265,6 +281,18 @@ class AnnealingGuidance:
         if recorder is not None:
             recorder.record(sigma, timestep, norm, mlp_norm, w, scale, torch.where(positive, omega, 1.0), active, sample_sigmas)
         return guided.to(d_cond.dtype)
+
+    def _learned_scale(self, sigma, prompt, sampling, sampler, sample_sigmas):
+        """learn_to_guide: (CFG scale 1 + omega, a factor of ones, t): omega for the step from t(sigma) to s."""
+        if prompt is None:
+            raise ValueError("a learn_to_guide checkpoint needs the prompt embedding (prompt=...)")
+        timestep, _, next_timestep = self.lookup(sigma)
+        if self.options.mode == "per_step":
+            if sample_sigmas is None:
+                raise ValueError("per_step mode needs the sampler's schedule: pass sample_sigmas")
+            next_timestep = self.lookup.timestep(sampler_step_end(sigma, sample_sigmas, sampling, sampler)[0])
+        scale = 1.0 + self.model(timestep, next_timestep, prompt)
+        return scale, torch.ones_like(scale), timestep
 
 
 __all__ = [

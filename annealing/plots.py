@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .recorder import GuidanceTrace
-from .training_grid import VPGrid, k_train
+from .training_grid import GridLookup, VPGrid, k_train
 
 DEFAULT_LAMBDAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 MAX_LAMBDAS = 12
@@ -136,10 +136,46 @@ def _title(model) -> str:
     return f"{source}  ({meta.model_family}, {meta.prediction_space}, {meta.timestep_convention}; trained on a {meta.training_grid.describe()})"
 
 
-def plot_model_explorer(model, lambdas=DEFAULT_LAMBDAS, delta_norms=None, title: str | None = None, dpi: int = 100):
+@torch.no_grad()
+def learned_scale(model, prompt: torch.Tensor, sigmas: np.ndarray) -> np.ndarray:
+    """A learn_to_guide checkpoint's CFG scale 1 + omega(t, s, prompt) at each sigma, s the training grid's next point."""
+    lookup = GridLookup(model.metadata.training_grid, model.metadata.timestep_convention)
+    timestep, _, next_timestep = lookup(torch.from_numpy(np.asarray(sigmas, dtype=np.float32)))
+    return (1.0 + model(timestep, next_timestep, prompt.reshape(1, -1))).cpu().numpy()
+
+
+def plot_learned_explorer(model, prompts: dict | None = None, title: str | None = None, dpi: int = 100):
+    """A learn_to_guide checkpoint: its CFG scale 1 + omega for the step from each timestep to the training grid's next point,
+    one line per prompt embedding in ``prompts`` (label -> (P,) tensor); without prompts, the zero embedding, said so."""
+    timesteps, sigmas, t_label = timestep_axis(model)
+    config = model.config
+    if not prompts:
+        prompts = {"zero embedding (no prompt given; the scale depends on the prompt)": torch.zeros(config.prompt_dim)}
+    fig = _figure(8.5, 4.8, dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    fig.suptitle(title or _title(model), fontsize=10)
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    for index, (label, prompt) in enumerate(prompts.items()):
+        ax.plot(timesteps, learned_scale(model, prompt, sigmas), color=cmap(index % 10), label=label)
+    ax.set_xlim(timesteps[0], timesteps[-1])
+    ax.set_xlabel(t_label)
+    ax.set_ylabel("CFG scale 1 + omega(t, s, prompt)\n(s: the training grid's next point)")
+    ax.set_title(f"Learn to Guide: the step's CFG scale, prompt read as the {config.prompt_embedding} embedding ({config.prompt_dim} wide)",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def plot_model_explorer(model, lambdas=DEFAULT_LAMBDAS, delta_norms=None, title: str | None = None, dpi: int = 100, prompts=None):
     """Row 1: omega = w * k_train (ordinary CFG units) against timestep, one panel per delta norm, one line per lambda.
     Row 2: w (CFG++ units), same panels. Bottom rows: heatmaps of w over (timestep, delta norm), one per lambda, on one
-    colour scale. Every row shares its y-range (said in the row's label). Returns a matplotlib Figure."""
+    colour scale. Every row shares its y-range (said in the row's label). Returns a matplotlib Figure.
+    A learn_to_guide checkpoint is drawn by :func:`plot_learned_explorer` (``prompts``; lambdas do not apply)."""
+    if model.metadata.method == "learn_to_guide":
+        return plot_learned_explorer(model, prompts, title, dpi)
     lambdas = parse_lambdas(" ".join(str(float(v)) for v in lambdas)) if not isinstance(lambdas, str) else parse_lambdas(lambdas)
     timesteps, sigmas, t_label = timestep_axis(model)
     scan = delta_norm_axis(model)
@@ -209,10 +245,11 @@ def _distinct_items(values: np.ndarray) -> list[list[int]]:
     return groups
 
 
-def plot_trace(trace: GuidanceTrace, title: str | None = None, note: str | None = None, dpi: int = 100):
+def plot_trace(trace: GuidanceTrace, title: str | None = None, note: str | None = None, dpi: int = 100, learned: bool = False):
     """What a sampling run applied, per step and batch item. Top: omega, the CFG-equivalent scale (ordinary CFG units,
     also under *_cfg_pp samplers). Bottom: the MLP's w (CFG++ units, solid) and the delta norm it saw (dotted, right axis).
-    Steps outside the active range are shaded; ``note`` is written in red under the title (e.g. "these samples match no run")."""
+    Steps outside the active range are shaded; ``note`` is written in red under the title (e.g. "these samples match no run").
+    ``learned``: a learn_to_guide run, whose network gives the CFG scale itself (the bottom panel shows it again)."""
     fig = _figure(8.5, 6.0, dpi)
     top, bottom = fig.subplots(2, 1, sharex=True)
     fig.suptitle(title or "Annealing guidance: applied schedule", fontsize=10)
@@ -240,8 +277,8 @@ def plot_trace(trace: GuidanceTrace, title: str | None = None, note: str | None 
         ax.grid(alpha=0.3)
         _integer_steps(ax)
     top.set_ylabel("omega: CFG-equivalent scale\n(ordinary CFG units)")
-    bottom.set_ylabel("w (CFG++ units, solid)")
-    norm_axis.set_ylabel("||delta|| seen by the MLP (dotted)")
+    bottom.set_ylabel("CFG scale 1 + omega from the network (solid)" if learned else "w (CFG++ units, solid)")
+    norm_axis.set_ylabel("||delta|| (dotted; not read by the network)" if learned else "||delta|| seen by the MLP (dotted)")
     shaded = " (grey: outside the active range, plain CFG at the fallback scale)" if (~active).any() else ""
     bottom.set_xlabel(f"sampling step{shaded}")
     if len(groups) > 1:

@@ -121,26 +121,36 @@ class SamplerInfo:
         return self.name in X0_ONLY_SAMPLERS
 
 
-def sampler_step_factor(sigma: torch.Tensor, sample_sigmas: torch.Tensor, sampling: str, sampler: SamplerInfo):
-    """k of the running sampler's own step for an evaluation at ``sigma`` (B,): (k_step, step, on_schedule), each (B,).
-
-    A step with CFG++ scale s equals an ordinary step with CFG scale s * k_step. The step's end is the schedule's next sigma
-    (intermediate evaluations: the end of the step in progress) or, for ancestral samplers and their ``_cfg_pp`` twins, the
-    step's sigma_down as ComfyUI computes it for that sampler. No host synchronisation.
+def sampler_step_end(sigma: torch.Tensor, sample_sigmas: torch.Tensor, sampling: str, sampler: SamplerInfo):
+    """Where the running sampler's step that holds an evaluation at ``sigma`` (B,) moves to deterministically:
+    (end, start, step, on_schedule), each (B,). ``end`` is the schedule's next sigma (intermediate evaluations: the end
+    of the step in progress) or, for ancestral samplers and their ``_cfg_pp`` twins, the step's sigma_down as ComfyUI
+    computes it for that sampler (``start`` is the step's first sigma). No host synchronisation.
     """
     sigma = sigma.to(torch.float32)
     step, schedule_next, on_schedule = locate_on_schedule(sigma, sample_sigmas)
-    if not is_ancestral(sampler.name):
-        return renoise_factor(sigma, schedule_next, sampling), step, on_schedule
-    # sigma_down belongs to the step (sigma_i -> sigma_i+1), also for evaluations inside it (dpmpp_2s_ancestral)
     start = sample_sigmas.to(device=sigma.device, dtype=torch.float32).reshape(-1)[step]
+    if not is_ancestral(sampler.name):
+        return schedule_next, start, step, on_schedule
+    ve = sampler.name in VE_SIGMA_DOWN_SAMPLERS or renoises_with_uncond(sampler.name)  # these use k-diffusion's VE formula as is
+    return ancestral_sigma_down(start, schedule_next, "eps" if ve else sampling, sampler.eta), start, step, on_schedule
+
+
+def sampler_step_factor(sigma: torch.Tensor, sample_sigmas: torch.Tensor, sampling: str, sampler: SamplerInfo):
+    """k of the running sampler's own step for an evaluation at ``sigma`` (B,): (k_step, step, on_schedule), each (B,).
+
+    A step with CFG++ scale s equals an ordinary step with CFG scale s * k_step; the step ends where
+    :func:`sampler_step_end` says. No host synchronisation.
+    """
+    sigma = sigma.to(torch.float32)
     if sampler.name == "euler_ancestral_cfg_pp" and check_sampling(sampling) == "const":
         # ComfyUI's CFG++ ancestral Euler on a flow model: x' = a_next D + down eps_u, down = a_next * VE-down(s / a, s_next / a_next)
+        step, schedule_next, on_schedule = locate_on_schedule(sigma, sample_sigmas)
+        start = sample_sigmas.to(device=sigma.device, dtype=torch.float32).reshape(-1)[step]
         a_start, a_next = (1 - start).clamp_min(1e-12), (1 - schedule_next).clamp_min(1e-12)
         down = a_next * ancestral_sigma_down(start / a_start, schedule_next / a_next, "eps", sampler.eta)
         numerator = sigma * a_next
         denominator = (numerator - down * (1 - sigma)).clamp_min(1e-12)
         return torch.where(down > 0, numerator / denominator, torch.ones_like(sigma)), step, on_schedule
-    ve = sampler.name in VE_SIGMA_DOWN_SAMPLERS or renoises_with_uncond(sampler.name)  # these use k-diffusion's VE formula as is
-    end = ancestral_sigma_down(start, schedule_next, "eps" if ve else sampling, sampler.eta)
+    end, _, step, on_schedule = sampler_step_end(sigma, sample_sigmas, sampling, sampler)
     return renoise_factor(sigma, end, sampling), step, on_schedule

@@ -240,30 +240,44 @@ def anchored_omega(w: torch.Tensor, sigma: torch.Tensor, grid: TrainingGrid) -> 
     return w * k_train(grid, sigma).to(w.dtype)
 
 
-class GridLookup:
-    """The MLP's timestep and k_train for any sigma, from one table kept per device: ``lookup(sigma) -> (timestep, k)``.
+#: The timestep of clean data (sigma 0) on a DDPM schedule, one below its first index (DDIM's final step ends there).
+VP_CLEAN_TIMESTEP = -1.0
 
-    VP grids: the table's knots are every DDPM timestep's log sigma, with values (t, k_train): t is then the float DDPM
-    index (exact on the schedule, interpolated in log sigma between, clamped to [0, T - 1]) and, since the grid's points
-    are among the knots, k_train is exact too. Flow grids: knots at the grid's sigmas, and t = 1000 sigma ("sigma_x1000")
-    or sigma ("sigma"). One searchsorted and one lerp per call; the first call on a device copies the table there once.
+
+class GridLookup:
+    """What the guidance networks read for any sigma, from one table kept per device:
+    ``lookup(sigma) -> (timestep, k_train, next_timestep)``.
+
+    timestep:      the MLP's timestep input in the checkpoint's convention.
+    k_train:       see the module docstring.
+    next_timestep: the timestep where the trained step that starts at sigma ends (the training grid's next point; clean data
+                   after the last one), linear in log sigma between grid points: Learn to Guide's s in anchored mode.
+
+    VP grids: the table's knots are every DDPM timestep's log sigma: t is then the float DDPM index (exact on the schedule,
+    interpolated in log sigma between, clamped to [0, T - 1]) and, since the grid's points are among the knots, k_train and
+    next_timestep are exact too. Flow grids: knots at the grid's sigmas, and t = 1000 sigma ("sigma_x1000") or sigma ("sigma").
+    One searchsorted and one gather per call; the first call on a device copies the table there once.
     """
 
     def __init__(self, grid: TrainingGrid, timestep_convention: str):
         self.grid, self.timestep_convention = grid, timestep_convention
         sigmas, factors = grid_step_factors(grid)
-        grid_log_knots, grid_factors = sigmas.flip(0).log(), factors.flip(0).unsqueeze(-1)
+        grid_log_knots = sigmas.flip(0).log()
         if isinstance(grid, VPGrid):
             if timestep_convention != "ddpm_index":
                 raise ValueError(f"a DDPM training grid goes with the ddpm_index timestep convention, not {timestep_convention!r}")
+            steps = grid.timesteps().to(torch.float64)
+            next_steps = torch.cat([steps[1:], torch.tensor([VP_CLEAN_TIMESTEP], dtype=torch.float64)])
+            grid_values = torch.stack([factors, next_steps], dim=1).flip(0)
             log_knots = grid.schedule_sigmas().log()
-            k_at_knots = _interpolate(grid_log_knots, grid_factors, log_knots)[:, 0]
-            timesteps = torch.arange(log_knots.shape[0], dtype=torch.float64)
-            values = torch.stack([timesteps, k_at_knots], dim=1)
+            at_knots = _interpolate(grid_log_knots, grid_values, log_knots)
+            values = torch.cat([torch.arange(log_knots.shape[0], dtype=torch.float64).unsqueeze(-1), at_knots], dim=1)
         else:
             if timestep_convention not in ("sigma_x1000", "sigma"):
                 raise ValueError(f"a flow training grid goes with the sigma_x1000 or sigma timestep convention, not {timestep_convention!r}")
-            log_knots, values = grid_log_knots, grid_factors
+            unit = 1000.0 if timestep_convention == "sigma_x1000" else 1.0
+            next_steps = torch.cat([sigmas[1:], torch.zeros(1, dtype=torch.float64)]) * unit
+            log_knots, values = grid_log_knots, torch.stack([factors, next_steps], dim=1).flip(0)
         # One row per knot: [log sigma, values..., slopes to the next knot...]: one gather per call finds all of them.
         slopes = (values[1:] - values[:-1]) / (log_knots[1:] - log_knots[:-1]).unsqueeze(-1) if log_knots.shape[0] > 1 else values[:0]
         slopes = torch.cat([slopes, torch.zeros_like(values[:1])])
@@ -278,8 +292,8 @@ class GridLookup:
             self._on_device[key] = (rows[:, 0].contiguous(), rows)
         return self._on_device[key]
 
-    def __call__(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(timestep, k_train) for ``sigma`` (B,), float32 on sigma's device."""
+    def __call__(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(timestep, k_train, next_timestep) for ``sigma`` (B,), float32 on sigma's device."""
         log_knots, rows = self._table(sigma.device)
         sigma = sigma.reshape(-1).to(torch.float32)
         log_sigma = sigma.clamp_min(1e-30).log().clamp(log_knots[0], log_knots[-1])  # constant beyond the ends
@@ -287,6 +301,12 @@ class GridLookup:
         channels = self._channels
         found = torch.addcmul(row[:, 1 : 1 + channels], (log_sigma - row[:, 0]).unsqueeze(-1), row[:, 1 + channels :])
         if self.timestep_convention == "ddpm_index":
-            return found[:, 0], found[:, 1]
+            return found[:, 0], found[:, 1], found[:, 2]
         timestep = sigma * 1000.0 if self.timestep_convention == "sigma_x1000" else sigma
-        return timestep, found[:, 0]
+        return timestep, found[:, 0], found[:, 1]
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The timestep of any sigma in the checkpoint's convention; sigma 0 (clean data) is the clean timestep."""
+        timestep = self(sigma)[0]
+        clean = VP_CLEAN_TIMESTEP if self.timestep_convention == "ddpm_index" else 0.0
+        return torch.where(sigma.reshape(-1) > 0, timestep, clean)

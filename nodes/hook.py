@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..annealing import AnnealingGuidance, AnnealingOptions, GuidanceRecorder, GuidanceTrace, SamplerInfo
+from ..annealing import AnnealingGuidance, AnnealingOptions, GuidanceRecorder, GuidanceTrace, SamplerInfo, prompt_embedding
 from ..annealing.samplers import sampler_name_from_function
 from ..annealing.scale_rule import describe_rule
 from .host import compatibility_problems, is_discrete_ddpm, model_family, sampling_kind, warn_once
@@ -73,10 +73,17 @@ class AnnealingHook:
         self._guides: dict[str, AnnealingGuidance] = {}
         self._checked_model_sampling = None
         self._kind: str | None = None
+        self._prompt: torch.Tensor | None = None
+        AnnealingGuidance(guidance_model, options)  # refuse a setting the checkpoint cannot take now, on the node
 
     @property
     def metadata(self):
         return self.guidance_model.metadata
+
+    @property
+    def learned(self) -> bool:
+        """True for a learn_to_guide checkpoint (it reads the prompt's embedding instead of lambda and ||delta||)."""
+        return self.metadata.method == "learn_to_guide"
 
     @property
     def source(self) -> str:
@@ -89,6 +96,7 @@ class AnnealingHook:
         self.recorder.reset()
         self.sampler = SamplerInfo()
         self._checked_model_sampling = None
+        self._prompt = None
 
     def set_sampler(self, sampler) -> None:
         """Learn which sampler runs from ComfyUI's sampler object (KSAMPLER keeps its function and extra options)."""
@@ -160,7 +168,22 @@ class AnnealingHook:
         return self._guide_for(d_cond.device).guide(
             args["sigma"], d_cond, d_uncond, sampling=self._kind, sampler=self.sampler, host_cfg=float(args.get("cond_scale", 1.0)),
             sample_sigmas=model_options.get("transformer_options", {}).get("sample_sigmas"), recorder=self.recorder,
+            prompt=self._prompt_for(args.get("cond"), d_cond.device) if self.learned else None,
         )
+
+    def _prompt_for(self, conds, device) -> torch.Tensor:
+        """learn_to_guide: the prompt embedding of the positive conditioning ComfyUI hands the hook (its processed conds keep
+        the text encoder's ``pooled_output`` and token embeddings ``cross_attn``); read once per run."""
+        if self._prompt is None:
+            if not conds:
+                raise ValueError(f"{self.source} is a learn_to_guide checkpoint and no positive conditioning reached it")
+            if len(conds) > 1:
+                warn_once(f"{self.source}: the positive conditioning has {len(conds)} parts (areas, timestep ranges, ...); "
+                          "learn_to_guide reads the first one's prompt embedding")
+            config = self.guidance_model.config
+            found = prompt_embedding(conds[0].get("cross_attn"), conds[0].get("pooled_output"), config.prompt_embedding, config.prompt_dim)
+            self._prompt = found.to(device)
+        return self._prompt
 
     # ------------------------------------------------------------------------------------------------ wrappers
 

@@ -17,14 +17,16 @@ class LoadAnnealingGuidanceModel(io.ComfyNode):
             node_id="LoadAnnealingGuidanceModel",
             display_name="Load Annealing Guidance Model",
             category=CATEGORY,
-            description="Loads a guidance-scale MLP (upstream .pt or this pack's .safetensors) with the metadata that says how to use it.",
+            description="Loads a learned guidance checkpoint with the metadata that says how to use it: an annealing MLP (the "
+            "upstream .pt or this pack's .safetensors) or a Learn to Guide network trained with python -m training.",
             inputs=[
                 io.Combo.Input(
                     "model_name", options=folder_paths.get_filename_list(MODEL_FOLDER),
                     tooltip="A checkpoint in models/annealing_guidance (.safetensors or .pt), e.g. the upstream SDXL checkpoint.",
                 ),
             ],
-            outputs=[AnnealingGuidanceModel.Output(display_name="annealing_model", tooltip="The guidance-scale MLP and its metadata.")],
+            outputs=[AnnealingGuidanceModel.Output(display_name="annealing_model", tooltip="The guidance network (annealing or "
+                                                   "learn_to_guide, as its metadata says) and its metadata.")],
         )
 
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
+from ..annealing import prompt_embedding
 from ..annealing.plots import figure_to_tensor, parse_lambdas, plot_model_explorer, plot_trace
 from ..annealing.recorder import GuidanceTrace
 from .hook import find_hook
@@ -43,9 +44,10 @@ class AnnealingSchedulePlot(io.ComfyNode):
         if run is None:
             fig = plot_trace(GuidanceTrace(steps=[]), title=f"{hook.source}: no sampling run recorded yet")
         else:
-            title = f"{hook.source}: lambda {lam:g}, {run.sampler_name or 'unknown sampler'}\n{run.rule}"
+            what = "learn_to_guide" if hook.learned else f"lambda {lam:g}"
+            title = f"{hook.source}: {what}, {run.sampler_name or 'unknown sampler'}\n{run.rule}"
             note = None if matched else "these samples match none of this guider's runs: showing its latest run"
-            fig = plot_trace(run.trace, title=title, note=note)
+            fig = plot_trace(run.trace, title=title, note=note, learned=hook.learned)
         image = figure_to_tensor(fig)
         return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
 
@@ -58,13 +60,17 @@ class AnnealingModelExplorer(io.ComfyNode):
             display_name="Annealing Model Explorer",
             category=CATEGORY,
             description="What a checkpoint does, no sampling needed: the CFG-equivalent scale and w over its training grid, "
-            "per lambda, at a few delta norms.",
+            "per lambda, at a few delta norms; for a Learn to Guide checkpoint, its CFG scale along the grid for the connected prompt.",
             is_output_node=True,
             inputs=[
                 AnnealingGuidanceModel.Input("annealing_model", tooltip="The guidance-scale MLP to inspect."),
                 io.String.Input(
                     "lambdas", default="0.0, 0.2, 0.4, 0.6, 0.8, 1.0",
-                    tooltip=f"{LAMBDA} values to plot, separated by commas or spaces; each in [0, 1], at most 12.",
+                    tooltip=f"{LAMBDA} values to plot, separated by commas or spaces; each in [0, 1], at most 12 (annealing checkpoints).",
+                ),
+                io.Conditioning.Input(
+                    "positive", optional=True,
+                    tooltip="Learn to Guide checkpoints only: the prompt whose CFG scale to draw (without it, the zero embedding).",
                 ),
             ],
             outputs=[io.Image.Output(tooltip="The plot as an image.")],
@@ -80,6 +86,11 @@ class AnnealingModelExplorer(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, annealing_model, lambdas) -> io.NodeOutput:
-        image = figure_to_tensor(plot_model_explorer(annealing_model, parse_lambdas(lambdas)))
+    def execute(cls, annealing_model, lambdas, positive=None) -> io.NodeOutput:
+        prompts = None
+        if positive and getattr(annealing_model.metadata, "method", "annealing") == "learn_to_guide":
+            config = annealing_model.config
+            prompts = {"the connected prompt": prompt_embedding(positive[0][0], positive[0][1].get("pooled_output"), config.prompt_embedding,
+                                                                config.prompt_dim)[0]}
+        image = figure_to_tensor(plot_model_explorer(annealing_model, parse_lambdas(lambdas), prompts=prompts))
         return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))

@@ -17,17 +17,22 @@ LAMBDA = "lambda"
 
 MODE_TOOLTIP = "How the learned w (CFG++ units on the checkpoint's training grid) is applied. " + " ".join(
     f"{name}: {text}" for name, text in MODE_HELP.items()
-)
+) + (" A learn_to_guide checkpoint gives a CFG scale for a step from t to s: anchored takes s from its training grid, per_step "
+     "from the running sampler; as_is does not apply to it.")
 
 
 def annealing_inputs(fallback_source: str) -> list:
     """The shared inputs (after the node's model/conditioning inputs). ``fallback_source`` names where the plain CFG scale
     outside the active range comes from, for the tooltips."""
     return [
-        AnnealingGuidanceModel.Input("annealing_model", tooltip="The guidance-scale MLP, from Load Annealing Guidance Model."),
+        AnnealingGuidanceModel.Input(
+            "annealing_model", tooltip="The guidance network from Load Annealing Guidance Model: an annealing MLP, or a Learn to "
+            "Guide network (it reads the prompt's embedding from the positive conditioning: the pooled output, or the mean token "
+            "embedding, as it was trained)."),
         io.Float.Input(
             LAMBDA, default=0.4, min=0.0, max=1.0, step=0.01,
-            tooltip="Trade-off the MLP was trained for: higher follows the prompt more, lower keeps image quality. 0.4 is the paper's default.",
+            tooltip="Trade-off the MLP was trained for: higher follows the prompt more, lower keeps image quality. 0.4 is the paper's "
+            "default. Annealing checkpoints only: a learn_to_guide checkpoint reads the prompt instead.",
         ),
         io.Combo.Input("mode", options=list(MODES), default="anchored", tooltip=MODE_TOOLTIP),
         io.Boolean.Input(

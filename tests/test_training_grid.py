@@ -74,13 +74,19 @@ def test_lookup_gives_ddpm_index_and_k_in_one_call():
     lookup = GridLookup(grid, "ddpm_index")
     sig = sd_sigmas()
     points = torch.tensor([999, 980, 500, 37, 0])
-    t, k = lookup(sig[points].float())
+    t, k, s_next = lookup(sig[points].float())
     torch.testing.assert_close(t, points.float(), atol=2e-3, rtol=0)
     torch.testing.assert_close(k, k_train(grid, sig[points]).float(), rtol=1e-5, atol=1e-5)
+    # where the trained step from each point ends: 980 -> 960, ..., 0 -> clean (-1); above the grid: its first step's end
+    torch.testing.assert_close(s_next[[0, 1, 2, 4]], torch.tensor([960.0, 960.0, 480.0, -1.0]), atol=1e-3, rtol=0)
+    # t = 37 lies between the grid points 40 (its step ends at 20) and 20 (ends at 0): in between, linear in log sigma
+    frac = float((sig[37].log() - sig[40].log()) / (sig[20].log() - sig[40].log()))
+    assert float(s_next[3]) == pytest.approx(20.0 * (1 - frac), abs=1e-3)
+    assert lookup.timestep(torch.tensor([0.0, float(sig[500])])).tolist() == pytest.approx([-1.0, 500.0], abs=2e-3)
     between = (sig[500].log() * 0.5 + sig[501].log() * 0.5).exp().float().reshape(1)
     assert abs(float(lookup(between)[0]) - 500.5) < 1e-2
     flow = GridLookup(FlowGrid(), "sigma_x1000")
-    t, k = flow(torch.tensor([0.5, 0.25]))
+    t, k, _ = flow(torch.tensor([0.5, 0.25]))
     torch.testing.assert_close(t, torch.tensor([500.0, 250.0]))
     with pytest.raises(ValueError, match="ddpm_index"):
         GridLookup(grid, "sigma_x1000")
