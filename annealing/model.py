@@ -175,7 +175,12 @@ class GuidanceScaleModel(nn.Module):
     def forward(self, timestep: TensorLike, delta_norm: TensorLike, lam: TensorLike) -> torch.Tensor:
         """w per sample (B,). ``lam`` must lie in [0, 1] (checked for numbers and CPU tensors; a tensor on an accelerator
         is not read back, which would synchronise the device)."""
-        out = self.combined_head(self.features(timestep, delta_norm, lam)).squeeze(-1)
+        x = self.features(timestep, delta_norm, lam)
+        # The layers of combined_head called directly: a module call costs more than the tiny matmul it wraps, every step.
+        layers = self.combined_head
+        for i in range(0, len(layers) - 1, 2):
+            x = torch.relu(nn.functional.linear(x, layers[i].weight, layers[i].bias))
+        out = nn.functional.linear(x, layers[-1].weight, layers[-1].bias).squeeze(-1)
         return self.config.w_scale * out + self.config.w_bias
 
     def extra_repr(self) -> str:
