@@ -224,6 +224,21 @@ class TextCondition:
     def batch(self) -> int:
         return self.embeds.shape[0]
 
+    @staticmethod
+    def stack_pair(first: TextCondition, second: TextCondition, batch: int) -> TextCondition | None:
+        """[first; second] along the batch, each expanded to ``batch`` rows; None when their shapes cannot be stacked."""
+        first = first.expand(batch) if first.batch == 1 else first
+        second = second.expand(batch) if second.batch == 1 else second
+        if first.embeds.shape != second.embeds.shape or (first.pooled is None) != (second.pooled is None):
+            return None
+        if first.pooled is not None and first.pooled.shape != second.pooled.shape:
+            return None
+
+        def join(a, b):
+            return None if a is None else torch.cat([a, b.to(a.dtype)])
+
+        return TextCondition(join(first.embeds, second.embeds), join(first.pooled, second.pooled))
+
 
 # ------------------------------------------------------------------------------------------------------------ backends
 
@@ -252,6 +267,18 @@ class FrozenDiffusionBackend:
         """CADS on the token embeddings and the pooled embeddings alike."""
         pooled = None if cond.pooled is None else cads_perturb(cond.pooled, t_fraction, self.cads, generator)
         return TextCondition(cads_perturb(cond.embeds, t_fraction, self.cads, generator), pooled)
+
+    def predict_pair(self, z: torch.Tensor, model_timestep: torch.Tensor, cond: TextCondition,
+                     uncond: TextCondition) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uncond, cond) predictions from one network call on [z; z] (SDXL's pooled embeddings and time ids ride along
+        in ``predict``). Conditions of different token counts, which cannot share a batch, take two calls."""
+        batch = z.shape[0]
+        both = TextCondition.stack_pair(uncond, cond, batch)
+        if both is None:
+            return self.predict(z, model_timestep, uncond), self.predict(z, model_timestep, cond)
+        timesteps = model_timestep.reshape(-1).expand(batch)
+        out = self.predict(torch.cat([z, z]), torch.cat([timesteps, timesteps]), both)
+        return out[:batch], out[batch:]
 
     def _grad_context(self, z: torch.Tensor):
         return contextlib.nullcontext() if z.requires_grad and torch.is_grad_enabled() else torch.no_grad()
