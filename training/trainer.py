@@ -8,9 +8,10 @@ embeddings, resume state) runs before any model weight is loaded. Then, per micr
     backward of terms.total (skipped and counted when it is NaN/inf; a zero loss keeps multi-GPU processes in step)
 
 and every ``gradient_accumulation`` micro-batches one AdamW step on the MLP (float32 always; ``precision`` only sets
-the frozen model's dtype). Randomness is a pure function of (seed, process, micro-batch index): the data order
-(:class:`training.data.MicroBatchSampler`) and a generator re-seeded for every micro-batch (VAE sampling, lambda,
-timestep, noise, CADS). A resumed run therefore continues exactly as the uninterrupted run would have.
+the frozen model's dtype). Randomness is a pure function of (seed, global micro-batch index = local index x processes
++ rank): the data order (:class:`training.data.MicroBatchSampler`) and a generator re-seeded for every micro-batch (VAE
+sampling, lambda, timestep, noise, CADS). A resumed run therefore continues exactly as the uninterrupted run would have,
+and P processes with accumulation A train what one process with accumulation P x A trains (to float rounding).
 
 Files in the output folder:
 * ``<name>.safetensors``: the trained checkpoint (final), loadable by ``annealing.load_guidance_model`` and the nodes;
@@ -62,9 +63,10 @@ def ensure_writable(folder: Path) -> None:
         raise TrainingError(f"{folder}: output folder is not writable ({exc.strerror or exc})") from None
 
 
-def micro_seed(seed: int, rank: int, micro_step: int) -> int:
-    """Seed of the generator for one micro-batch of one process (distinct per process and per micro-batch)."""
-    return (seed * 1_000_003 + rank * 7_919 + micro_step * 104_729 + 12_345) % (2**63 - 1)
+def micro_seed(seed: int, global_micro: int) -> int:
+    """Seed of the generator for global micro-batch ``global_micro`` (= local index x processes + rank). Keyed to the
+    global index, not to the process, so P processes x A accumulation draw what 1 process x P * A draws."""
+    return (seed * 1_000_003 + global_micro * 104_729 + 12_345) % (2**63 - 1)
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
@@ -378,7 +380,7 @@ class Trainer:
             if batch["failed"]:
                 self.failed_paths.update(batch["failed"])
                 window.failed += len(batch["failed"])
-            generator.manual_seed(micro_seed(cfg.seed, acc.process_index, micro))
+            generator.manual_seed(micro_seed(cfg.seed, micro * self.world + acc.process_index))
             micro += 1
             with acc.accumulate(self.mlp):
                 terms = None
@@ -423,7 +425,7 @@ class Trainer:
                            "skipped_images": len(self.failed_paths), "seconds": round(time.perf_counter() - started, 3)}
                     with open(log_path, "a", encoding="utf-8") as handle:
                         handle.write(json.dumps(row) + "\n")
-                if self.images_seen == 0 and micro >= sampler.per_epoch:
+                if self.images_seen == 0 and micro * self.world >= sampler.per_epoch:
                     raise TrainingError(f"{cfg.dataset}: none of the {len(dataset)} images could be read (e.g. {sorted(self.failed_paths)[0]})")
                 if self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
                     self._checkpoint(final=False)
