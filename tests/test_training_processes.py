@@ -70,4 +70,32 @@ def test_two_cpu_processes_train_what_one_process_trains(tmp_path):
             else:
                 assert a[key] == b[key], key
     report = json.loads((tmp_path / "two" / "training_report.json").read_text())
-    assert report["images_seen"] == one.images_seen == 12
+    assert report["images_seen"] == one.images_seen == 12 and report["world_size"] == 2
+    assert done.stdout.splitlines()[0].startswith("world size 2: 2 processes (MULTI_CPU)")
+    assert json.loads((tmp_path / "two" / "train_log.jsonl").read_text().splitlines()[0])["world_size"] == 2
+
+
+def test_world_size_is_the_first_line_printed_logged_and_reported(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    result = train(make_config("sd15", tmp_path / "out", max_steps=1), progress=False)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("world size 1: 1 process (") and not any("MASTER_ADDR" in line for line in printed)
+    assert "on 1 process" in next(line for line in printed if line.startswith("done:"))
+    first = json.loads((tmp_path / "out" / "train_log.jsonl").read_text().splitlines()[0])
+    assert first["event"] == "start" and first["world_size"] == 1
+    assert json.loads((tmp_path / "out" / "training_report.json").read_text())["world_size"] == result.world_size == 1
+
+
+def test_accelerate_cpu_num_processes_starts_one_process_and_the_run_says_so(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` runs one plain process (accelerate's simple launcher); the run prints
+    world size 1 first and points at the commands that start two."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+               "-m", "training", "--model", str(tiny_model("sd15")), "--dataset", str(tiny_dataset()), "--output", str(tmp_path / "out"),
+               "--resolution", "64", "--max-steps", "1", "--gradient-accumulation", "1", "--num-workers", "0", "--quiet"]
+    done = subprocess.run(command, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("world size 1: 1 process")
+    assert "only one process runs" in lines[1] and "accelerate launch --multi_gpu --num_processes N" in lines[1]
+    assert json.loads((tmp_path / "out" / "training_report.json").read_text())["world_size"] == 1

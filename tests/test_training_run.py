@@ -35,7 +35,8 @@ def test_backend_trains_writes_a_loadable_checkpoint_and_resumes(tmp_path, kind)
     config = make_config(kind, tmp_path / "out", max_steps=3, checkpoint_every=2, lambda_min=0.1, lambda_max=0.9)
     result = train(config, progress=False)
     assert result.steps == 3 and result.images_seen == 6 and result.nan_losses == 0 and result.skipped_steps == 0
-    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    start, *log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert start["event"] == "start" and start["world_size"] == 1 and start["from_step"] == 0
     assert [row["step"] for row in log] == [1, 2, 3]
     for row in log:
         assert all(math.isfinite(row[k]) for k in ("loss", "quality", "alignment", "w_mean", "w_min", "w_max"))
@@ -257,5 +258,5 @@ def test_resume_rewrites_the_log_without_rows_past_the_resumed_step(tmp_path):
     # rows a crashed run logged after its last resume state, and a line the crash cut short
     log.write_text(log.read_text() + '{"step": 3, "quality": 1.0}\n{"step": 4, "qual', encoding="utf-8")
     train(make_config("sd15", out, max_steps=3, resume=True), progress=False)
-    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
-    assert steps == [1, 2, 3]
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [row.get("step", ("start", row.get("from_step"))) for row in rows] == [("start", 0), 1, 2, ("start", 2), 3]

@@ -69,6 +69,23 @@ def micro_seed(seed: int, global_micro: int) -> int:
     return (seed * 1_000_003 + global_micro * 104_729 + 12_345) % (2**63 - 1)
 
 
+def world_line(acc) -> str:
+    """The first line a run prints: how many processes really run (a launcher can silently start fewer than asked)."""
+    world = acc.num_processes
+    kind = str(getattr(acc.distributed_type, "value", acc.distributed_type))
+    return f"world size {world}: {world} process{'es' if world > 1 else ''} ({kind}), this one on {acc.device}"
+
+
+def single_process_hint(world: int, env=os.environ) -> str | None:
+    """A launcher that was asked for N processes but started one leaves MASTER_ADDR without WORLD_SIZE behind
+    (``accelerate launch --cpu --num_processes N`` does: its simple launcher runs one plain process)."""
+    if world == 1 and env.get("MASTER_ADDR") and not env.get("WORLD_SIZE"):
+        return ("warning: MASTER_ADDR is set but only one process runs (`accelerate launch --cpu --num_processes N` starts one); "
+                "for N CPU processes use `accelerate launch --multi_gpu --num_processes N -m training --device cpu ...` "
+                "or `torchrun --standalone --nproc_per_node N -m training --device cpu ...`")
+    return None
+
+
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -100,9 +117,11 @@ class TrainResult:
     peak_memory_bytes: int = 0
     resumed_from: int | None = None
     last_terms: dict = field(default_factory=dict)
+    world_size: int = 1
 
     def to_dict(self) -> dict:
         return {
+            "world_size": self.world_size,
             "checkpoint": str(self.checkpoint),
             "steps": self.steps,
             "images_seen": self.images_seen,
@@ -185,6 +204,11 @@ class Trainer:
         cfg = self.config
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation, cpu=cfg.device == "cpu", mixed_precision="no")
         acc = self.accelerator
+        self.world = acc.num_processes
+        acc.print(world_line(acc))
+        hint = single_process_hint(self.world)
+        if hint:
+            acc.print(hint)
         if cfg.device == "cuda" and acc.device.type != "cuda":
             raise TrainingError("--device cuda was asked for but no CUDA device is available")
         self.device = acc.device
@@ -211,7 +235,6 @@ class Trainer:
         self.mlp, self.optimizer = acc.prepare(mlp, optimizer)
         self.balance = RunningBalance(momentum=cfg.balance_momentum) if self._balance_on() else None
 
-        self.world = acc.num_processes
         self.effective_batch = cfg.batch_size * cfg.gradient_accumulation * self.world
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.images / self.effective_batch))
         self.step = 0
@@ -357,6 +380,11 @@ class Trainer:
         log_path = self.output / "train_log.jsonl"
         if self.resume_state is not None and acc.is_main_process:
             _truncate_log(log_path, self.step)
+        if acc.is_main_process:  # one record per (re)start, before the step rows it explains
+            start = {"event": "start", "world_size": self.world, "device": str(self.device), "from_step": self.step,
+                     "precision": str(self.dtype).replace("torch.", ""), "gradient_checkpointing": self.gradient_checkpointing}
+            with open(log_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(start) + "\n")
         from tqdm.auto import tqdm
 
         acc.print(
@@ -447,6 +475,7 @@ class Trainer:
             peak_memory_bytes=peak_memory_bytes(self.device),
             resumed_from=resumed_from,
             last_terms=last_terms,
+            world_size=self.world,
         )
         if acc.is_main_process:
             payload = json.dumps(result.to_dict(), indent=1)
@@ -540,7 +569,8 @@ def _to_cpu(value):
 
 def format_report(result: TrainResult) -> str:
     lines = [
-        f"done: {result.steps} steps, {result.images_seen} images seen in {result.seconds:.1f} s ({result.images_per_second:.3g} images/s)",
+        f"done: {result.steps} steps, {result.images_seen} images seen in {result.seconds:.1f} s ({result.images_per_second:.3g} images/s) "
+        f"on {result.world_size} process{'es' if result.world_size > 1 else ''}",
         f"checkpoint: {result.checkpoint}",
         f"skipped unreadable images: {len(result.skipped_images)}" + (f" (e.g. {result.skipped_images[0]})" if result.skipped_images else ""),
         f"skipped images without a caption: {result.missing_captions}",
