@@ -260,3 +260,27 @@ def test_resume_rewrites_the_log_without_rows_past_the_resumed_step(tmp_path):
     train(make_config("sd15", out, max_steps=3, resume=True), progress=False)
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [row.get("step", ("start", row.get("from_step"))) for row in rows] == [("start", 0), 1, 2, ("start", 2), 3]
+
+
+def test_progress_bar_shows_the_values_of_the_step_it_counts(tmp_path, monkeypatch):
+    import io
+
+    import tqdm.auto
+
+    drawn = []
+
+    class Recorder(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "mininterval": 0, "miniters": 1, "file": io.StringIO()})
+
+        def display(self, *args, **kwargs):
+            drawn.append((self.n, self.postfix))
+            return super().display(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    train(make_config("sd15", tmp_path / "out", max_steps=3), progress=True)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines() if '"step"' in line]
+    shown = {n: postfix for n, postfix in drawn if n >= 1}
+    assert sorted(shown) == [1, 2, 3]
+    for row in rows:
+        assert f"loss={row['loss']:.4g}" in shown[row["step"]] and f"q={row['quality']:.3g}" in shown[row["step"]]

@@ -443,11 +443,11 @@ class Trainer:
                         self.balance.update(SimpleNamespace(quality=summary["quality"], alignment=summary["alignment"]))
                 window = _Window(self.device)
                 self.step += 1
-                bar.update(1)
-                if last_terms:
+                if last_terms:  # before update(), which draws the bar: the postfix belongs to the step it counts
                     bar.set_postfix(loss=f"{last_terms['loss']:.4g}", q=f"{last_terms['quality']:.3g}", a=f"{last_terms['alignment']:.3g}",
                                     w=f"{last_terms['w_mean']:.2f}[{last_terms['w_min']:.2f},{last_terms['w_max']:.2f}]",
                                     **({"dw": f"{last_terms['delta_weight']:.3g}"} if self.balance is not None else {}), refresh=False)
+                bar.update(1)
                 if acc.is_main_process and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
                     row = {"step": self.step, "images": self.images_seen, **last_terms, "nan_losses": self.nan_losses,
                            "skipped_images": len(self.failed_paths), "seconds": round(time.perf_counter() - started, 3)}
