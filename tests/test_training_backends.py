@@ -166,7 +166,7 @@ def test_epsilon_loss_equals_the_papers_equations(tmp_path):
 
 
 def test_velocity_loss_equals_the_flow_equations(tmp_path):
-    trainer = ready_trainer("sd3", tmp_path, grid_steps=10, cads=False, balance="off", delta_weight=2.0)
+    trainer = ready_trainer("sd3", tmp_path, grid_steps=10, cads=False, balance="off", delta_weight=2.0, flow_spacing="simple")
     backend, net = trainer.backend, trainer.backend.network
     gen = torch.Generator().manual_seed(2)
     x0, eps = torch.randn(2, 16, 8, 8, generator=gen), torch.randn(2, 16, 8, 8, generator=gen)
@@ -267,6 +267,35 @@ def test_batched_sdxl_loss_and_gradient_equal_four_separate_calls(tmp_path):
     for ours, theirs in zip(batched_grad, (p.grad for p in mlp.parameters()), strict=True):
         assert float((ours - theirs).norm()) <= 1e-4 * float(theirs.norm())
     assert sum(g.abs().sum() for g in batched_grad) > 0
+
+
+def test_sd3_trains_on_the_diffusers_scheduler_grid_by_default_and_records_it(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_model("sd3"), subfolder="scheduler")
+    scheduler.set_timesteps(28)
+    trainer = ready_trainer("sd3", tmp_path / "default", grid_steps=28)
+    assert torch.allclose(trainer.grid.sigmas, scheduler.sigmas[:-1].float(), atol=1e-6)  # the points training starts from
+    assert torch.allclose(trainer.grid.model_timesteps, scheduler.timesteps.float(), atol=1e-3)  # what the pipeline feeds the network
+    assert abs(float(trainer.grid.sigmas[-1]) - 0.0089) < 1e-4  # the last step starts at 0.0089 (shift 3, 28 steps)
+    assert trainer.metadata().training_grid.sigmas().tolist() == pytest.approx(scheduler.sigmas.double().tolist(), abs=1e-6)
+    assert trainer.metadata().training["flow_spacing"] == "diffusers"
+
+    simple = ready_trainer("sd3", tmp_path / "simple", grid_steps=28, flow_spacing="simple")
+    u = 1 - torch.arange(28, dtype=torch.float64) / 28  # ComfyUI "simple": u from 1 down by 1/N, then shifted
+    assert torch.allclose(simple.grid.sigmas.double(), 3 * u / (1 + 2 * u), atol=1e-6)
+    assert abs(float(simple.grid.sigmas[-1]) - 0.1) < 1e-6
+    assert simple.metadata().training_grid.spacing == "simple"
+
+
+def test_sd3_scheduler_options_the_grid_cannot_describe_are_refused(tmp_path):
+    folder = copy_configs("sd3", tmp_path / "karras")
+    shutil.copytree(tiny_model("sd3"), folder, dirs_exist_ok=True)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "use_karras_sigmas": True}))
+    with pytest.raises(TrainingError, match="sigmas differ from a shift-3 flow grid"):
+        ready_trainer("sd3", tmp_path, model=str(folder))
+    ready_trainer("sd3", tmp_path, model=str(folder), flow_spacing="simple")  # the simple grid is ours, not the scheduler's
 
 
 def test_training_uses_the_inference_cfgpp_step(tmp_path, monkeypatch):

@@ -59,7 +59,7 @@ def test_backend_trains_writes_a_loadable_checkpoint_and_resumes(tmp_path, kind)
     assert meta.prediction_space == ("velocity" if flow else "epsilon")
     assert meta.timestep_convention == ("sigma_x1000" if flow else "ddpm_index")
     assert meta.trained_latent_numel == LATENT_NUMEL[kind]
-    assert meta.training_grid == (FlowGrid(num_steps=50, shift=3.0, spacing="simple") if flow else VPGrid(num_steps=50))
+    assert meta.training_grid == (FlowGrid(num_steps=50, shift=3.0, spacing="diffusers") if flow else VPGrid(num_steps=50))
     assert meta.training["steps"] == 3 and meta.training["images"] == 6
     assert (meta.training["lambda_min"], meta.training["lambda_max"]) == (0.1, 0.9)
     assert meta.training["base_model"] == tiny_model(kind).name and meta.training["balance"] == flow
@@ -117,6 +117,12 @@ def test_resume_refuses_a_different_architecture(tmp_path):
     train(make_config("sd15", tmp_path / "out", max_steps=1), progress=False)
     with pytest.raises(TrainingError, match="cannot resume, mlp_hidden was 128 and is now 64"):
         train(make_config("sd15", tmp_path / "out", max_steps=2, resume=True, mlp_hidden=64), progress=False)
+
+
+def test_resume_refuses_another_flow_grid_spacing(tmp_path):
+    train(make_config("sd3", tmp_path / "out", max_steps=1), progress=False)
+    with pytest.raises(TrainingError, match="cannot resume, flow_spacing was 'diffusers' and is now 'simple'"):
+        train(make_config("sd3", tmp_path / "out", max_steps=2, resume=True, flow_spacing="simple"), progress=False)
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path):

@@ -44,6 +44,8 @@ HELP = {
     "images": "training images to draw in total; steps = images / (batch_size x gradient_accumulation x processes) (paper: 20000)",
     "max_steps": "optimizer steps (overrides --images)",
     "grid_steps": "sampling grid timesteps are drawn from (paper: 50)",
+    "flow_spacing": "flow models: diffusers|simple spacing of the grid; diffusers = FlowMatchEulerDiscreteScheduler's (last sigma "
+                    "0.0089 at 28 steps, shift 3), simple = ComfyUI's simple scheduler (last sigma 0.100); recorded in the checkpoint",
     "lambda_min": "lower end of lambda ~ U[lambda_min, lambda_max]",
     "lambda_max": "upper end of lambda ~ U[lambda_min, lambda_max]",
     "cads": "CADS prompt perturbation on the conditional branch",
@@ -76,6 +78,7 @@ CHOICES = {
     "balance": ("auto", "on", "off"),
     "uncond": ("auto", "empty_prompt", "zeros"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
+    "flow_spacing": ("diffusers", "simple"),
     "device": ("auto", "cpu", "cuda"),
 }
 
@@ -103,6 +106,7 @@ class TrainConfig:
     images: int = 20000
     max_steps: int | None = None
     grid_steps: int = 50
+    flow_spacing: str = "diffusers"
     lambda_min: float = 0.0
     lambda_max: float = 1.0
     cads: bool = True

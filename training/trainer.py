@@ -47,7 +47,8 @@ from .data import EmbeddingStore, ImageCaptionDataset, MicroBatchSampler, collat
 RESUME_FORMAT = "annealing-training-resume"
 RESUME_FILE = "resume.pt"
 #: Settings a resumed run must share with the run it continues (others, e.g. max_steps, may change).
-RESUME_LOCKED = ("mlp_hidden", "mlp_layers", "delta_normalization", "grid_steps", "model_family_resolved", "resolution_resolved")
+RESUME_LOCKED = ("mlp_hidden", "mlp_layers", "delta_normalization", "grid_steps", "flow_spacing", "model_family_resolved",
+                 "resolution_resolved")
 FP16_LOSS_SCALE = 1024.0
 
 
@@ -174,6 +175,7 @@ class Trainer:
             "mlp_layers": cfg.mlp_layers,
             "delta_normalization": cfg.delta_normalization,
             "grid_steps": cfg.grid_steps,
+            "flow_spacing": cfg.flow_spacing if self.info.prediction_type == "flow" else None,  # the grid of flow models
             "model_family_resolved": self.family,
             "resolution_resolved": self.resolution,
         }
@@ -222,7 +224,7 @@ class Trainer:
             use_t5=cfg.sd3_t5, uncond=cfg.uncond, cads=self.cads, gradient_checkpointing=checkpointing, vae_dtype=vae_dtype,
         )
         self.gradient_checkpointing = checkpointing
-        self.grid = self.backend.grid(cfg.grid_steps)
+        self.grid = self.backend.grid(cfg.grid_steps, flow_spacing=cfg.flow_spacing)
         self.uncond = self.backend.unconditional(self.embeddings.uncond() if self.embeddings else None)
         width, pooled = self.backend.condition_width()
         if self.uncond.embeds.shape[-1] != width or (pooled is not None and (self.uncond.pooled is None or self.uncond.pooled.shape[-1] != pooled)):
@@ -296,6 +298,7 @@ class Trainer:
         }
         if self.info.prediction_type == "flow":
             training["flow_shift"] = float(self.info.scheduler_config.get("shift", 1.0))
+            training["flow_spacing"] = cfg.flow_spacing
             training["sd3_t5"] = bool(self.info.has_t5 and cfg.sd3_t5)  # False: zero T5 tokens, as the pipeline without T5
         if self.balance is not None:
             training["final_delta_weight"] = cfg.delta_weight * self.balance.weight
