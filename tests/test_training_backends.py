@@ -402,3 +402,57 @@ def test_edm_schedulers_and_per_channel_latent_normalisation_are_refused(tmp_pat
     vae.write_text(json.dumps({**json.loads(vae.read_text()), "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}))
     with pytest.raises(TrainingError, match="latents_mean"):
         detect_model(str(folder))
+
+
+# ------------------------------------------------------------------------------------------------------------ memory
+
+
+def test_activation_count_of_the_memory_probe_equals_keeping_the_activations(tmp_path):
+    """The probe drops every saved tensor at once; its count must equal the distinct storages a real graph keeps."""
+    from training import memory
+
+    trainer = ready_trainer("sdxl", tmp_path, gradient_checkpointing=False)
+    backend, net = trainer.backend, trainer.backend.network
+    exclude = {p.untyped_storage().data_ptr() for p in [*net.parameters(), *net.buffers()]}
+    z = torch.randn(2, *trainer.latent_shape, requires_grad=True)
+    t = torch.tensor([500.0, 500.0])
+
+    def run():
+        return backend.predict_pair(z, t, trainer.uncond, trainer.uncond)
+
+    kept = []
+
+    def keep(x):
+        kept.append(x)
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda x: x):
+        out = run()
+    exact = {}
+    for x in kept:  # all alive: the storage address identifies the storage
+        storage = x.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            exact[storage.data_ptr()] = storage.nbytes()
+    del out
+    kept.clear()
+    counted = memory.count_saved_bytes(run, exclude)
+    assert counted == sum(exact.values()) > 0
+
+
+def test_gradient_checkpointing_is_on_only_when_the_step_would_not_fit(tmp_path, monkeypatch, capsys):
+    from training import memory
+
+    trainer = ready_trainer("sdxl", tmp_path / "roomy")
+    assert not trainer.gradient_checkpointing and not trainer.backend.network.is_gradient_checkpointing
+    assert "gradient checkpointing off (auto): a step needs about" in capsys.readouterr().out
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device, local=1: 1024)  # a device with 1 KiB free
+    trainer = ready_trainer("sdxl", tmp_path / "tight")
+    assert trainer.gradient_checkpointing and trainer.backend.network.is_gradient_checkpointing
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("gradient checkpointing"))
+    assert line.startswith("gradient checkpointing on (auto, +2 forwards per image): a step needs about")
+    assert "0.0 MiB free" in line
+
+    trainer = ready_trainer("sdxl", tmp_path / "set", gradient_checkpointing=False)  # an explicit setting is obeyed
+    assert not trainer.backend.network.is_gradient_checkpointing
+    assert "gradient checkpointing off (set in the config)" in capsys.readouterr().out

@@ -62,7 +62,8 @@ HELP = {
     "uncond": "auto|empty_prompt|zeros: the unconditional embedding; auto = zeros for SDXL folders with force_zeros_for_empty_prompt, else the empty prompt",
     "sd3_t5": "load and use the SD3 T5 encoder when the model has one (off: zeros, as the pipeline does without T5)",
     "precision": "auto|fp32|bf16|fp16: dtype of the frozen model (the MLP always trains in float32); auto = bf16 on a GPU that supports it, else fp32",
-    "gradient_checkpointing": "recompute the frozen model's activations in pass 2 (auto = on with a GPU)",
+    "gradient_checkpointing": "recompute the frozen model's activations in pass 2 (+2 forwards per image); auto (unset) = on only "
+                              "when pass 2's activations, measured once at start, would not fit the free memory",
     "max_grad_norm": "clip the MLP gradient norm (0 = no clipping)",
     "num_workers": "data loader worker processes",
     "checkpoint_every": "write a checkpoint and the resume state every N optimizer steps",

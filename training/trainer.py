@@ -39,6 +39,7 @@ import torch
 import annealing
 from annealing.checkpoint import atomic_write
 
+from . import memory
 from .algorithm import CADSConfig, LossTerms, RunningBalance, annealing_loss
 from .backends import FrozenDiffusionBackend, ModelInfo, TextCondition, default_resolution, detect_model, load_backend
 from .config import TrainConfig, TrainingError
@@ -216,19 +217,18 @@ class Trainer:
         self.device = acc.device
         self.dtype = resolve_precision(cfg.precision, self.device)
         self.loss_scale = FP16_LOSS_SCALE if self.dtype == torch.float16 else 1.0
-        checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else self.device.type == "cuda"
         self.cads = CADSConfig(cfg.cads_noise_scale, cfg.cads_tau1, cfg.cads_tau2, cfg.cads_psi, cfg.cads)
         vae_dtype = torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32  # the SDXL VAE overflows in fp16
         self.backend = load_backend(
             self.info, device=self.device, dtype=self.dtype, resolution=self.resolution, load_text_encoders=self.embeddings is None,
-            use_t5=cfg.sd3_t5, uncond=cfg.uncond, cads=self.cads, gradient_checkpointing=checkpointing, vae_dtype=vae_dtype,
+            use_t5=cfg.sd3_t5, uncond=cfg.uncond, cads=self.cads, gradient_checkpointing=bool(cfg.gradient_checkpointing), vae_dtype=vae_dtype,
         )
-        self.gradient_checkpointing = checkpointing
         self.grid = self.backend.grid(cfg.grid_steps, flow_spacing=cfg.flow_spacing)
         self.uncond = self.backend.unconditional(self.embeddings.uncond() if self.embeddings else None)
         width, pooled = self.backend.condition_width()
         if self.uncond.embeds.shape[-1] != width or (pooled is not None and (self.uncond.pooled is None or self.uncond.pooled.shape[-1] != pooled)):
             raise TrainingError(f"{cfg.embeddings}: embedding widths do not match the model (expected {width} tokens / {pooled} pooled)")
+        self.gradient_checkpointing = self._decide_checkpointing()
 
         torch.manual_seed(cfg.seed)  # the same initial MLP on every process
         mlp_config = annealing.GuidanceModelConfig(hidden_size=cfg.mlp_hidden, n_layers=cfg.mlp_layers, delta_embed_normalization=cfg.delta_normalization)
@@ -247,6 +247,27 @@ class Trainer:
         self.failed_paths: set[str] = set()
         if self.resume_state is not None:
             self._apply_resume(self.resume_state)
+
+    def _decide_checkpointing(self) -> bool:
+        """Off unless set, or unless pass 2's activations would not fit the device (training.memory); one log line."""
+        cfg, acc = self.config, self.accelerator
+        estimate = None
+        if cfg.gradient_checkpointing is None:
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+            try:
+                estimate = memory.estimate_step_memory(self.backend, self.grid, self.latent_shape, cfg.batch_size, self.uncond, local)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+        on, line = memory.decide(cfg.gradient_checkpointing, estimate, self.device)
+        if self.world > 1 and cfg.gradient_checkpointing is None:  # one decision for all: the process that is short wins
+            anyone = float(acc.reduce(torch.tensor(float(on), device=self.device), "sum")) > 0
+            if anyone and not on:
+                on, line = True, line.replace("off (auto)", "on (auto, another process is short of memory)")
+        if on and not cfg.gradient_checkpointing:
+            self.backend.network.enable_gradient_checkpointing()
+        self.memory_line = line
+        acc.print(line)
+        return on
 
     def _balance_on(self) -> bool:
         mode = self.config.balance
@@ -385,7 +406,8 @@ class Trainer:
             _truncate_log(log_path, self.step)
         if acc.is_main_process:  # one record per (re)start, before the step rows it explains
             start = {"event": "start", "world_size": self.world, "device": str(self.device), "from_step": self.step,
-                     "precision": str(self.dtype).replace("torch.", ""), "gradient_checkpointing": self.gradient_checkpointing}
+                     "precision": str(self.dtype).replace("torch.", ""), "gradient_checkpointing": self.gradient_checkpointing,
+                     "memory": self.memory_line}
             with open(log_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(start) + "\n")
         from tqdm.auto import tqdm
