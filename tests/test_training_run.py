@@ -290,3 +290,19 @@ def test_progress_bar_shows_the_values_of_the_step_it_counts(tmp_path, monkeypat
     assert sorted(shown) == [1, 2, 3]
     for row in rows:
         assert f"loss={row['loss']:.4g}" in shown[row["step"]] and f"q={row['quality']:.3g}" in shown[row["step"]]
+
+
+def test_fp16_frozen_model_trains_with_the_loss_scale(tmp_path):
+    """The GPU default (float16 frozen network, static loss scale, float32 VAE and MLP) run on the CPU."""
+    from training.trainer import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cuda")) == torch.float16 and resolve_precision("auto", torch.device("cpu")) == torch.float32
+    trainer = Trainer(make_config("sdxl", tmp_path / "out", precision="fp16", max_steps=1), progress=False)
+    trainer.preflight()
+    result = trainer.run()
+    assert next(trainer.backend.network.parameters()).dtype == torch.float16 and trainer.loss_scale == 1024.0
+    assert next(trainer.backend.vae.parameters()).dtype == torch.float32  # the SDXL VAE overflows in float16
+    assert all(p.dtype == torch.float32 for p in trainer.mlp.parameters())
+    assert result.nan_losses == 0 and result.skipped_steps == 0 and math.isfinite(result.last_terms["loss"])
+    assert not same_weights(state_of(result.checkpoint), initial_weights(trainer.config))
+    assert annealing.load_guidance_model(result.checkpoint).metadata.training["precision"] == "float16"
