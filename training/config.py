@@ -62,8 +62,8 @@ HELP = {
     "uncond": "auto|empty_prompt|zeros: the unconditional embedding; auto = zeros for SDXL folders with force_zeros_for_empty_prompt, else the empty prompt",
     "sd3_t5": "load and use the SD3 T5 encoder when the model has one (off: zeros, as the pipeline does without T5)",
     "precision": "auto|fp32|bf16|fp16: dtype of the frozen model (the MLP always trains in float32); auto = fp16 on a GPU, fp32 on the "
-                 "CPU. bf16 is not recommended: delta = uncond - cond is a small difference and bf16 puts errors of 3-27 % on "
-                 "||delta|| of a full-size SDXL UNet (fp16: under 1 %; docs/training.md)",
+                 "CPU. bf16 is not recommended: delta = uncond - cond is a small difference and bf16 puts errors of 3-27 percent on "
+                 "||delta|| of a full-size SDXL UNet (fp16: under 1 percent; docs/training.md)",
     "gradient_checkpointing": "recompute the frozen model's activations in pass 2 (+2 forwards per image); auto (unset) = on only "
                               "when pass 2's activations, measured once at start, would not fit the free memory",
     "max_grad_norm": "clip the MLP gradient norm (0 = no clipping)",
