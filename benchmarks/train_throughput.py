@@ -17,8 +17,9 @@ Per family, three things are timed on the same inputs, interleaved (``--repeats`
 * 4 calls:  the same passes as the trainer made them before uncond and cond were batched (four forwards of batch B).
 
 ``step / passes - 1`` is the overhead of everything that is not the network (target: under 10 %). Peak memory is
-``torch.cuda.max_memory_allocated`` on a GPU and the peak resident set on the CPU (Linux: reset between the phases via
-/proc/self/clear_refs), as an absolute peak and above what was resident before the phase. The full-size SDXL UNet
+``torch.cuda.max_memory_allocated`` on a GPU (absolute, and above what was allocated before the phase) and the peak
+resident set on the CPU (Linux: reset between the phases via /proc/self/clear_refs; absolute only, since memory a phase
+frees stays resident). The full-size SDXL UNet
 (2.57 B parameters, ``training.tiny_models.SDXL_UNET_CONFIG``) has random weights and random 77 x 2048 text embeddings
 (nothing is downloaded); VAE and text encoders are excluded (``python -m training embed`` runs them once). The frozen
 network runs in the trainer's default precision for the device (``--precision`` to change it) with gradient checkpointing
@@ -95,6 +96,8 @@ class PeakMemory:
     def text(self) -> str:
         if self.peak is None:
             return "n/a"
+        if self.device.type != "cuda":  # freed heap memory stays resident, so only the absolute peak means something
+            return f"{self.peak / 2**30:.2f}"
         return f"{self.peak / 2**30:.2f} (+{(self.peak - self.base) / 2**30:.2f})"
 
 
@@ -212,7 +215,8 @@ def measure(name: str, backend, grid, batch: int, repeats: int, warmup: int, gen
 
 
 def print_rows(rows: list[dict], memory_unit: str) -> None:
-    print(f"{'model':16} {'B':>2} {'phase':8} {'s/micro-batch':>13} {'images/s':>9} {'vs passes':>9}  peak {memory_unit} (+ above start)")
+    above = " (+ above the phase's start)" if memory_unit == "GiB" else ""
+    print(f"{'model':16} {'B':>2} {'phase':8} {'s/micro-batch':>13} {'images/s':>9} {'vs passes':>9}  peak {memory_unit}{above}")
     for row in rows:
         base = row["seconds"]["passes"]
         for key in ("step", "passes", "4 calls"):
