@@ -1,17 +1,33 @@
-"""Training throughput (images/s) and peak memory.
+"""Training throughput: the training step against the bare model passes it is made of.
 
-    python benchmarks/train_throughput.py                      # tiny SD1.5/SDXL/SD3 models on CPU, the whole trainer
-    python benchmarks/train_throughput.py --full-sdxl          # full-size SDXL UNet (random weights) on a CUDA GPU
-    python benchmarks/train_throughput.py --full-sdxl --dry-run  # build the full config on the meta device (no memory)
+    python benchmarks/train_throughput.py                                       # tiny SD1.5 / SDXL / SD3 models, CPU
+    python benchmarks/train_throughput.py --full-sdxl --device cpu --latent-size 16   # full-size SDXL UNet, CPU, 128 px
+    python benchmarks/train_throughput.py --full-sdxl --device cuda                    # full-size SDXL UNet, GPU, 1024 px
+    python benchmarks/train_throughput.py --full-sdxl --dry-run                        # build the config on the meta device
+    python benchmarks/train_throughput.py --trainer                             # the whole trainer end to end, tiny models
 
-Tiny mode runs ``python -m training``'s trainer end to end (image decoding, VAE, text encoders, both passes, backward,
-AdamW) on 64 px images, each model in its own subprocess so the peak resident memory is that run's alone. Images/s
-excludes model loading. The number is a pipeline-overhead check, not a prediction of real-model speed.
+Per family, three things are timed on the same inputs, interleaved (``--repeats`` rounds, medians reported):
 
-Full-SDXL mode measures Algorithm 1's loss + backward + AdamW step with a full-size SDXL UNet (2.57 B parameters, config
-written out in ``training.tiny_models.SDXL_UNET_CONFIG``; random weights, nothing downloaded) on 1024 px latents
-(4 x 128 x 128) and random 77 x 2048 text embeddings; VAE and text encoders are excluded (run them once with
-``python -m training embed`` and they cost little next to 4 UNet passes). Peak memory is ``torch.cuda.max_memory_allocated``.
+* step:     what the trainer does per micro-batch after data loading: Algorithm 1's loss (``training.algorithm.annealing_loss``:
+            draws, CADS, both passes through the backend, the MLP, the CFG++ step, the loss), its backward and an AdamW
+            step (every micro-batch here; the trainer steps every ``gradient_accumulation`` micro-batches, so this is an
+            upper bound);
+* passes:   the model passes that step is made of, called on the network directly with prepared inputs: a forward of
+            batch 2B without a graph, a forward of batch 2B with one, and the backward of that forward to its input;
+* 4 calls:  the same passes as the trainer made them before uncond and cond were batched (four forwards of batch B).
+
+``step / passes - 1`` is the overhead of everything that is not the network (target: under 10 %). Peak memory is
+``torch.cuda.max_memory_allocated`` on a GPU (absolute, and above what was allocated before the phase) and the peak
+resident set on the CPU (Linux: reset between the phases via /proc/self/clear_refs; absolute only, since memory a phase
+frees stays resident). The full-size SDXL UNet
+(2.57 B parameters, ``training.tiny_models.SDXL_UNET_CONFIG``) has random weights and random 77 x 2048 text embeddings
+(nothing is downloaded); VAE and text encoders are excluded (``python -m training embed`` runs them once). The frozen
+network runs in the trainer's default precision for the device (``--precision`` to change it) with gradient checkpointing
+as the trainer would decide (``--checkpointing on|off`` to force it).
+
+``--trainer`` runs ``python -m training``'s trainer end to end on 64 px tiny models (image decoding, VAE, text
+encoders, both passes, backward, AdamW), each model in its own subprocess so the peak resident memory is that run's
+alone: a pipeline-overhead check, not a prediction of real-model speed.
 """
 
 from __future__ import annotations
@@ -19,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,42 +47,203 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def tiny_child(kind: str, steps: int, accumulation: int, batch: int, checkpointing: bool, threads: int) -> dict:
-    """One tiny-model training run in this process; returns the measured numbers."""
+# ------------------------------------------------------------------------------------------------------------ memory
+
+
+class PeakMemory:
+    """Peak memory of one phase: CUDA's allocator peak, or the peak resident set (Linux) on the CPU."""
+
+    def __init__(self, device):
+        self.device = device
+
+    @staticmethod
+    def _status(field: str) -> int | None:
+        try:
+            with open("/proc/self/status", encoding="ascii") as handle:
+                for line in handle:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def __enter__(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+                    handle.write("5")
+                self.base = self._status("VmRSS")
+            except OSError:
+                self.base = None
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.peak = self._status("VmHWM") if self.base is not None else None
+        return False
+
+    def text(self) -> str:
+        if self.peak is None:
+            return "n/a"
+        if self.device.type != "cuda":  # freed heap memory stays resident, so only the absolute peak means something
+            return f"{self.peak / 2**30:.2f}"
+        return f"{self.peak / 2**30:.2f} (+{(self.peak - self.base) / 2**30:.2f})"
+
+
+# ------------------------------------------------------------------------------------------------------------ the three phases
+
+
+def prepared_inputs(backend, grid, batch: int, cond, uncond, generator):
+    """The network's inputs for both passes as the backend would build them (batch 2B, backend dtype), made once."""
     import torch
 
+    from training.backends import TextCondition
+
+    device, dtype = backend.device, backend.dtype
+    both = TextCondition.stack_pair(uncond, cond, batch)
+    index = torch.full((batch,), len(grid) // 2, device=device)
+    t = grid.model_timesteps[index]
+    latent = (batch, *backend.latent_shape)
+    z = torch.randn(latent, generator=generator, device=generator.device).to(device)
+    kwargs = {}
+    if backend.prediction == "velocity":
+        kwargs = {"encoder_hidden_states": both.embeds.to(dtype), "pooled_projections": both.pooled.to(dtype)}
+    else:
+        kwargs = {"encoder_hidden_states": both.embeds.to(dtype)}
+        if backend.info.family == "sdxl":
+            kwargs["added_cond_kwargs"] = {"text_embeds": both.pooled.to(dtype), "time_ids": backend.time_ids.expand(2 * batch, -1).to(dtype)}
+    single = {}  # the old way: the same inputs cut into uncond and cond halves of batch B
+    for half, rows in (("u", slice(0, batch)), ("c", slice(batch, 2 * batch))):
+        part = {k: v[rows] for k, v in kwargs.items() if torch.is_tensor(v)}
+        if "added_cond_kwargs" in kwargs:
+            part["added_cond_kwargs"] = {k: v[rows] for k, v in kwargs["added_cond_kwargs"].items()}
+        single[half] = part
+    return {"z": z, "t": t, "kwargs": kwargs, "single": single}
+
+
+def call_network(backend, z, t, kwargs):
+    import torch
+
+    if backend.prediction == "velocity":
+        return backend.network(hidden_states=z.to(backend.dtype), timestep=t.to(torch.float32), **kwargs).sample
+    return backend.network(z.to(backend.dtype), t, **kwargs).sample
+
+
+def bare_passes(backend, inputs) -> None:
+    """A forward of batch 2B without a graph, a forward of batch 2B with one, and its backward to the input."""
+    import torch
+
+    z2, t2 = torch.cat([inputs["z"], inputs["z"]]), torch.cat([inputs["t"], inputs["t"]])
+    with torch.no_grad():
+        call_network(backend, z2, t2, inputs["kwargs"])
+    z_grad = inputs["z"].detach().requires_grad_()
+    out = call_network(backend, torch.cat([z_grad, z_grad]), t2, inputs["kwargs"])
+    out.backward(torch.ones_like(out))
+
+
+def four_calls(backend, inputs) -> None:
+    """The same passes as four forwards of batch B (uncond and cond apart), as the trainer made them before batching."""
+    import torch
+
+    z, t = inputs["z"], inputs["t"]
+    with torch.no_grad():
+        call_network(backend, z, t, inputs["single"]["u"])
+        call_network(backend, z, t, inputs["single"]["c"])
+    z_grad = z.detach().requires_grad_()
+    out = call_network(backend, z_grad, t, inputs["single"]["u"]) - call_network(backend, z_grad, t, inputs["single"]["c"])
+    out.backward(torch.ones_like(out))
+
+
+def measure(name: str, backend, grid, batch: int, repeats: int, warmup: int, generator) -> dict:
+    """Median seconds per micro-batch of the step, the bare passes and the four-call passes, and their peak memories."""
+    import torch
+
+    import annealing
+    from training.algorithm import annealing_loss
+    from training.backends import TextCondition
+
+    device = backend.device
+    pooled = backend.condition_width()[1]
+    width = backend.condition_width()[0]
+    tokens = 77 if backend.prediction == "epsilon" else 333
+    cond = TextCondition(torch.randn(batch, tokens, width, generator=generator, device=generator.device).to(device),
+                         None if pooled is None else torch.randn(batch, pooled, generator=generator, device=generator.device).to(device))
+    uncond = TextCondition(torch.zeros(1, tokens, width, device=device), None if pooled is None else torch.zeros(1, pooled, device=device))
+    x0 = torch.randn(batch, *backend.latent_shape, generator=generator, device=generator.device).to(device)
+    mlp = annealing.GuidanceScaleModel().to(device)
+    opt = torch.optim.AdamW(mlp.parameters(), lr=1e-3, weight_decay=0.01)
+    inputs = prepared_inputs(backend, grid, batch, cond, uncond, generator)
+
+    def step():
+        terms = annealing_loss(backend, mlp, x0, cond, uncond, grid, generator=generator)
+        terms.total.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    phases = {"step": step, "passes": lambda: bare_passes(backend, inputs), "4 calls": lambda: four_calls(backend, inputs)}
+    for fn in phases.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in phases}
+    peaks = {}
+    for r in range(repeats):
+        order = list(phases) if r % 2 == 0 else list(reversed(phases))  # alternate, so drift on a shared machine evens out
+        for key in order:
+            with PeakMemory(device) as peak:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                phases[key]()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times[key].append(time.perf_counter() - start)
+            if key not in peaks or (peak.peak or 0) > (peaks[key].peak or 0):
+                peaks[key] = peak
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {"name": name, "batch": batch, "seconds": medians, "all": times, "peaks": {k: p.text() for k, p in peaks.items()}}
+
+
+def print_rows(rows: list[dict], memory_unit: str) -> None:
+    above = " (+ above the phase's start)" if memory_unit == "GiB" else ""
+    print(f"{'model':16} {'B':>2} {'phase':8} {'s/micro-batch':>13} {'images/s':>9} {'vs passes':>9}  peak {memory_unit}{above}")
+    for row in rows:
+        base = row["seconds"]["passes"]
+        for key in ("step", "passes", "4 calls"):
+            seconds = row["seconds"][key]
+            ratio = f"{seconds / base - 1:+.1%}" if key != "passes" else ""
+            print(f"{row['name']:16} {row['batch']:2d} {key:8} {seconds:13.4f} {row['batch'] / seconds:9.3f} {ratio:>9}  {row['peaks'][key]}")
+        spread = ", ".join(f"{k} {min(v):.4g}-{max(v):.4g}" for k, v in row["all"].items())
+        print(f"{'':16}    range over {len(row['all']['step'])} rounds (s): {spread}")
+
+
+# ------------------------------------------------------------------------------------------------------------ models
+
+
+def tiny_backend(kind: str, root: Path, device: str, precision: str, checkpointing):
     from training.config import TrainConfig
     from training.tiny_models import make_image_dataset, make_tiny_model
-    from training.trainer import train
+    from training.trainer import Trainer
 
-    torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        model = make_tiny_model(kind, root / kind)
-        data = make_image_dataset(root / "data", count=32)
-        config = TrainConfig(model=str(model), dataset=str(data), output=str(root / "out"), resolution=64, max_steps=steps,
-                             gradient_accumulation=accumulation, batch_size=batch, num_workers=0, device="cpu", checkpoint_every=10**6,
-                             gradient_checkpointing=checkpointing)
-        result = train(config, progress=False)
-    return {"kind": kind, "images_per_second": result.images_per_second, "images": result.images_seen, "seconds": result.seconds,
-            "peak_rss_mib": result.peak_memory_bytes / 2**20, "gradient_checkpointing": checkpointing, "batch": batch}
-
-
-def run_tiny(args) -> None:
-    import torch
-
-    print(f"tiny models on CPU: torch {torch.__version__}, {args.threads} thread(s), {args.steps} steps x {args.accumulation} micro-batches of {args.batch}, 64 px")
-    print(f"{'model':6} {'grad ckpt':>9} {'images/s':>9} {'peak RSS MiB':>13}")
-    for kind in args.kinds.split(","):
-        for checkpointing in (False, True):
-            cmd = [sys.executable, __file__, "--child", kind, "--steps", str(args.steps), "--accumulation", str(args.accumulation),
-                   "--batch", str(args.batch), "--threads", str(args.threads)] + (["--checkpointing"] if checkpointing else [])
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                print(f"{kind}: failed\n{done.stderr[-2000:]}")
-                continue
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            print(f"{kind:6} {'on' if checkpointing else 'off':>9} {row['images_per_second']:9.2f} {row['peak_rss_mib']:13.0f}")
+    model = make_tiny_model(kind, root / kind)
+    data = make_image_dataset(root / "data", count=4)
+    config = TrainConfig(model=str(model), dataset=str(data), output=str(root / f"out-{kind}"), resolution=64, num_workers=0,
+                         device=device, precision=precision, gradient_checkpointing=checkpointing)
+    trainer = Trainer(config, progress=False)
+    trainer.preflight()
+    trainer.setup()
+    trainer.backend.latent_shape = trainer.latent_shape
+    return trainer.backend, trainer.grid
 
 
 def build_full_sdxl(device, dtype):
@@ -79,108 +257,161 @@ def build_full_sdxl(device, dtype):
     return unet.to(dtype).requires_grad_(False).eval()
 
 
-def full_sdxl_backend(unet, device, dtype, resolution: int = 1024):
+def full_sdxl_backend(unet, device, dtype, latent_size: int):
     """A UNetBackend around a bare UNet (no VAE, no text encoders)."""
     from types import SimpleNamespace
 
-    from annealing.schedules import scaled_linear_alphas_cumprod
+    from annealing.training_grid import VPGrid
     from training.algorithm import CADSConfig
     from training.backends import ModelInfo, UNetBackend
     from training.tiny_models import SDXL_UNET_CONFIG
 
     info = ModelInfo(family="sdxl", prediction_type="epsilon", pipeline_class="StableDiffusionXLPipeline", scheduler_class="DDIMScheduler",
                      scheduler_config={}, source=Path("sdxl-random"), config_folder=Path("."), network_config=dict(SDXL_UNET_CONFIG))
-    scheduler = SimpleNamespace(alphas_cumprod=scaled_linear_alphas_cumprod().float())
-    return UNetBackend(info, unet, None, None, dtype, device, CADSConfig(), resolution, "zeros", scheduler=scheduler)
+    scheduler = SimpleNamespace(alphas_cumprod=VPGrid().alphas_cumprod().float())
+    backend = UNetBackend(info, unet, None, None, dtype, device, CADSConfig(), latent_size * 8, "zeros", scheduler=scheduler)
+    backend.latent_shape = (4, latent_size, latent_size)
+    return backend
 
 
-def run_full_sdxl(args) -> None:
+def checkpointing_decision(backend, grid, batch: int, forced):
+    """The trainer's decision (training.memory), or the forced one; prints the trainer's line."""
     import torch
 
-    import annealing
-    from training.algorithm import annealing_loss
+    from training import memory
     from training.backends import TextCondition
-    from training.trainer import peak_memory_bytes
 
-    if args.dry_run:
-        unet = build_full_sdxl("meta", torch.bfloat16)
-        count = sum(p.numel() for p in unet.parameters())
-        print(f"full-size SDXL UNet config builds: {count / 1e9:.3f} B parameters (meta device, nothing allocated)")
-        return
+    estimate = None
+    if forced is None:
+        width, pooled = backend.condition_width()
+        tokens = 77 if backend.prediction == "epsilon" else 333
+        uncond = TextCondition(torch.zeros(1, tokens, width, device=backend.device),
+                               None if pooled is None else torch.zeros(1, pooled, device=backend.device))
+        try:
+            estimate = memory.estimate_step_memory(backend, grid, backend.latent_shape, batch, uncond)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+    on, line = memory.decide(forced, estimate, backend.device)
+    if on:
+        backend.network.enable_gradient_checkpointing()
+    else:
+        backend.network.disable_gradient_checkpointing()
+    print(line)
+    return on
+
+
+def resolve_dtype(precision: str, device):
+
+    from training.trainer import resolve_precision
+
+    return resolve_precision(precision, device)
+
+
+def run_models(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--full-sdxl needs a CUDA device (--dry-run only checks the config; --device cpu --latent-size 16 runs the loop slowly)")
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
-    size = args.latent_size
-    torch.manual_seed(0)
-    unet = build_full_sdxl(device, dtype)
-    backend = full_sdxl_backend(unet, device, dtype, resolution=size * 8)
-    grid = backend.grid(50)
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"full-size SDXL UNet on {name}: {sum(p.numel() for p in unet.parameters()) / 1e9:.2f} B params in {dtype}, "
-          f"{size * 8} px latents (4 x {size} x {size}), {args.steps} timed micro-batches after {args.warmup} warm-up")
-    print(f"{'batch':>5} {'grad ckpt':>9} {'images/s':>9} {'s/image':>8} {'peak GiB':>9}" + ("" if cuda else " (process peak RSS)"))
-    for batch in [int(b) for b in args.full_batches.split(",")]:
-        for checkpointing in (True, False):
-            if checkpointing:
-                unet.enable_gradient_checkpointing()
-            else:
-                unet.disable_gradient_checkpointing()
-            mlp = annealing.GuidanceScaleModel().to(device)
-            opt = torch.optim.AdamW(mlp.parameters(), lr=1e-3, weight_decay=0.01)
-            gen = torch.Generator(device=device).manual_seed(0)
-            x0 = torch.randn(batch, 4, size, size, device=device, generator=gen)
-            cond = TextCondition(torch.randn(batch, 77, 2048, device=device, generator=gen), torch.randn(batch, 1280, device=device, generator=gen))
-            uncond = TextCondition(torch.zeros(1, 77, 2048, device=device), torch.zeros(1, 1280, device=device))
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            try:
-                for i in range(args.warmup + args.steps):
-                    if i == args.warmup:
-                        if cuda:
-                            torch.cuda.synchronize()
-                        start = time.perf_counter()
-                    terms = annealing_loss(backend, mlp, x0, cond, uncond, grid, generator=gen)
-                    terms.total.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                if cuda:
-                    torch.cuda.synchronize()
-                seconds = time.perf_counter() - start
-                peak = peak_memory_bytes(device) / 2**30
-                rate = batch * args.steps / seconds
-                print(f"{batch:5d} {'on' if checkpointing else 'off':>9} {rate:9.3f} {1 / rate:8.3f} {peak:9.1f}")
-            except torch.cuda.OutOfMemoryError:
-                print(f"{batch:5d} {'on' if checkpointing else 'off':>9} {'out of memory':>28}")
-            del mlp, opt
-            if cuda:
-                torch.cuda.empty_cache()
+        raise SystemExit("--device cuda: no CUDA device here")
+    forced = {"auto": None, "on": True, "off": False}[args.checkpointing]
+    generator = torch.Generator(device=device).manual_seed(0)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    rows = []
+    if args.full_sdxl:
+        dtype = resolve_dtype(args.precision, device)
+        if args.dry_run:
+            unet = build_full_sdxl("meta", dtype)
+            print(f"full-size SDXL UNet config builds: {sum(p.numel() for p in unet.parameters()) / 1e9:.3f} B parameters (meta device)")
+            return
+        torch.manual_seed(0)
+        unet = build_full_sdxl(device, dtype)
+        backend = full_sdxl_backend(unet, device, dtype, args.latent_size)
+        grid = backend.grid(50)
+        print(f"full-size SDXL UNet ({sum(p.numel() for p in unet.parameters()) / 1e9:.2f} B parameters, random weights) on {name}, "
+              f"torch {torch.__version__}, frozen network in {str(dtype).replace('torch.', '')}, latent 4 x {args.latent_size} x "
+              f"{args.latent_size} ({args.latent_size * 8} px), {args.repeats} rounds after {args.warmup} warm-up")
+        for batch in [int(b) for b in args.batches.split(",")]:
+            on = checkpointing_decision(backend, grid, batch, forced)
+            rows.append(measure(f"sdxl-full{' ckpt' if on else ''}", backend, grid, batch, args.repeats, args.warmup, generator))
+    else:
+        print(f"tiny models on {name}, torch {torch.__version__}, 64 px (8 x 8 latents), {args.repeats} rounds after {args.warmup} warm-up")
+        with tempfile.TemporaryDirectory() as tmp:
+            for kind in args.kinds.split(","):
+                backend, grid = tiny_backend(kind, Path(tmp), args.device, args.precision, forced)
+                for batch in [int(b) for b in args.batches.split(",")]:
+                    rows.append(measure(f"{kind}-tiny", backend, grid, batch, args.repeats, args.warmup, generator))
+    print()
+    print_rows(rows, "GiB" if device.type == "cuda" else "RSS GiB")
+
+
+# ------------------------------------------------------------------------------------------------------------ whole trainer
+
+
+def tiny_child(kind: str, steps: int, accumulation: int, batch: int, threads: int) -> dict:
+    """One tiny-model training run in this process; returns the measured numbers."""
+    import torch
+
+    from training.config import TrainConfig
+    from training.tiny_models import make_image_dataset, make_tiny_model
+    from training.trainer import train
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model = make_tiny_model(kind, root / kind)
+        data = make_image_dataset(root / "data", count=32)
+        config = TrainConfig(model=str(model), dataset=str(data), output=str(root / "out"), resolution=64, max_steps=steps,
+                             gradient_accumulation=accumulation, batch_size=batch, num_workers=0, device="cpu", checkpoint_every=10**6)
+        result = train(config, progress=False)
+    return {"kind": kind, "images_per_second": result.images_per_second, "images": result.images_seen, "seconds": result.seconds,
+            "peak_rss_mib": result.peak_memory_bytes / 2**20, "batch": batch}
+
+
+def run_trainer(args) -> None:
+    import torch
+
+    threads = args.threads or 1
+    print(f"whole trainer, tiny models on CPU: torch {torch.__version__}, {threads} thread(s), {args.steps} steps x {args.accumulation} "
+          f"micro-batches of {args.batch}, 64 px")
+    print(f"{'model':6} {'images/s':>9} {'peak RSS MiB':>13}")
+    for kind in args.kinds.split(","):
+        cmd = [sys.executable, __file__, "--child", kind, "--steps", str(args.steps), "--accumulation", str(args.accumulation),
+               "--batch", str(args.batch), "--threads", str(threads)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            print(f"{kind}: failed\n{done.stderr[-2000:]}")
+            continue
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{kind:6} {row['images_per_second']:9.2f} {row['peak_rss_mib']:13.0f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", default="sd15,sdxl,sd3", help="tiny models to run")
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps (tiny) or timed micro-batches (full SDXL)")
-    parser.add_argument("--accumulation", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the tiny runs")
-    parser.add_argument("--full-sdxl", action="store_true", help="full-size SDXL UNet with random weights on CUDA")
-    parser.add_argument("--full-batches", default="1,2", help="micro-batch sizes for --full-sdxl")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--dry-run", action="store_true", help="with --full-sdxl: build the config on the meta device only")
-    parser.add_argument("--device", default="cuda", help="with --full-sdxl: cuda (default) or cpu (slow; for checking the loop)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", default="auto", help="frozen network dtype as the trainer's --precision (auto: the trainer's default)")
+    parser.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto", help="gradient checkpointing (auto: as the trainer decides)")
+    parser.add_argument("--batches", default="1", help="micro-batch sizes B")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (medians are reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; --trainer: 1)")
+    parser.add_argument("--full-sdxl", action="store_true", help="full-size SDXL UNet with random weights")
     parser.add_argument("--latent-size", type=int, default=128, help="with --full-sdxl: latent side (128 = 1024 px)")
+    parser.add_argument("--dry-run", action="store_true", help="with --full-sdxl: build the config on the meta device only")
+    parser.add_argument("--trainer", action="store_true", help="the whole trainer end to end on tiny models")
+    parser.add_argument("--steps", type=int, default=8, help="--trainer: optimizer steps")
+    parser.add_argument("--accumulation", type=int, default=4, help="--trainer: micro-batches per step")
+    parser.add_argument("--batch", type=int, default=1, help="--trainer: micro-batch size")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(tiny_child(args.child, args.steps, args.accumulation, args.batch, args.checkpointing, args.threads)))
-    elif args.full_sdxl:
-        run_full_sdxl(args)
+        print(json.dumps(tiny_child(args.child, args.steps, args.accumulation, args.batch, args.threads or 1)))
+    elif args.trainer:
+        run_trainer(args)
     else:
-        run_tiny(args)
+        run_models(args)
 
 
 if __name__ == "__main__":

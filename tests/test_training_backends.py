@@ -160,13 +160,13 @@ def test_epsilon_loss_equals_the_papers_equations(tmp_path):
         delta_next = unet(z_next, t_next, encoder_hidden_states=empty).sample - unet(z_next, t_next, encoder_hidden_states=cond.embeds).sample
         quality = ((1 - lam) * (e_hat - eps).pow(2).flatten(1).mean(1)).mean()
         alignment = (lam * delta_next.pow(2).flatten(1).mean(1)).mean()
-    assert torch.allclose(terms.quality, quality, rtol=1e-5) and torch.allclose(terms.alignment, alignment, rtol=1e-5)
-    assert torch.allclose(terms.total, quality + alignment, rtol=1e-5)
+    assert torch.allclose(terms.quality, quality, rtol=1e-6) and torch.allclose(terms.alignment, alignment, rtol=1e-6)
+    assert torch.allclose(terms.total, quality + alignment, rtol=1e-6)
     assert torch.allclose(terms.w, w)
 
 
 def test_velocity_loss_equals_the_flow_equations(tmp_path):
-    trainer = ready_trainer("sd3", tmp_path, grid_steps=10, cads=False, balance="off", delta_weight=2.0)
+    trainer = ready_trainer("sd3", tmp_path, grid_steps=10, cads=False, balance="off", delta_weight=2.0, flow_spacing="simple")
     backend, net = trainer.backend, trainer.backend.network
     gen = torch.Generator().manual_seed(2)
     x0, eps = torch.randn(2, 16, 8, 8, generator=gen), torch.randn(2, 16, 8, 8, generator=gen)
@@ -192,8 +192,110 @@ def test_velocity_loss_equals_the_flow_equations(tmp_path):
         delta_next = v(z_next, s1, empty) - v(z_next, s1, cond)
         quality = ((1 - lam) * (v_hat - (eps - x0)).pow(2).flatten(1).mean(1)).mean()
         alignment = (lam * delta_next.pow(2).flatten(1).mean(1)).mean()
-    assert torch.allclose(terms.quality, quality, rtol=1e-5) and torch.allclose(terms.alignment, alignment, rtol=1e-5)
-    assert torch.allclose(terms.total, quality + 2.0 * alignment, rtol=1e-5)
+    assert torch.allclose(terms.quality, quality, rtol=1e-6) and torch.allclose(terms.alignment, alignment, rtol=1e-6)
+    assert torch.allclose(terms.total, quality + 2.0 * alignment, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3"])
+def test_each_pass_is_one_network_call_of_batch_2b(tmp_path, kind):
+    trainer = ready_trainer(kind, tmp_path, cads=False)
+    network, seen = trainer.backend.network, []
+    original = network.forward
+
+    def spy(*args, **kwargs):
+        sample = kwargs.get("hidden_states", args[0] if args else None)
+        seen.append((sample.shape[0], sample.requires_grad, kwargs))
+        return original(*args, **kwargs)
+
+    network.forward = spy
+    cond = trainer.backend.encode_text(["a cat", "a dog"])
+    terms = trainer.compute_loss(torch.randn(2, *trainer.latent_shape), cond, torch.Generator().manual_seed(0))
+    assert torch.isfinite(terms.total)
+    assert [(batch, grad) for batch, grad, _ in seen] == [(4, False), (4, True)]  # pass 1 without, pass 2 with a graph
+    for _, _, kwargs in seen:  # rows 0-1 unconditional, rows 2-3 conditional (clean in pass 2: CADS is off here)
+        assert torch.equal(kwargs["encoder_hidden_states"][:2], trainer.uncond.embeds.expand(2, -1, -1))
+        assert torch.equal(kwargs["encoder_hidden_states"][2:], cond.embeds)
+        if kind == "sdxl":
+            added = kwargs["added_cond_kwargs"]
+            assert torch.equal(added["text_embeds"], torch.cat([trainer.uncond.pooled.expand(2, -1), cond.pooled]))
+            assert torch.equal(added["time_ids"], torch.tensor([[64.0, 64, 0, 0, 64, 64]]).expand(4, -1))
+        if kind == "sd3":
+            assert torch.equal(kwargs["pooled_projections"], torch.cat([trainer.uncond.pooled.expand(2, -1), cond.pooled]))
+
+
+def test_batched_sdxl_loss_and_gradient_equal_four_separate_calls(tmp_path):
+    """The loss as the trainer computed it before batching (four network calls of batch B, SDXL's pooled embeddings and
+    time ids passed per call), written out by hand, against the batched loss: same value and same MLP gradient."""
+    trainer = ready_trainer("sdxl", tmp_path, grid_steps=10, cads=False)
+    backend, unet, mlp = trainer.backend, trainer.backend.network, trainer.mlp
+    gen = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    lam, index = torch.tensor([0.25, 0.9]), torch.tensor([1, 6])
+    cond = backend.encode_text(["a red cube", "two green spheres"])
+    terms = trainer.compute_loss(x0, cond, None, lam=lam, grid_index=index, noise=eps)
+    terms.total.backward()
+    batched_grad = [p.grad.clone() for p in mlp.parameters()]
+    mlp.zero_grad(set_to_none=True)
+
+    abar = backend.scheduler.alphas_cumprod.double()
+    t = torch.tensor([800, 300])  # 10-step DDIM grid 900, 800, ..., 0 at indices 1 and 6
+    t_next = t - 100
+    zeros_embeds, zeros_pooled = torch.zeros(2, 77, 32), torch.zeros(2, 32)  # SDXL base: force_zeros_for_empty_prompt
+    time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]]).expand(2, -1)
+
+    def eps_of(z, timesteps, embeds, pooled):
+        return unet(z, timesteps, encoder_hidden_states=embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+    def bcast(v):
+        return v.float().reshape(-1, 1, 1, 1)
+
+    a, s, a1, s1 = (bcast(v) for v in (abar[t].sqrt(), (1 - abar[t]).sqrt(), abar[t_next].sqrt(), (1 - abar[t_next]).sqrt()))
+    z = a * x0 + s * eps
+    with torch.no_grad():
+        e_u, e_c = eps_of(z, t, zeros_embeds, zeros_pooled), eps_of(z, t, cond.embeds, cond.pooled)
+    w = mlp(t.float(), (e_u - e_c).flatten(1).norm(dim=1), lam)
+    e_hat = e_u + w.reshape(-1, 1, 1, 1) * (e_c - e_u)
+    z_next = a1 * (z - s * e_hat) / a + s1 * e_u
+    delta_next = eps_of(z_next, t_next, zeros_embeds, zeros_pooled) - eps_of(z_next, t_next, cond.embeds, cond.pooled)
+    quality = ((1 - lam) * (e_hat - eps).pow(2).flatten(1).mean(1)).mean()
+    alignment = (lam * delta_next.pow(2).flatten(1).mean(1)).mean()
+    (quality + alignment).backward()
+    assert torch.allclose(terms.quality, quality.detach(), rtol=1e-6) and torch.allclose(terms.alignment, alignment.detach(), rtol=1e-6)
+    assert torch.allclose(terms.w, w.detach(), rtol=1e-6)
+    # The gradient reaches w through delta_next, a difference of two Jacobian-vector products: float32 rounding leaves
+    # about 1e-5 of it (either way of computing it, measured against the same computation in float64), hence 1e-4.
+    for ours, theirs in zip(batched_grad, (p.grad for p in mlp.parameters()), strict=True):
+        assert float((ours - theirs).norm()) <= 1e-4 * float(theirs.norm())
+    assert sum(g.abs().sum() for g in batched_grad) > 0
+
+
+def test_sd3_trains_on_the_diffusers_scheduler_grid_by_default_and_records_it(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_model("sd3"), subfolder="scheduler")
+    scheduler.set_timesteps(28)
+    trainer = ready_trainer("sd3", tmp_path / "default", grid_steps=28)
+    assert torch.allclose(trainer.grid.sigmas, scheduler.sigmas[:-1].float(), atol=1e-6)  # the points training starts from
+    assert torch.allclose(trainer.grid.model_timesteps, scheduler.timesteps.float(), atol=1e-3)  # what the pipeline feeds the network
+    assert abs(float(trainer.grid.sigmas[-1]) - 0.0089) < 1e-4  # the last step starts at 0.0089 (shift 3, 28 steps)
+    assert trainer.metadata().training_grid.sigmas().tolist() == pytest.approx(scheduler.sigmas.double().tolist(), abs=1e-6)
+    assert trainer.metadata().training["flow_spacing"] == "diffusers"
+
+    simple = ready_trainer("sd3", tmp_path / "simple", grid_steps=28, flow_spacing="simple")
+    u = 1 - torch.arange(28, dtype=torch.float64) / 28  # ComfyUI "simple": u from 1 down by 1/N, then shifted
+    assert torch.allclose(simple.grid.sigmas.double(), 3 * u / (1 + 2 * u), atol=1e-6)
+    assert abs(float(simple.grid.sigmas[-1]) - 0.1) < 1e-6
+    assert simple.metadata().training_grid.spacing == "simple"
+
+
+def test_sd3_scheduler_options_the_grid_cannot_describe_are_refused(tmp_path):
+    folder = copy_configs("sd3", tmp_path / "karras")
+    shutil.copytree(tiny_model("sd3"), folder, dirs_exist_ok=True)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "use_karras_sigmas": True}))
+    with pytest.raises(TrainingError, match="sigmas differ from a shift-3 flow grid"):
+        ready_trainer("sd3", tmp_path, model=str(folder))
+    ready_trainer("sd3", tmp_path, model=str(folder), flow_spacing="simple")  # the simple grid is ours, not the scheduler's
 
 
 def test_training_uses_the_inference_cfgpp_step(tmp_path, monkeypatch):
@@ -300,3 +402,57 @@ def test_edm_schedulers_and_per_channel_latent_normalisation_are_refused(tmp_pat
     vae.write_text(json.dumps({**json.loads(vae.read_text()), "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}))
     with pytest.raises(TrainingError, match="latents_mean"):
         detect_model(str(folder))
+
+
+# ------------------------------------------------------------------------------------------------------------ memory
+
+
+def test_activation_count_of_the_memory_probe_equals_keeping_the_activations(tmp_path):
+    """The probe drops every saved tensor at once; its count must equal the distinct storages a real graph keeps."""
+    from training import memory
+
+    trainer = ready_trainer("sdxl", tmp_path, gradient_checkpointing=False)
+    backend, net = trainer.backend, trainer.backend.network
+    exclude = {p.untyped_storage().data_ptr() for p in [*net.parameters(), *net.buffers()]}
+    z = torch.randn(2, *trainer.latent_shape, requires_grad=True)
+    t = torch.tensor([500.0, 500.0])
+
+    def run():
+        return backend.predict_pair(z, t, trainer.uncond, trainer.uncond)
+
+    kept = []
+
+    def keep(x):
+        kept.append(x)
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda x: x):
+        out = run()
+    exact = {}
+    for x in kept:  # all alive: the storage address identifies the storage
+        storage = x.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            exact[storage.data_ptr()] = storage.nbytes()
+    del out
+    kept.clear()
+    counted = memory.count_saved_bytes(run, exclude)
+    assert counted == sum(exact.values()) > 0
+
+
+def test_gradient_checkpointing_is_on_only_when_the_step_would_not_fit(tmp_path, monkeypatch, capsys):
+    from training import memory
+
+    trainer = ready_trainer("sdxl", tmp_path / "roomy")
+    assert not trainer.gradient_checkpointing and not trainer.backend.network.is_gradient_checkpointing
+    assert "gradient checkpointing off (auto): a step needs about" in capsys.readouterr().out
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device, local=1: 1024)  # a device with 1 KiB free
+    trainer = ready_trainer("sdxl", tmp_path / "tight")
+    assert trainer.gradient_checkpointing and trainer.backend.network.is_gradient_checkpointing
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("gradient checkpointing"))
+    assert line.startswith("gradient checkpointing on (auto, +2 forwards per image): a step needs about")
+    assert "0.0 MiB free" in line
+
+    trainer = ready_trainer("sdxl", tmp_path / "set", gradient_checkpointing=False)  # an explicit setting is obeyed
+    assert not trainer.backend.network.is_gradient_checkpointing
+    assert "gradient checkpointing off (set in the config)" in capsys.readouterr().out

@@ -393,7 +393,9 @@ def test_a_finished_run_is_never_replaced_without_asking(tmp_path, capsys):
     again = train(make_config("sd15", out, max_steps=2, overwrite=True, checkpoint_every=1, keep_checkpoints=5))
     assert "--overwrite: removing the 5 file(s) of the earlier run" in capsys.readouterr().out
     assert same_weights(state_of(again.checkpoint), state_of(first.checkpoint))
-    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [row.get("event") for row in rows if "step" not in row] == ["start"]  # one start record: the earlier run's log is gone
+    assert [row["step"] for row in rows if "step" in row] == [1, 2]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "annealing_sd15-step000001.safetensors", "other-step000001.safetensors"]  # step 2 is the final one now
     assert (out / "notes.txt").read_text() == "mine" and (out / "other.safetensors").read_bytes() == b"someone else's"
@@ -455,7 +457,9 @@ def test_an_unusable_resume_state_without_a_final_checkpoint_starts_again(tmp_pa
     result = train(make_config("sd15", out, max_steps=2))
     assert "an earlier run left no resume state and no final checkpoint (resume.pt is unusable: unreadable resume state" in capsys.readouterr().out
     assert result.steps == 2 and _resume_state(out)["step"] == 2
-    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [row.get("event") for row in rows if "step" not in row] == ["start"]  # one start record: the earlier run's log is gone
+    assert [row["step"] for row in rows if "step" in row] == [1, 2]
 
 
 # ------------------------------------------------------------------------------------------------------------ killed runs
@@ -532,7 +536,7 @@ def test_killed_while_writing_the_first_resume_state_starts_again_without_overwr
     result = train(config)  # no --overwrite needed: nothing resumable or finished is there
     assert "an earlier run left no resume state and no final checkpoint; starting again (removing its 2 file(s))" in capsys.readouterr().out
     assert not [p for p in out.rglob("*.tmp")]
-    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [row["step"] for row in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "step" in row] == [1, 2, 3]
     straight = train(make_config("sd15", tmp_path / "straight", max_steps=3, checkpoint_every=1))
     assert same_weights(state_of(result.checkpoint), state_of(straight.checkpoint))
 
@@ -549,6 +553,6 @@ def test_killed_while_writing_a_later_resume_state_resumes_exactly(tmp_path):
     resumed = train(dataclasses.replace(config, resume=True))
     assert resumed.resumed_from == 1 and resumed.steps == 3
     assert not [p for p in out.rglob("*.tmp")]
-    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [row["step"] for row in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "step" in row] == [1, 2, 3]
     straight = train(make_config("sd15", tmp_path / "straight", max_steps=3, checkpoint_every=1))
     assert same_weights(state_of(resumed.checkpoint), state_of(straight.checkpoint))

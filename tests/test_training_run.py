@@ -35,7 +35,8 @@ def test_backend_trains_writes_a_loadable_checkpoint_and_resumes(tmp_path, kind)
     config = make_config(kind, tmp_path / "out", max_steps=3, checkpoint_every=2, lambda_min=0.1, lambda_max=0.9)
     result = train(config, progress=False)
     assert result.steps == 3 and result.images_seen == 6 and result.nan_losses == 0 and result.skipped_steps == 0
-    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    start, *log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert start["event"] == "start" and start["world_size"] == 1 and start["from_step"] == 0
     assert [row["step"] for row in log] == [1, 2, 3]
     for row in log:
         assert all(math.isfinite(row[k]) for k in ("loss", "quality", "alignment", "w_mean", "w_min", "w_max"))
@@ -58,7 +59,7 @@ def test_backend_trains_writes_a_loadable_checkpoint_and_resumes(tmp_path, kind)
     assert meta.prediction_space == ("velocity" if flow else "epsilon")
     assert meta.timestep_convention == ("sigma_x1000" if flow else "ddpm_index")
     assert meta.trained_latent_numel == LATENT_NUMEL[kind]
-    assert meta.training_grid == (FlowGrid(num_steps=50, shift=3.0, spacing="simple") if flow else VPGrid(num_steps=50))
+    assert meta.training_grid == (FlowGrid(num_steps=50, shift=3.0, spacing="diffusers") if flow else VPGrid(num_steps=50))
     assert meta.training["steps"] == 3 and meta.training["images"] == 6
     assert (meta.training["lambda_min"], meta.training["lambda_max"]) == (0.1, 0.9)
     assert meta.training["base_model"] == tiny_model(kind).name and meta.training["balance"] == flow
@@ -118,6 +119,12 @@ def test_resume_refuses_a_different_architecture(tmp_path):
         train(make_config("sd15", tmp_path / "out", max_steps=2, resume=True, mlp_hidden=64), progress=False)
 
 
+def test_resume_refuses_another_flow_grid_spacing(tmp_path):
+    train(make_config("sd3", tmp_path / "out", max_steps=1), progress=False)
+    with pytest.raises(TrainingError, match="cannot resume, flow_spacing was 'diffusers' and is now 'simple'"):
+        train(make_config("sd3", tmp_path / "out", max_steps=2, resume=True, flow_spacing="simple"), progress=False)
+
+
 def test_unreadable_images_are_skipped_and_counted(tmp_path):
     result = train(make_config("sdxl", tmp_path / "out", dataset=str(tiny_dataset(6, corrupt=2)), max_steps=4), progress=False)
     assert [p.rsplit("/", 1)[1] for p in result.skipped_images] == ["broken000.png", "broken001.png"]
@@ -151,7 +158,8 @@ def test_nan_losses_are_skipped_and_counted(tmp_path, monkeypatch):
     def sometimes_nan(self, z, t, cond):
         calls["n"] += 1
         out = real_predict(self, z, t, cond)
-        return out * float("nan") if calls["n"] in (1, 9, 10, 11, 12) else out  # micro-batch 1 and micro-batch 3 go bad
+        # one call per pass (uncond and cond batched): micro-batch 1's pass 1 and both passes of micro-batch 3 go bad
+        return out * float("nan") if calls["n"] in (1, 5, 6) else out
 
     monkeypatch.setattr(UNetBackend, "predict", sometimes_nan)
     result = train(make_config("sd15", tmp_path / "out", max_steps=3), progress=False)
@@ -259,5 +267,45 @@ def test_resume_rewrites_the_log_without_rows_past_the_resumed_step(tmp_path):
     # rows a crashed run logged after its last resume state, and a line the crash cut short
     log.write_text(log.read_text() + '{"step": 3, "quality": 1.0}\n{"step": 4, "qual', encoding="utf-8")
     train(make_config("sd15", out, max_steps=3, resume=True), progress=False)
-    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
-    assert steps == [1, 2, 3]
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [row.get("step", ("start", row.get("from_step"))) for row in rows] == [("start", 0), 1, 2, ("start", 2), 3]
+
+
+def test_progress_bar_shows_the_values_of_the_step_it_counts(tmp_path, monkeypatch):
+    import io
+
+    import tqdm.auto
+
+    drawn = []
+
+    class Recorder(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "mininterval": 0, "miniters": 1, "file": io.StringIO()})
+
+        def display(self, *args, **kwargs):
+            drawn.append((self.n, self.postfix))
+            return super().display(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    train(make_config("sd15", tmp_path / "out", max_steps=3), progress=True)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines() if '"step"' in line]
+    shown = {n: postfix for n, postfix in drawn if n >= 1}
+    assert sorted(shown) == [1, 2, 3]
+    for row in rows:
+        assert f"loss={row['loss']:.4g}" in shown[row["step"]] and f"q={row['quality']:.3g}" in shown[row["step"]]
+
+
+def test_fp16_frozen_model_trains_with_the_loss_scale(tmp_path):
+    """The GPU default (float16 frozen network, static loss scale, float32 VAE and MLP) run on the CPU."""
+    from training.trainer import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cuda")) == torch.float16 and resolve_precision("auto", torch.device("cpu")) == torch.float32
+    trainer = Trainer(make_config("sdxl", tmp_path / "out", precision="fp16", max_steps=1), progress=False)
+    trainer.preflight()
+    result = trainer.run()
+    assert next(trainer.backend.network.parameters()).dtype == torch.float16 and trainer.loss_scale == 1024.0
+    assert next(trainer.backend.vae.parameters()).dtype == torch.float32  # the SDXL VAE overflows in float16
+    assert all(p.dtype == torch.float32 for p in trainer.mlp.parameters())
+    assert result.nan_losses == 0 and result.skipped_steps == 0 and math.isfinite(result.last_terms["loss"])
+    assert not same_weights(state_of(result.checkpoint), initial_weights(trainer.config))
+    assert annealing.load_guidance_model(result.checkpoint).metadata.training["precision"] == "float16"

@@ -29,12 +29,17 @@ class DenoiserBackend(Protocol):
     """A frozen diffusion model as the training loop sees it.
 
     prediction: "epsilon" (noise) or "velocity" (flow matching, v = eps - x0) — the space of ``predict``'s output.
+    The loss only calls ``predict_pair``: both branches of a pass in one network call of batch 2B, as the authors' trainer
+    does (two calls of batch B cost more than one of 2B, and the loss is the same).
     """
 
     prediction: str
 
     def predict(self, z: torch.Tensor, model_timestep: torch.Tensor, cond: Any) -> torch.Tensor:
         """The network's prediction at z for per-sample timesteps (B,) under conditioning ``cond``."""
+
+    def predict_pair(self, z: torch.Tensor, model_timestep: torch.Tensor, cond: Any, uncond: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unconditional, conditional) predictions at z, from one call on the batch [z; z] with [uncond; cond]."""
 
     def perturb(self, cond: Any, t_fraction: torch.Tensor, generator: torch.Generator | None) -> Any:
         """``cond`` with CADS noise for per-sample t/T in [0, 1] (see :func:`cads_perturb`)."""
@@ -174,10 +179,10 @@ def annealing_loss(
     shape = (-1,) + (1,) * (x0.dim() - 1)
     z = a.reshape(shape).to(x0.dtype) * x0 + s.reshape(shape).to(x0.dtype) * noise
 
-    # pass 1: uncond and CADS-perturbed cond at z_t
+    # pass 1: uncond and CADS-perturbed cond at z_t, one network call of batch 2B
     t_model = grid.model_timesteps[grid_index]
-    pred_u = backend.predict(z, t_model, uncond).float()
-    pred_c = backend.predict(z, t_model, backend.perturb(cond, grid.t_fractions[grid_index], generator)).float()
+    pred_u, pred_c = backend.predict_pair(z, t_model, backend.perturb(cond, grid.t_fractions[grid_index], generator), uncond)
+    pred_u, pred_c = pred_u.float(), pred_c.float()
     w = mlp(grid.mlp_timesteps[grid_index], per_sample_norm(pred_u - pred_c), lam)
     z_next, _, pred_hat = cfgpp_step(z.float(), pred_u, pred_c, w, a, s, a_n, s_n, backend.prediction)
 
@@ -187,7 +192,8 @@ def annealing_loss(
     # pass 2: clean prompt at the next grid point; the frozen model stays differentiable w.r.t. its input
     t_next = grid.model_timesteps[nxt]
     z_next = z_next.to(x0.dtype)
-    delta_next = backend.predict(z_next, t_next, uncond).float() - backend.predict(z_next, t_next, cond).float()
+    next_u, next_c = backend.predict_pair(z_next, t_next, cond, uncond)
+    delta_next = next_u.float() - next_c.float()
     alignment = (lam * delta_next.pow(2).reshape(batch, -1).mean(dim=1)).mean()
 
     total = quality + delta_weight * alignment

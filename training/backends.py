@@ -72,12 +72,13 @@ class ModelInfo:
     def base_model(self) -> str:
         return self.source.name
 
-    def training_grid(self, num_steps: int) -> TrainingGrid:
+    def training_grid(self, num_steps: int, flow_spacing: str = "diffusers") -> TrainingGrid:
         """The grid training samples on, from the model's own schedule: upstream's DDIM grid (leading spacing, offset 0)
-        on the scheduler's betas, or the flow grid at the scheduler's shift (u linear from 1 to 1/N)."""
+        on the scheduler's betas, or the flow grid at the scheduler's shift, spaced as diffusers' FlowMatchEulerDiscrete
+        scheduler does (the SD3 pipelines' grid) or as ComfyUI's simple scheduler (``flow_spacing="simple"``)."""
         cfg = self.scheduler_config
         if self.prediction_type == "flow":
-            return FlowGrid(num_steps=num_steps, shift=float(cfg.get("shift", 1.0)), spacing="simple",
+            return FlowGrid(num_steps=num_steps, shift=float(cfg.get("shift", 1.0)), spacing=flow_spacing,
                             num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
         return VPGrid(num_steps=num_steps, beta_schedule=cfg.get("beta_schedule", "scaled_linear"),
                       beta_start=float(cfg.get("beta_start", 0.00085)), beta_end=float(cfg.get("beta_end", 0.012)),
@@ -224,6 +225,21 @@ class TextCondition:
     def batch(self) -> int:
         return self.embeds.shape[0]
 
+    @staticmethod
+    def stack_pair(first: TextCondition, second: TextCondition, batch: int) -> TextCondition | None:
+        """[first; second] along the batch, each expanded to ``batch`` rows; None when their shapes cannot be stacked."""
+        first = first.expand(batch) if first.batch == 1 else first
+        second = second.expand(batch) if second.batch == 1 else second
+        if first.embeds.shape != second.embeds.shape or (first.pooled is None) != (second.pooled is None):
+            return None
+        if first.pooled is not None and first.pooled.shape != second.pooled.shape:
+            return None
+
+        def join(a, b):
+            return None if a is None else torch.cat([a, b.to(a.dtype)])
+
+        return TextCondition(join(first.embeds, second.embeds), join(first.pooled, second.pooled))
+
 
 # ------------------------------------------------------------------------------------------------------------ backends
 
@@ -252,6 +268,18 @@ class FrozenDiffusionBackend:
         """CADS on the token embeddings and the pooled embeddings alike."""
         pooled = None if cond.pooled is None else cads_perturb(cond.pooled, t_fraction, self.cads, generator)
         return TextCondition(cads_perturb(cond.embeds, t_fraction, self.cads, generator), pooled)
+
+    def predict_pair(self, z: torch.Tensor, model_timestep: torch.Tensor, cond: TextCondition,
+                     uncond: TextCondition) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uncond, cond) predictions from one network call on [z; z] (SDXL's pooled embeddings and time ids ride along
+        in ``predict``). Conditions of different token counts, which cannot share a batch, take two calls."""
+        batch = z.shape[0]
+        both = TextCondition.stack_pair(uncond, cond, batch)
+        if both is None:
+            return self.predict(z, model_timestep, uncond), self.predict(z, model_timestep, cond)
+        timesteps = model_timestep.reshape(-1).expand(batch)
+        out = self.predict(torch.cat([z, z]), torch.cat([timesteps, timesteps]), both)
+        return out[:batch], out[batch:]
 
     def _grad_context(self, z: torch.Tensor):
         return contextlib.nullcontext() if z.requires_grad and torch.is_grad_enabled() else torch.no_grad()
@@ -284,7 +312,8 @@ class FrozenDiffusionBackend:
             return TextCondition(torch.zeros_like(empty.embeds), None if empty.pooled is None else torch.zeros_like(empty.pooled))
         return empty
 
-    def grid(self, num_steps: int) -> SamplingGrid:
+    def grid(self, num_steps: int, flow_spacing: str = "diffusers") -> SamplingGrid:
+        """The sampling grid (``flow_spacing`` matters for flow models only)."""
         raise NotImplementedError
 
     def condition_width(self) -> tuple[int, int | None]:
@@ -304,7 +333,7 @@ class UNetBackend(FrozenDiffusionBackend):
         r = self.resolution
         self.time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32, device=self.device)
 
-    def grid(self, num_steps: int) -> SamplingGrid:
+    def grid(self, num_steps: int, flow_spacing: str = "diffusers") -> SamplingGrid:
         grid = self.info.training_grid(num_steps)
         if not torch.allclose(grid.alphas_cumprod(), self.alphas_cumprod, rtol=1e-5, atol=1e-7):
             raise TrainingError(f"{self.info.source}: the scheduler's alphas_cumprod differ from its {grid.beta_schedule} betas "
@@ -349,8 +378,20 @@ class SD3Backend(FrozenDiffusionBackend):
 
     prediction = "velocity"
 
-    def grid(self, num_steps: int) -> SamplingGrid:
-        return SamplingGrid.from_training_grid(self.info.training_grid(num_steps), "sigma_x1000").to(self.device)
+    def grid(self, num_steps: int, flow_spacing: str = "diffusers") -> SamplingGrid:
+        grid = self.info.training_grid(num_steps, flow_spacing)
+        if flow_spacing == "diffusers" and hasattr(self.scheduler, "set_timesteps"):
+            # the folder's own scheduler must agree: options the grid does not describe (karras/exponential/beta sigmas,
+            # shift_terminal, ...) would make the recorded grid wrong
+            import copy
+
+            scheduler = copy.deepcopy(self.scheduler)
+            scheduler.set_timesteps(num_steps)
+            theirs = torch.as_tensor(scheduler.sigmas, dtype=torch.float64).cpu()
+            if theirs.shape != grid.sigmas().shape or not torch.allclose(theirs, grid.sigmas(), rtol=1e-5, atol=1e-6):
+                raise TrainingError(f"{self.info.source}: the scheduler's {num_steps}-step sigmas differ from a shift-{grid.shift:g} "
+                                    "flow grid; train with --flow-spacing simple or a plain FlowMatchEulerDiscreteScheduler config")
+        return SamplingGrid.from_training_grid(grid, "sigma_x1000").to(self.device)
 
     def condition_width(self):
         cfg = self.info.network_config

@@ -45,6 +45,8 @@ HELP = {
     "images": "training images to draw in total; steps = images / (batch_size x gradient_accumulation x processes) (paper: 20000)",
     "max_steps": "optimizer steps (overrides --images)",
     "grid_steps": "sampling grid timesteps are drawn from (paper: 50)",
+    "flow_spacing": "flow models: diffusers|simple spacing of the grid; diffusers = FlowMatchEulerDiscreteScheduler's (last sigma "
+                    "0.0089 at 28 steps, shift 3), simple = ComfyUI's simple scheduler (last sigma 0.100); recorded in the checkpoint",
     "lambda_min": "lower end of lambda ~ U[lambda_min, lambda_max]",
     "lambda_max": "upper end of lambda ~ U[lambda_min, lambda_max]",
     "cads": "CADS prompt perturbation on the conditional branch",
@@ -60,8 +62,11 @@ HELP = {
     "delta_normalization": "||delta|| is divided by this before the MLP (released SDXL checkpoint: 5)",
     "uncond": "auto|empty_prompt|zeros: the unconditional embedding; auto = zeros for SDXL folders with force_zeros_for_empty_prompt, else the empty prompt",
     "sd3_t5": "load and use the SD3 T5 encoder when the model has one (off: zeros, as the pipeline does without T5)",
-    "precision": "auto|fp32|bf16|fp16: dtype of the frozen model (the MLP always trains in float32); auto = bf16 on a GPU that supports it, else fp32",
-    "gradient_checkpointing": "recompute the frozen model's activations in pass 2 (auto = on with a GPU)",
+    "precision": "auto|fp32|bf16|fp16: dtype of the frozen model (the MLP always trains in float32); auto = fp16 on a GPU, fp32 on the "
+                 "CPU. bf16 is not recommended: delta = uncond - cond is a small difference and bf16 puts errors of 3-27 percent on "
+                 "||delta|| of a full-size SDXL UNet (fp16: under 1 percent; docs/training.md)",
+    "gradient_checkpointing": "recompute the frozen model's activations in pass 2 (+2 forwards per image); auto (unset) = on only "
+                              "when pass 2's activations, measured once at start, would not fit the free memory",
     "max_grad_norm": "clip the MLP gradient norm (0 = no clipping)",
     "num_workers": "data loader worker processes",
     "checkpoint_every": "write a checkpoint and the resume state every N optimizer steps",
@@ -78,6 +83,7 @@ CHOICES = {
     "balance": ("auto", "on", "off"),
     "uncond": ("auto", "empty_prompt", "zeros"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
+    "flow_spacing": ("diffusers", "simple"),
     "device": ("auto", "cpu", "cuda"),
 }
 
@@ -163,6 +169,7 @@ class TrainConfig:
     images: int = 20000
     max_steps: int | None = None
     grid_steps: int = 50
+    flow_spacing: str = "diffusers"
     lambda_min: float = 0.0
     lambda_max: float = 1.0
     cads: bool = True

@@ -279,16 +279,18 @@ def collate(items: list[dict]) -> dict:
 class MicroBatchSampler(torch.utils.data.Sampler):
     """Deterministic, resumable stream of micro-batches for one process.
 
-    Epoch e uses the permutation ``randperm(N, seed + e)``; process r of P takes every P-th index from r, truncated so all
-    processes see the same number of micro-batches, and cuts it into batches of ``batch_size`` (the tail is dropped).
-    Micro-batch m is therefore a pure function of (seed, m, rank, P), so resuming at m reproduces the uninterrupted run.
+    Micro-batches are numbered globally: local micro-batch m of process r of P is global micro-batch g = m * P + r, so
+    optimizer step s (A micro-batches per process) covers g = s * P * A ... (s + 1) * P * A - 1 whatever P is. Global
+    micro-batch g is slice g mod E of epoch g div E's permutation ``randperm(N, seed + epoch)`` (E = N div batch_size;
+    the tail is dropped). P processes with A micro-batches each therefore draw exactly the images of one process with
+    P * A, and resuming at m reproduces the uninterrupted run.
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.rank, self.world_size, self.start = rank, world_size, start
-        self.per_epoch = (num_samples // world_size) // batch_size
-        if self.per_epoch < 1:
+        self.per_epoch = num_samples // batch_size  # global micro-batches per epoch
+        if self.per_epoch < world_size:
             raise TrainingError(
                 f"the dataset has {num_samples} usable samples, fewer than batch_size x processes = {batch_size * world_size}"
             )
@@ -297,10 +299,10 @@ class MicroBatchSampler(torch.utils.data.Sampler):
         m = self.start
         epoch, cached = None, None
         while True:
-            current, offset = divmod(m, self.per_epoch)
+            current, offset = divmod(m * self.world_size + self.rank, self.per_epoch)
             if current != epoch:
-                perm = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + current))
-                epoch, cached = current, perm[self.rank :: self.world_size][: self.per_epoch * self.batch_size].tolist()
+                epoch = current
+                cached = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + current)).tolist()
             yield cached[offset * self.batch_size : (offset + 1) * self.batch_size]
             m += 1
 

@@ -8,9 +8,10 @@ embeddings, resume state) runs before any model weight is loaded. Then, per micr
     backward of terms.total (skipped and counted when it is NaN/inf; a zero loss keeps multi-GPU processes in step)
 
 and every ``gradient_accumulation`` micro-batches one AdamW step on the MLP (float32 always; ``precision`` only sets
-the frozen model's dtype). Randomness is a pure function of (seed, process, micro-batch index): the data order
-(:class:`training.data.MicroBatchSampler`) and a generator re-seeded for every micro-batch (VAE sampling, lambda,
-timestep, noise, CADS). A resumed run therefore continues exactly as the uninterrupted run would have.
+the frozen model's dtype). Randomness is a pure function of (seed, global micro-batch index = local index x processes
++ rank): the data order (:class:`training.data.MicroBatchSampler`) and a generator re-seeded for every micro-batch (VAE
+sampling, lambda, timestep, noise, CADS). A resumed run therefore continues exactly as the uninterrupted run would have,
+and P processes with accumulation A train what one process with accumulation P x A trains (to float rounding).
 
 Files in the output folder:
 * ``<name>.safetensors``: the trained checkpoint (final), loadable by ``annealing.load_guidance_model`` and the nodes;
@@ -43,6 +44,7 @@ import torch
 import annealing
 from annealing.checkpoint import atomic_write
 
+from . import memory
 from .algorithm import CADSConfig, LossTerms, RunningBalance, annealing_loss
 from .backends import FrozenDiffusionBackend, ModelInfo, TextCondition, default_resolution, detect_model, load_backend
 from .config import TrainConfig, TrainingError
@@ -58,7 +60,8 @@ WRITE_TEST_PREFIX = ".write-test-"
 #: Counters of the resume state (non-negative integers).
 RESUME_COUNTERS = ("step", "micro_step", "images_seen", "nan_losses", "skipped_steps", "skipped_image_events")
 #: Settings a resumed run must share with the run it continues (others, e.g. max_steps, may change).
-RESUME_LOCKED = ("mlp_hidden", "mlp_layers", "delta_normalization", "grid_steps", "model_family_resolved", "resolution_resolved")
+RESUME_LOCKED = ("mlp_hidden", "mlp_layers", "delta_normalization", "grid_steps", "flow_spacing", "model_family_resolved",
+                 "resolution_resolved")
 FP16_LOSS_SCALE = 1024.0
 
 
@@ -106,16 +109,36 @@ def stale_temp_files(output: Path, names) -> list[Path]:
     return sorted(path for path in found if path.is_file() or path.is_symlink())
 
 
-def micro_seed(seed: int, rank: int, micro_step: int) -> int:
-    """Seed of the generator for one micro-batch of one process (distinct per process and per micro-batch)."""
-    return (seed * 1_000_003 + rank * 7_919 + micro_step * 104_729 + 12_345) % (2**63 - 1)
+def micro_seed(seed: int, global_micro: int) -> int:
+    """Seed of the generator for global micro-batch ``global_micro`` (= local index x processes + rank). Keyed to the
+    global index, not to the process, so P processes x A accumulation draw what 1 process x P * A draws."""
+    return (seed * 1_000_003 + global_micro * 104_729 + 12_345) % (2**63 - 1)
+
+
+def world_line(acc) -> str:
+    """The first line a run prints: how many processes really run (a launcher can silently start fewer than asked)."""
+    world = acc.num_processes
+    kind = str(getattr(acc.distributed_type, "value", acc.distributed_type))
+    return f"world size {world}: {world} process{'es' if world > 1 else ''} ({kind}), this one on {acc.device}"
+
+
+def single_process_hint(world: int, env=os.environ) -> str | None:
+    """A launcher that was asked for N processes but started one leaves MASTER_ADDR without WORLD_SIZE behind
+    (``accelerate launch --cpu --num_processes N`` does: its simple launcher runs one plain process)."""
+    if world == 1 and env.get("MASTER_ADDR") and not env.get("WORLD_SIZE"):
+        return ("warning: MASTER_ADDR is set but only one process runs (`accelerate launch --cpu --num_processes N` starts one); "
+                "for N CPU processes use `accelerate launch --multi_gpu --num_processes N -m training --device cpu ...` "
+                "or `torchrun --standalone --nproc_per_node N -m training --device cpu ...`")
+    return None
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """The frozen network's dtype. auto: float32 on the CPU; float16 on a GPU, the fastest setting that kept the ||delta||
+    error under 1 % on a full-size SDXL UNet at ||delta|| / ||eps|| down to 0.018 (bf16: 27 % there; float16 with fp32
+    weights under autocast: the same error as float16 weights, so no reason to pay for it). benchmarks/delta_precision.py
+    measures it; the numbers are in docs/training.md."""
     if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        return torch.float16 if device.type == "cuda" else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
@@ -142,9 +165,11 @@ class TrainResult:
     peak_memory_bytes: int = 0
     resumed_from: int | None = None
     last_terms: dict = field(default_factory=dict)
+    world_size: int = 1
 
     def to_dict(self) -> dict:
         return {
+            "world_size": self.world_size,
             "checkpoint": str(self.checkpoint),
             "steps": self.steps,
             "images_seen": self.images_seen,
@@ -199,6 +224,7 @@ class Trainer:
             "mlp_layers": cfg.mlp_layers,
             "delta_normalization": cfg.delta_normalization,
             "grid_steps": cfg.grid_steps,
+            "flow_spacing": cfg.flow_spacing if self.info.prediction_type == "flow" else None,  # the grid of flow models
             "model_family_resolved": self.family,
             "resolution_resolved": self.resolution,
         }
@@ -279,24 +305,28 @@ class Trainer:
         cfg = self.config
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation, cpu=cfg.device == "cpu", mixed_precision="no")
         acc = self.accelerator
+        self.world = acc.num_processes
+        acc.print(world_line(acc))
+        hint = single_process_hint(self.world)
+        if hint:
+            acc.print(hint)
         if cfg.device == "cuda" and acc.device.type != "cuda":
             raise TrainingError("--device cuda was asked for but no CUDA device is available")
         self.device = acc.device
         self.dtype = resolve_precision(cfg.precision, self.device)
         self.loss_scale = FP16_LOSS_SCALE if self.dtype == torch.float16 else 1.0
-        checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else self.device.type == "cuda"
         self.cads = CADSConfig(cfg.cads_noise_scale, cfg.cads_tau1, cfg.cads_tau2, cfg.cads_psi, cfg.cads)
         vae_dtype = torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32  # the SDXL VAE overflows in fp16
         self.backend = load_backend(
             self.info, device=self.device, dtype=self.dtype, resolution=self.resolution, load_text_encoders=self.embeddings is None,
-            use_t5=cfg.sd3_t5, uncond=cfg.uncond, cads=self.cads, gradient_checkpointing=checkpointing, vae_dtype=vae_dtype,
+            use_t5=cfg.sd3_t5, uncond=cfg.uncond, cads=self.cads, gradient_checkpointing=bool(cfg.gradient_checkpointing), vae_dtype=vae_dtype,
         )
-        self.gradient_checkpointing = checkpointing
-        self.grid = self.backend.grid(cfg.grid_steps)
+        self.grid = self.backend.grid(cfg.grid_steps, flow_spacing=cfg.flow_spacing)
         self.uncond = self.backend.unconditional(self.embeddings.uncond() if self.embeddings else None)
         width, pooled = self.backend.condition_width()
         if self.uncond.embeds.shape[-1] != width or (pooled is not None and (self.uncond.pooled is None or self.uncond.pooled.shape[-1] != pooled)):
             raise TrainingError(f"{cfg.embeddings}: embedding widths do not match the model (expected {width} tokens / {pooled} pooled)")
+        self.gradient_checkpointing = self._decide_checkpointing()
 
         torch.manual_seed(cfg.seed)  # the same initial MLP on every process
         mlp_config = annealing.GuidanceModelConfig(hidden_size=cfg.mlp_hidden, n_layers=cfg.mlp_layers, delta_embed_normalization=cfg.delta_normalization)
@@ -305,7 +335,6 @@ class Trainer:
         self.mlp, self.optimizer = acc.prepare(mlp, optimizer)
         self.balance = RunningBalance(momentum=cfg.balance_momentum) if self._balance_on() else None
 
-        self.world = acc.num_processes
         self.effective_batch = cfg.batch_size * cfg.gradient_accumulation * self.world
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.images / self.effective_batch))
         self.step = 0
@@ -316,6 +345,27 @@ class Trainer:
         self.failed_paths: set[str] = set()
         if self.resume_state is not None:
             self._apply_resume(self.resume_state)
+
+    def _decide_checkpointing(self) -> bool:
+        """Off unless set, or unless pass 2's activations would not fit the device (training.memory); one log line."""
+        cfg, acc = self.config, self.accelerator
+        estimate = None
+        if cfg.gradient_checkpointing is None:
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+            try:
+                estimate = memory.estimate_step_memory(self.backend, self.grid, self.latent_shape, cfg.batch_size, self.uncond, local)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+        on, line = memory.decide(cfg.gradient_checkpointing, estimate, self.device)
+        if self.world > 1 and cfg.gradient_checkpointing is None:  # one decision for all: the process that is short wins
+            anyone = float(acc.reduce(torch.tensor(float(on), device=self.device), "sum")) > 0
+            if anyone and not on:
+                on, line = True, line.replace("off (auto)", "on (auto, another process is short of memory)")
+        if on and not cfg.gradient_checkpointing:
+            self.backend.network.enable_gradient_checkpointing()
+        self.memory_line = line
+        acc.print(line)
+        return on
 
     def _balance_on(self) -> bool:
         mode = self.config.balance
@@ -367,6 +417,7 @@ class Trainer:
         }
         if self.info.prediction_type == "flow":
             training["flow_shift"] = float(self.info.scheduler_config.get("shift", 1.0))
+            training["flow_spacing"] = cfg.flow_spacing
             training["sd3_t5"] = bool(self.info.has_t5 and cfg.sd3_t5)  # False: zero T5 tokens, as the pipeline without T5
         if self.balance is not None:
             training["final_delta_weight"] = cfg.delta_weight * self.balance.weight
@@ -452,6 +503,12 @@ class Trainer:
         log_path = self.output / "train_log.jsonl"
         if self.resume_state is not None and acc.is_main_process:
             _truncate_log(log_path, self.step)
+        if acc.is_main_process:  # one record per (re)start, before the step rows it explains
+            start = {"event": "start", "world_size": self.world, "device": str(self.device), "from_step": self.step,
+                     "precision": str(self.dtype).replace("torch.", ""), "gradient_checkpointing": self.gradient_checkpointing,
+                     "memory": self.memory_line}
+            with open(log_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(start) + "\n")
         from tqdm.auto import tqdm
 
         acc.print(
@@ -475,7 +532,7 @@ class Trainer:
             if batch["failed"]:
                 self.failed_paths.update(batch["failed"])
                 window.failed += len(batch["failed"])
-            generator.manual_seed(micro_seed(cfg.seed, acc.process_index, micro))
+            generator.manual_seed(micro_seed(cfg.seed, micro * self.world + acc.process_index))
             micro += 1
             with acc.accumulate(self.mlp):
                 terms = None
@@ -510,17 +567,17 @@ class Trainer:
                         self.balance.update(SimpleNamespace(quality=summary["quality"], alignment=summary["alignment"]))
                 window = _Window(self.device)
                 self.step += 1
-                bar.update(1)
-                if last_terms:
+                if last_terms:  # before update(), which draws the bar: the postfix belongs to the step it counts
                     bar.set_postfix(loss=f"{last_terms['loss']:.4g}", q=f"{last_terms['quality']:.3g}", a=f"{last_terms['alignment']:.3g}",
                                     w=f"{last_terms['w_mean']:.2f}[{last_terms['w_min']:.2f},{last_terms['w_max']:.2f}]",
                                     **({"dw": f"{last_terms['delta_weight']:.3g}"} if self.balance is not None else {}), refresh=False)
+                bar.update(1)
                 if acc.is_main_process and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
                     row = {"step": self.step, "images": self.images_seen, **last_terms, "nan_losses": self.nan_losses,
                            "skipped_images": len(self.failed_paths), "seconds": round(time.perf_counter() - started, 3)}
                     with open(log_path, "a", encoding="utf-8") as handle:
                         handle.write(json.dumps(row) + "\n")
-                if self.images_seen == 0 and micro >= sampler.per_epoch:
+                if self.images_seen == 0 and micro * self.world >= sampler.per_epoch:
                     raise TrainingError(f"{cfg.dataset}: none of the {len(dataset)} images could be read (e.g. {sorted(self.failed_paths)[0]})")
                 if self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
                     self._checkpoint(final=False)
@@ -542,6 +599,7 @@ class Trainer:
             peak_memory_bytes=peak_memory_bytes(self.device),
             resumed_from=resumed_from,
             last_terms=last_terms,
+            world_size=self.world,
         )
         if acc.is_main_process:
             payload = json.dumps(result.to_dict(), indent=1)
@@ -753,7 +811,8 @@ def _to_cpu(value):
 
 def format_report(result: TrainResult) -> str:
     lines = [
-        f"done: {result.steps} steps, {result.images_seen} images seen in {result.seconds:.1f} s ({result.images_per_second:.3g} images/s)",
+        f"done: {result.steps} steps, {result.images_seen} images seen in {result.seconds:.1f} s ({result.images_per_second:.3g} images/s) "
+        f"on {result.world_size} process{'es' if result.world_size > 1 else ''}",
         f"checkpoint: {result.checkpoint}",
         f"skipped unreadable images: {len(result.skipped_images)}" + (f" (e.g. {result.skipped_images[0]})" if result.skipped_images else ""),
         f"skipped images without a caption: {result.missing_captions}",

@@ -173,5 +173,14 @@ class ExactRingDenoiser:
         alpha, sigma = self.schedule(torch.as_tensor(model_timestep).reshape(-1).expand(z.shape[0]), z.dtype)
         return self.problem.eps(z, alpha, sigma, cond.to(z.dtype))
 
+    def predict_pair(self, z: torch.Tensor, model_timestep: torch.Tensor, cond: torch.Tensor,
+                     uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uncond, cond) from one call on [z; z], as the image backends do (the loss calls only this)."""
+        batch = z.shape[0]
+        timesteps = torch.as_tensor(model_timestep).reshape(-1).expand(batch)
+        out = self.predict(torch.cat([z, z]), torch.cat([timesteps, timesteps]),
+                           torch.cat([uncond.expand(batch, -1), cond.expand(batch, -1).to(uncond.dtype)]))
+        return out[:batch], out[batch:]
+
     def perturb(self, cond: torch.Tensor, t_fraction: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         return cads_perturb(cond, t_fraction, self.cads, generator)
