@@ -252,7 +252,7 @@ class AnnealingGuidance:
         else:
             # Far outside anything seen in training the MLP's output is meaningless and can overflow: its input is bounded.
             bound = MAX_DELTA_NORM_MULTIPLE * self.model.config.delta_embed_normalization
-            factor = delta_norm_scale(difference[0].numel(), meta.trained_latent_numel) if opts.normalize_delta_norm else 1.0
+            factor = delta_norm_scale(difference.numel() // batch, meta.trained_latent_numel) if opts.normalize_delta_norm else 1.0
             mlp_norm = (norm * factor).clamp(max=bound)
             timestep, k_train, _ = self.lookup(sigma)
             w, mode = self.model(timestep, mlp_norm, opts.lam), opts.mode

@@ -135,6 +135,7 @@ class GuidanceScaleModel(nn.Module):
             layers += [nn.Linear(d_in, d_out), nn.ReLU()]
         layers.append(nn.Linear(dims[-1], 1))
         self.combined_head = nn.Sequential(*layers)
+        self._linears = [layer for layer in layers if isinstance(layer, nn.Linear)]  # a plain list: not registered twice
         cfg = self.config
         # One cos() for all three inputs when their embeddings are equally wide (every released file): fewer small ops per step.
         self._shared_width = cfg.t_embed_dim if cfg.t_embed_dim == cfg.delta_embed_dim == cfg.lambda_embed_dim else None
@@ -144,10 +145,15 @@ class GuidanceScaleModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.combined_head[0].weight.device
+        return self._freqs.device  # a buffer: cheaper to reach than a layer's weight, and it moves with the model
 
     def _inputs(self, timestep: TensorLike, delta_norm: TensorLike, lam: TensorLike) -> torch.Tensor:
         """(B, 3) float32 on the model's device: timestep, delta norm, lambda; scalars broadcast to the batch."""
+        if (torch.is_tensor(timestep) and torch.is_tensor(delta_norm) and isinstance(lam, float) and timestep.dim() == delta_norm.dim() == 1
+                and timestep.shape == delta_norm.shape and timestep.dtype == delta_norm.dtype == torch.float32
+                and timestep.device == delta_norm.device == self.device):  # the guidance step's case, every step: the short way
+            _check_lambda(lam)
+            return torch.stack([timestep, delta_norm, torch.full_like(timestep, lam)], dim=-1)
         named = {"timestep": timestep, "delta_norm": delta_norm, "lam": lam}
         for name, value in named.items():
             if not torch.is_tensor(value) and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -176,12 +182,14 @@ class GuidanceScaleModel(nn.Module):
         """w per sample (B,). ``lam`` must lie in [0, 1] (checked for numbers and CPU tensors; a tensor on an accelerator
         is not read back, which would synchronise the device)."""
         x = self.features(timestep, delta_norm, lam)
-        # The layers of combined_head called directly: a module call costs more than the tiny matmul it wraps, every step.
-        layers = self.combined_head
-        for i in range(0, len(layers) - 1, 2):
-            x = torch.relu(nn.functional.linear(x, layers[i].weight, layers[i].bias))
-        out = nn.functional.linear(x, layers[-1].weight, layers[-1].bias).squeeze(-1)
-        return self.config.w_scale * out + self.config.w_bias
+        # The layers of combined_head called directly from a plain list: a module call, or indexing the Sequential, costs more
+        # than the tiny matmul it wraps, every sampling step.
+        *hidden, last = self._linears
+        for layer in hidden:
+            x = torch.relu(nn.functional.linear(x, layer.weight, layer.bias))
+        out = nn.functional.linear(x, last.weight, last.bias).squeeze(-1)
+        scale, bias = self.config.w_scale, self.config.w_bias
+        return (out if scale == 1.0 else scale * out) + bias
 
     def extra_repr(self) -> str:
         meta = self.metadata

@@ -283,6 +283,7 @@ class GridLookup:
         slopes = torch.cat([slopes, torch.zeros_like(values[:1])])
         self._channels = values.shape[1]
         self._rows = torch.cat([log_knots.unsqueeze(-1), values, slopes], dim=1).to(torch.float32)
+        self._log_range = (float(self._rows[0, 0]), float(self._rows[-1, 0]))  # Python floats: no tensor indexing per call
         self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _table(self, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,8 +297,9 @@ class GridLookup:
         """(timestep, k_train, next_timestep) for ``sigma`` (B,), float32 on sigma's device."""
         log_knots, rows = self._table(sigma.device)
         sigma = sigma.reshape(-1).to(torch.float32)
-        log_sigma = sigma.clamp_min(1e-30).log().clamp(log_knots[0], log_knots[-1])  # constant beyond the ends
-        row = rows[(torch.searchsorted(log_knots, log_sigma, right=True) - 1).clamp(0, rows.shape[0] - 1)]
+        log_sigma = sigma.clamp_min(1e-30).log().clamp(*self._log_range)  # constant beyond the ends
+        # clamped to the knots, searchsorted(right) - 1 lies in 0..M-1; the last row's slopes are zero
+        row = rows[torch.searchsorted(log_knots, log_sigma, right=True) - 1]
         channels = self._channels
         found = torch.addcmul(row[:, 1 : 1 + channels], (log_sigma - row[:, 0]).unsqueeze(-1), row[:, 1 + channels :])
         if self.timestep_convention == "ddpm_index":

@@ -6,7 +6,9 @@
 Both guiders sample the same tiny network (one 3x3 convolution, so the model itself costs little and the difference is
 ours) at SDXL's latent shape 4 x 128 x 128 with euler. The annealing side is the Annealing Guider node as a user builds it
 (hook, both sampling wrappers, the guidance and the recorder, anchored mode), from the pack loaded the way ComfyUI loads
-custom nodes. Runs alternate A B A B ...; the overhead per step is the median over pairs of (annealing - CFG) / steps.
+custom nodes. Each pair runs both in a random order; the overhead per step is the median over pairs of (annealing - CFG) /
+steps. A second figure times the pack's post-CFG function itself inside the same loop (the hook and the guidance; the two
+wrappers run once per sampling run), which a noisy machine moves far less than whole runs.
 On CUDA every run is synchronised at its end only, so a synchronisation inside a step would show up as time.
 """
 
@@ -16,6 +18,7 @@ import argparse
 import asyncio
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -88,8 +91,32 @@ def main(argv=None) -> None:
                 torch.cuda.synchronize(device)
             return time.perf_counter() - start
 
+    hook = annealed.annealing_hook
+    inner, spent = hook.post_cfg, []
+
+    def clocked(hook_args):  # the post-CFG function as ComfyUI calls it, timed (on CUDA, synchronised around it)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        out = inner(hook_args)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        spent.append(time.perf_counter() - start)
+        return out
+
     timed(plain), timed(annealed)  # warm-up: model loading, first-call allocations, the grid table on the device
-    pairs = [(timed(plain), timed(annealed)) for _ in range(args.repeats)]
+    order = random.Random(0)
+    pairs = []
+    for _ in range(args.repeats):
+        if order.random() < 0.5:
+            p = timed(plain)
+            pairs.append((p, timed(annealed)))
+        else:
+            a = timed(annealed)
+            pairs.append((timed(plain), a))
+    hook.post_cfg = clocked
+    timed(annealed)
+    hook.post_cfg = inner
     per_step = [(a - p) / args.steps * 1e3 for p, a in pairs]
     cfg_step = statistics.median(p for p, _ in pairs) / args.steps * 1e3
     ann_step = statistics.median(a for _, a in pairs) / args.steps * 1e3
@@ -98,6 +125,8 @@ def main(argv=None) -> None:
     print(f"CFGGuider:       {cfg_step:.3f} ms per step")
     print(f"Annealing Guider: {ann_step:.3f} ms per step")
     print(f"overhead:         {statistics.median(per_step):.3f} ms per step (median over pairs; min {min(per_step):.3f}, max {max(per_step):.3f})")
+    print(f"post-CFG hook:    {statistics.median(spent) * 1e3:.3f} ms per step (median over {len(spent)} steps of one run; "
+          f"ComfyUI's own CFG combine, which runs either way, is not in it)")
 
 
 if __name__ == "__main__":
