@@ -58,14 +58,9 @@ class PeakMemory:
 
     @staticmethod
     def _status(field: str) -> int | None:
-        try:
-            with open("/proc/self/status", encoding="ascii") as handle:
-                for line in handle:
-                    if line.startswith(field + ":"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
+        from training.memory import process_memory_bytes
+
+        return process_memory_bytes(field)
 
     def __enter__(self):
         import torch

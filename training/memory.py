@@ -80,7 +80,8 @@ def free_bytes(device: torch.device, local_processes: int = 1) -> int | None:
     return None if available is None else available // max(1, local_processes)
 
 
-def _rss_bytes(field: str) -> int | None:
+def process_memory_bytes(field: str) -> int | None:
+    """A field of /proc/self/status (VmRSS, VmHWM, ...) in bytes, or None where there is none."""
     try:
         with open("/proc/self/status", encoding="ascii") as handle:
             for line in handle:
@@ -151,9 +152,9 @@ def estimate_step_memory(backend, grid, latent_shape, batch_size: int, cond, loc
         working = max(0, torch.cuda.max_memory_allocated(device) - base)
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        before = _rss_bytes("VmRSS") if _reset_peak_rss() else None
+        before = process_memory_bytes("VmRSS") if _reset_peak_rss() else None
         saved = count_saved_bytes(run, exclude)
-        peak = _rss_bytes("VmHWM") if before is not None else None
+        peak = process_memory_bytes("VmHWM") if before is not None else None
         working = max(0, peak - before) if peak is not None else saved // 4  # no peak reading: a guess, said in the docs
     return StepMemory(saved=saved, working=working, weights=weights, free=free)
 

@@ -52,7 +52,8 @@ NODE_DEFS = {
         [("MODEL", "MODEL")],
     ),
     "AnnealingSchedulePlot": ([("samples", "LATENT", False), ("guider", "GUIDER", True), ("model", "MODEL", True)], [], [("IMAGE", "IMAGE")]),
-    "AnnealingModelExplorer": ([("annealing_model", "ANNEALING_GUIDANCE_MODEL", False)], ["lambdas"], [("IMAGE", "IMAGE")]),
+    "AnnealingModelExplorer": ([("annealing_model", "ANNEALING_GUIDANCE_MODEL", False), ("positive", "CONDITIONING", True)], ["lambdas"],
+                               [("IMAGE", "IMAGE")]),
     "StageWiseGuidance": (
         [("model", "MODEL", False)],
         ["scale", "schedule", "normalize", "interval_low", "interval_high", "switch", "step_divisor"],

@@ -1,6 +1,8 @@
-"""Tiny real ComfyUI models for the integration tests: a ComfyUI BaseModel whose diffusion model is a small conv net.
+"""Tiny real ComfyUI models for the integration tests (a ComfyUI BaseModel whose diffusion model is a small conv net, or an
+exact Gaussian denoiser), and the stand-ins a workflow needs around them: a checkpoint loader node returning a tiny model,
+a CLIP and a VAE with just enough of ComfyUI's interface, and a server for PromptExecutor.
 
-Import only after ComfyUI is on sys.path (the ``comfy_host`` fixture does that).
+Import only after ComfyUI is on sys.path (the ``comfy_host`` fixture does that; the browser test's server does it too).
 """
 
 from __future__ import annotations
@@ -112,3 +114,49 @@ def make_gaussian_model(kind: str = "eps", seed: int = 0):
     patcher = make_tiny_model(kind, seed=seed)
     patcher.model.diffusion_model = GaussianDiffusionModel(kind, seed=seed)
     return patcher
+
+
+class FakeClip:
+    """Just enough of comfy.sd.CLIP for CLIPTextEncode: deterministic context vectors per prompt."""
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens):
+        generator = torch.Generator().manual_seed(sum(map(ord, tokens)) + len(tokens))
+        return [[torch.randn(1, 3, CONTEXT_DIM, generator=generator), {}]]
+
+
+class FakeVae:
+    """Just enough of comfy.sd.VAE for VAEDecode: latent (B, 4, h, w) -> image (B, h, w, 3) in [0, 1]."""
+
+    def decode(self, samples):
+        return torch.sigmoid(samples[:, :3]).movedim(1, -1).float()
+
+
+class FakeServer:
+    """What execution.PromptExecutor needs of ComfyUI's server."""
+
+    client_id = None
+    last_node_id = None
+
+    def send_sync(self, *args, **kwargs):
+        pass
+
+    def queue_updated(self):
+        pass
+
+
+class TinyCheckpointLoaderForTests:
+    """A checkpoint loader node (ComfyUI's V1 API) that returns the tiny EPS model, a FakeClip and a FakeVae."""
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's V1 API)
+        return {"required": {"ckpt_name": ("STRING", {"default": ""})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, ckpt_name):
+        return (make_tiny_model("eps", seed=0), FakeClip(), FakeVae())

@@ -85,3 +85,29 @@ def upstream_pt():
     if not UPSTREAM_PT.is_file():
         pytest.skip(f"reference checkpoint not found at {UPSTREAM_PT} (set ANNEALING_REFERENCE_DIR)")
     return UPSTREAM_PT
+
+
+@pytest.fixture(scope="session")
+def tiny(comfy_host):
+    """tests/comfyui/comfy_tiny_models.py, imported once ComfyUI is importable."""
+    import comfy_tiny_models
+
+    return comfy_tiny_models
+
+
+@pytest.fixture(scope="session")
+def node(comfy_host):
+    """Run a node as ComfyUI's executor does: ``node("AnnealingGuider", **inputs)`` -> its NodeOutput."""
+
+    def call(name, **inputs):
+        return comfy_host.nodes.NODE_CLASS_MAPPINGS[name].execute(**inputs)
+
+    return call
+
+
+@pytest.fixture
+def tiny_loader(comfy_host, tiny):
+    """The tiny checkpoint loader registered as a node for one test; yields its node type."""
+    comfy_host.nodes.NODE_CLASS_MAPPINGS["TinyCheckpointLoaderForTests"] = tiny.TinyCheckpointLoaderForTests
+    yield "TinyCheckpointLoaderForTests"
+    comfy_host.nodes.NODE_CLASS_MAPPINGS.pop("TinyCheckpointLoaderForTests", None)

@@ -34,40 +34,12 @@ CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-
 TEST_NODES = '''
 """Test-only nodes: a checkpoint loader that returns a tiny model, a fake CLIP and a fake VAE (no weights on disk)."""
 import sys
-import torch
 
 sys.path.insert(0, {tests!r})
 import comfy_tiny_models
 
 
-class FakeClip:
-    def tokenize(self, text):
-        return text
-
-    def encode_from_tokens_scheduled(self, tokens):
-        generator = torch.Generator().manual_seed(sum(map(ord, tokens)) + len(tokens))
-        return [[torch.randn(1, 3, comfy_tiny_models.CONTEXT_DIM, generator=generator), {{}}]]
-
-
-class FakeVae:
-    def decode(self, samples):
-        return torch.sigmoid(samples[:, :3]).movedim(1, -1).float()
-
-
-class TinyCheckpointLoaderForTests:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {{"required": {{"ckpt_name": ("STRING", {{"default": ""}})}}}}
-
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    FUNCTION = "load"
-    CATEGORY = "testing"
-
-    def load(self, ckpt_name):
-        return (comfy_tiny_models.make_tiny_model("eps", seed=0), FakeClip(), FakeVae())
-
-
-NODE_CLASS_MAPPINGS = {{"TinyCheckpointLoaderForTests": TinyCheckpointLoaderForTests}}
+NODE_CLASS_MAPPINGS = {{"TinyCheckpointLoaderForTests": comfy_tiny_models.TinyCheckpointLoaderForTests}}
 '''
 
 

@@ -91,57 +91,7 @@ def test_one_seed_four_methods_labelled(comfy_host):
 # ------------------------------------------------------------------------------------------------------------- end to end
 
 
-class FakeClip:
-    """Just enough of comfy.sd.CLIP for CLIPTextEncode: deterministic context vectors per prompt."""
-
-    def tokenize(self, text):
-        return text
-
-    def encode_from_tokens_scheduled(self, tokens):
-        generator = torch.Generator().manual_seed(sum(map(ord, tokens)) + len(tokens))
-        return [[torch.randn(1, 3, 8, generator=generator), {}]]
-
-
-class FakeVae:
-    """Just enough of comfy.sd.VAE for VAEDecode: latent (B, 4, h, w) -> image (B, h, w, 3) in [0, 1]."""
-
-    def decode(self, samples):
-        return torch.sigmoid(samples[:, :3]).movedim(1, -1).float()
-
-
-class FakeServer:
-    client_id = None
-    last_node_id = None
-
-    def send_sync(self, *args, **kwargs):
-        pass
-
-    def queue_updated(self):
-        pass
-
-
-@pytest.fixture
-def tiny_loader(comfy_host):
-    import comfy_tiny_models
-
-    class TinyComparisonCheckpointLoader:
-        @classmethod
-        def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's V1 API)
-            return {"required": {"ckpt_name": ("STRING", {"default": ""})}}
-
-        RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-        FUNCTION = "load"
-        CATEGORY = "testing"
-
-        def load(self, ckpt_name):
-            return (comfy_tiny_models.make_tiny_model("eps", seed=0), FakeClip(), FakeVae())
-
-    comfy_host.nodes.NODE_CLASS_MAPPINGS["TinyComparisonCheckpointLoader"] = TinyComparisonCheckpointLoader
-    yield "TinyComparisonCheckpointLoader"
-    comfy_host.nodes.NODE_CLASS_MAPPINGS.pop("TinyComparisonCheckpointLoader", None)
-
-
-def test_the_comparison_runs_end_to_end_and_gives_four_different_images(comfy_host, model_files, tiny_loader):
+def test_the_comparison_runs_end_to_end_and_gives_four_different_images(comfy_host, model_files, tiny, tiny_loader):
     import execution
 
     prompt = json.loads(API_PATH.read_text())
@@ -154,7 +104,7 @@ def test_the_comparison_runs_end_to_end_and_gives_four_different_images(comfy_ho
             node["inputs"].update(width=64, height=64, batch_size=1)
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("comparison-e2e", prompt, None))
     assert valid, (error, node_errors)
-    executor = execution.PromptExecutor(FakeServer(), cache_type=False)
+    executor = execution.PromptExecutor(tiny.FakeServer(), cache_type=False)
     executor.execute(prompt, "comparison-e2e", extra_data={}, execute_outputs=outputs)
     assert executor.success, executor.status_messages[-3:]
     history = executor.history_result["outputs"]

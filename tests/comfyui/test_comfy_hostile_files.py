@@ -17,16 +17,6 @@ import torch
 SUBFOLDER = "hostile"
 
 
-class FakeServer:
-    client_id = None
-    last_node_id = None
-
-    def send_sync(self, *args, **kwargs):
-        pass
-
-    def queue_updated(self):
-        pass
-
 
 def _header_0x80(annealing, path):
     """Our own valid file whose safetensors header length is 0x580: its first two bytes read like a pickle's (0x80, 5)."""
@@ -118,6 +108,7 @@ def address_space_cap(headroom: int = 2 << 30):
 
 def run_loader(comfy_host, name):
     """Queue loader -> Annealing Model Explorer (an output node) through ComfyUI's validation and executor."""
+    import comfy_tiny_models
     import execution
 
     prompt = {
@@ -126,7 +117,7 @@ def run_loader(comfy_host, name):
     }
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("hostile", prompt, None))
     assert valid, (error, node_errors)  # the file is listed: validation passes, the failure is the loader's
-    executor = execution.PromptExecutor(FakeServer(), cache_type=False)
+    executor = execution.PromptExecutor(comfy_tiny_models.FakeServer(), cache_type=False)
     with address_space_cap():
         executor.execute(prompt, f"hostile-{name}", extra_data={}, execute_outputs=outputs)
     return executor

@@ -12,21 +12,6 @@ PROMPT_DIM = 12
 
 
 @pytest.fixture(scope="module")
-def tiny(comfy_host):
-    import comfy_tiny_models
-
-    return comfy_tiny_models
-
-
-@pytest.fixture(scope="module")
-def node(comfy_host):
-    def call(name, **inputs):
-        return comfy_host.nodes.NODE_CLASS_MAPPINGS[name].execute(**inputs)
-
-    return call
-
-
-@pytest.fixture(scope="module")
 def l2g_checkpoint(comfy_host):
     annealing = comfy_host.annealing
     torch.manual_seed(11)

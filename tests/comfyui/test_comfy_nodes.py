@@ -9,7 +9,7 @@ EXPECTED = {
     "ApplyAnnealingGuidance": ({"model", "annealing_model", "lambda", "mode", "normalize_delta_norm", "clamp_w", "w_min", "w_max",
                                 "active_start", "active_end"}, ("MODEL",)),
     "AnnealingSchedulePlot": ({"samples", "guider", "model"}, ("IMAGE",)),
-    "AnnealingModelExplorer": ({"annealing_model", "lambdas"}, ("IMAGE",)),
+    "AnnealingModelExplorer": ({"annealing_model", "lambdas", "positive"}, ("IMAGE",)),
 }
 
 

@@ -19,14 +19,9 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def tiny(comfy_host):
-    import comfy_tiny_models
-
-    return comfy_tiny_models
-
-
-@pytest.fixture(scope="module")
 def node(comfy_host):
+    """Overrides conftest's ``node``: the nodes here return one patched model, and the tests want it, not the NodeOutput."""
+
     def call(name, **inputs):
         return comfy_host.nodes.NODE_CLASS_MAPPINGS[name].execute(**inputs).args[0]
 

@@ -26,21 +26,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def tiny(comfy_host):
-    import comfy_tiny_models
-
-    return comfy_tiny_models
-
-
-@pytest.fixture(scope="module")
-def node(comfy_host):
-    def call(name, **inputs):
-        return comfy_host.nodes.NODE_CLASS_MAPPINGS[name].execute(**inputs)
-
-    return call
-
-
-@pytest.fixture(scope="module")
 def upstream_model(comfy_host, upstream_pt):
     return comfy_host.annealing.load_guidance_model(upstream_pt)
 

@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"
@@ -75,56 +74,6 @@ def test_comfyui_prompt_validation_accepts_every_api_twin(comfy_host, model_file
 # ------------------------------------------------------------------------------------------------------ end to end
 
 
-class FakeClip:
-    """Just enough of comfy.sd.CLIP for CLIPTextEncode: deterministic context vectors per prompt."""
-
-    def tokenize(self, text):
-        return text
-
-    def encode_from_tokens_scheduled(self, tokens):
-        generator = torch.Generator().manual_seed(sum(map(ord, tokens)) + len(tokens))
-        return [[torch.randn(1, 3, 8, generator=generator), {}]]
-
-
-class FakeVae:
-    """Just enough of comfy.sd.VAE for VAEDecode: latent (B, 4, h, w) -> image (B, h, w, 3) in [0, 1]."""
-
-    def decode(self, samples):
-        return torch.sigmoid(samples[:, :3]).movedim(1, -1).float()
-
-
-class FakeServer:
-    client_id = None
-    last_node_id = None
-
-    def send_sync(self, *args, **kwargs):
-        pass
-
-    def queue_updated(self):
-        pass
-
-
-@pytest.fixture(scope="module")
-def tiny_loader(comfy_host):
-    import comfy_tiny_models
-
-    class TinyCheckpointLoaderForTests:
-        @classmethod
-        def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's V1 API)
-            return {"required": {"ckpt_name": ("STRING", {"default": ""})}}
-
-        RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-        FUNCTION = "load"
-        CATEGORY = "testing"
-
-        def load(self, ckpt_name):
-            return (comfy_tiny_models.make_tiny_model("eps", seed=0), FakeClip(), FakeVae())
-
-    comfy_host.nodes.NODE_CLASS_MAPPINGS["TinyCheckpointLoaderForTests"] = TinyCheckpointLoaderForTests
-    yield "TinyCheckpointLoaderForTests"
-    comfy_host.nodes.NODE_CLASS_MAPPINGS.pop("TinyCheckpointLoaderForTests", None)
-
-
 def small_prompt(api_path: Path, loader: str) -> dict:
     """The workflow with the tiny model loader, 4 steps and a 128 x 128 image (a 16 x 16 latent)."""
     prompt = json.loads(api_path.read_text())
@@ -140,13 +89,13 @@ def small_prompt(api_path: Path, loader: str) -> dict:
 
 
 @pytest.mark.parametrize("name", ["sdxl_annealing_guider", "sdxl_annealing_ksampler"])
-def test_workflow_runs_end_to_end_through_comfyui(comfy_host, model_files, tiny_loader, name):
+def test_workflow_runs_end_to_end_through_comfyui(comfy_host, model_files, tiny, tiny_loader, name):
     import execution
 
     prompt = small_prompt(WORKFLOWS / f"{name}.api.json", tiny_loader)
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("e2e", prompt, None))
     assert valid, (error, node_errors)
-    executor = execution.PromptExecutor(FakeServer(), cache_type=False)
+    executor = execution.PromptExecutor(tiny.FakeServer(), cache_type=False)
     executor.execute(prompt, f"e2e-{name}", extra_data={}, execute_outputs=outputs)
     assert executor.success, executor.status_messages[-3:]
     history = executor.history_result["outputs"]
