@@ -66,8 +66,15 @@ def delta_norm_from_difference(sigma: torch.Tensor, difference_norm: torch.Tenso
 
 def per_sample_norm(tensor: torch.Tensor) -> torch.Tensor:
     """L2 norm over everything but the batch dimension, shape (B,), float32; overflow-safe (a sum of squares of values
-    around 1e20 overflows float32, so it is accumulated in float64, or scaled by the largest value where float64 is missing)."""
+    around 1e20 overflows float32). On the CPU it is summed in float32 and redone in float64 only when that overflowed
+    (reading a CPU value back costs nothing there); on an accelerator it is summed in float64, which needs no read-back,
+    or scaled by the largest value where float64 is missing (Apple MPS)."""
     flat = tensor.reshape(tensor.shape[0], -1)
+    if flat.device.type == "cpu":
+        norm = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32)
+        if bool(torch.isfinite(norm).all()) or not bool(torch.isfinite(flat).all()):
+            return norm
+        return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).to(torch.float32)
     if flat.device.type == "mps":  # no float64 there
         peak = flat.detach().abs().amax(dim=1, keepdim=True).to(torch.float32).clamp_min(1e-30)
         return (torch.linalg.vector_norm(flat.to(torch.float32) / peak, dim=1) * peak[:, 0]).to(torch.float32)
