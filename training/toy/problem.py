@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from annealing.broadcast import batch_view
 from training.algorithm import CADSConfig, cads_perturb
 
 
@@ -99,8 +100,8 @@ class RingProblem:
 
     def component_log_joint(self, x: torch.Tensor, cond: torch.Tensor, alpha=1.0, sigma=0.0) -> torch.Tensor:
         """(B, K): log pi_k + log N(x; a mu_k, v I) with v = a^2 s^2 + sig^2 (the z-marginal at noise level (a, sig))."""
-        alpha = _column(alpha, x)
-        sigma = _column(sigma, x)
+        alpha = batch_view(alpha, x)
+        sigma = batch_view(sigma, x)
         var = alpha**2 * self.mode_std**2 + sigma**2
         means = self.means(x.dtype).to(x.device)
         alpha_k = alpha.unsqueeze(-1) if alpha.dim() == 2 else alpha  # (B, 1, 1) per sample or a scalar
@@ -126,27 +127,22 @@ class RingProblem:
 
     def posterior_mean(self, z: torch.Tensor, alpha, sigma, cond: torch.Tensor) -> torch.Tensor:
         """E[x0 | z] under condition ``cond`` (B, C) at z = a x0 + sig eps; alpha/sigma scalars or (B,)."""
-        a = _column(alpha, z)
+        a = batch_view(alpha, z)
         resp = torch.softmax(self.component_log_joint(z, cond, alpha, sigma), dim=1)  # (B, K)
-        var = a**2 * self.mode_std**2 + _column(sigma, z) ** 2
+        var = a**2 * self.mode_std**2 + batch_view(sigma, z) ** 2
         means = self.means(z.dtype).to(z.device)
         mean_x0 = resp @ means
         return mean_x0 + (a * self.mode_std**2 / var) * (z - a * mean_x0)
 
     def eps(self, z: torch.Tensor, alpha, sigma, cond: torch.Tensor) -> torch.Tensor:
         """E[eps | z] = (z - a E[x0 | z]) / sig: the exact epsilon-prediction."""
-        return (z - _column(alpha, z) * self.posterior_mean(z, alpha, sigma, cond)) / _column(sigma, z)
+        return (z - batch_view(alpha, z) * self.posterior_mean(z, alpha, sigma, cond)) / batch_view(sigma, z)
 
 
 @functools.lru_cache(maxsize=16)
 def _ring_means(num_modes: int, radius: float) -> torch.Tensor:
     angle = 2 * math.pi * torch.arange(num_modes, dtype=torch.float64) / num_modes
     return radius * torch.stack([angle.cos(), angle.sin()], dim=1)
-
-
-def _column(value, like: torch.Tensor) -> torch.Tensor:
-    tensor = torch.as_tensor(value, dtype=like.dtype, device=like.device)
-    return tensor.reshape(-1, 1) if tensor.dim() == 1 else tensor
 
 
 class ExactRingDenoiser:
