@@ -71,6 +71,8 @@ def per_sample_norm(tensor: torch.Tensor) -> torch.Tensor:
     or scaled by the largest value where float64 is missing (Apple MPS)."""
     flat = tensor.reshape(tensor.shape[0], -1)
     if flat.device.type == "cpu":
+        if flat.dtype == torch.float64:
+            return torch.linalg.vector_norm(flat, dim=1).to(torch.float32)
         norm = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32)
         if bool(torch.isfinite(norm).all()) or not bool(torch.isfinite(flat).all()):
             return norm
