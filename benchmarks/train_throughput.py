@@ -6,7 +6,7 @@
     python benchmarks/train_throughput.py --full-sdxl --dry-run                        # build the config on the meta device
     python benchmarks/train_throughput.py --trainer                             # the whole trainer end to end, tiny models
 
-Per family, three things are timed on the same inputs, interleaved (``--repeats`` rounds, medians reported):
+Per family, these phases are timed on the same inputs, interleaved (``--repeats`` rounds, medians reported):
 
 * step:     what the trainer does per micro-batch after data loading: Algorithm 1's loss (``training.algorithm.annealing_loss``:
             draws, CADS, both passes through the backend, the MLP, the CFG++ step, the loss), its backward and an AdamW
@@ -14,9 +14,14 @@ Per family, three things are timed on the same inputs, interleaved (``--repeats`
             upper bound);
 * passes:   the model passes that step is made of, called on the network directly with prepared inputs: a forward of
             batch 2B without a graph, a forward of batch 2B with one, and the backward of that forward to its input;
-* 4 calls:  the same passes as the trainer made them before uncond and cond were batched (four forwards of batch B).
+* 4 calls:  the same passes as the trainer made them before uncond and cond were batched (four forwards of batch B);
+* l2g step: what ``--method learn-to-guide`` does per micro-batch: ``training.learn_to_guide.learn_to_guide_loss`` (draws,
+            m particles noised, one network call of batch 2Bm without a graph, the guided step, the energy distance), its
+            backward (through the small network only) and an AdamW step;
+* l2g pass: the network call that step is made of (a forward of batch 2Bm without a graph).
 
-``step / passes - 1`` is the overhead of everything that is not the network (target: under 10 %). Peak memory is
+``step / passes - 1`` is the overhead of everything that is not the network (target: under 10 %); the last line of each
+model compares Learn to Guide's step with annealing's, per training image (``--methods`` picks the methods). Peak memory is
 ``torch.cuda.max_memory_allocated`` on a GPU (absolute, and above what was allocated before the phase) and the peak
 resident set on the CPU (Linux: reset between the phases via /proc/self/clear_refs; absolute only, since memory a phase
 frees stays resident). The full-size SDXL UNet
@@ -26,7 +31,7 @@ network runs in the trainer's default precision for the device (``--precision`` 
 as the trainer would decide (``--checkpointing on|off`` to force it).
 
 ``--trainer`` runs ``python -m training``'s trainer end to end on 64 px tiny models (image decoding, VAE, text
-encoders, both passes, backward, AdamW), each model in its own subprocess so the peak resident memory is that run's
+encoders, the passes, backward, AdamW), for each method of ``--methods``, each run in its own subprocess so the peak resident memory is that run's
 alone: a pipeline-overhead check, not a prediction of real-model speed.
 """
 
@@ -160,13 +165,34 @@ def four_calls(backend, inputs) -> None:
     out.backward(torch.ones_like(out))
 
 
-def measure(name: str, backend, grid, batch: int, repeats: int, warmup: int, generator) -> dict:
-    """Median seconds per micro-batch of the step, the bare passes and the four-call passes, and their peak memories."""
+def l2g_pass(backend, inputs, particles: int) -> None:
+    """Learn to Guide's network work: one forward of batch 2Bm without a graph (uncond and cond of m particles per image)."""
+    import torch
+
+    z, t = inputs["z"].repeat_interleave(particles, dim=0), inputs["t"].repeat_interleave(particles)
+    batch = inputs["z"].shape[0]
+    kwargs = {k: _particle_rows(v, batch, particles) for k, v in inputs["kwargs"].items()}
+    with torch.no_grad():
+        call_network(backend, torch.cat([z, z]), torch.cat([t, t]), kwargs)
+
+
+def _particle_rows(value, batch: int, particles: int):
+    """Rows [uncond (B); cond (B)] of a network input as [uncond (Bm); cond (Bm)]."""
+    if isinstance(value, dict):
+        return {k: _particle_rows(v, batch, particles) for k, v in value.items()}
+    return value.repeat_interleave(particles, dim=0) if value.shape[0] == 2 * batch else value
+
+
+def measure(name: str, backend, grid, batch: int, repeats: int, warmup: int, generator, methods=("annealing", "learn-to-guide"),
+            particles: int = 4) -> dict:
+    """Median seconds per micro-batch of each phase (see the module docstring) and their peak memories."""
     import torch
 
     import annealing
     from training.algorithm import annealing_loss
     from training.backends import TextCondition
+    from training.learn_to_guide import learn_to_guide_loss
+    from training.trainer import initial_l2g_network
 
     device = backend.device
     pooled = backend.condition_width()[1]
@@ -186,7 +212,22 @@ def measure(name: str, backend, grid, batch: int, repeats: int, warmup: int, gen
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    phases = {"step": step, "passes": lambda: bare_passes(backend, inputs), "4 calls": lambda: four_calls(backend, inputs)}
+    phases = {}
+    if "annealing" in methods:
+        phases = {"step": step, "passes": lambda: bare_passes(backend, inputs), "4 calls": lambda: four_calls(backend, inputs)}
+    if "learn-to-guide" in methods:
+        kind, width = ("pooled", pooled) if pooled is not None else ("mean_tokens", width)
+        net = initial_l2g_network(annealing.LearnToGuideConfig(prompt_dim=width, prompt_embedding=kind), 3.0).to(device)
+        l2g_opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
+        prompt = annealing.prompt_embedding(cond.embeds, cond.pooled, kind, width)
+
+        def l2g_step():
+            terms = learn_to_guide_loss(backend, net, x0, cond, uncond, grid, prompt, particles=particles, generator=generator)
+            terms.total.backward()
+            l2g_opt.step()
+            l2g_opt.zero_grad(set_to_none=True)
+
+        phases.update({"l2g step": l2g_step, "l2g pass": lambda: l2g_pass(backend, inputs, particles)})
     for fn in phases.values():
         for _ in range(warmup):
             fn()
@@ -206,20 +247,28 @@ def measure(name: str, backend, grid, batch: int, repeats: int, warmup: int, gen
             if key not in peaks or (peak.peak or 0) > (peaks[key].peak or 0):
                 peaks[key] = peak
     medians = {k: statistics.median(v) for k, v in times.items()}
-    return {"name": name, "batch": batch, "seconds": medians, "all": times, "peaks": {k: p.text() for k, p in peaks.items()}}
+    return {"name": name, "batch": batch, "seconds": medians, "all": times, "peaks": {k: p.text() for k, p in peaks.items()},
+            "particles": particles}
+
+
+#: Each phase and the bare network work it is compared with.
+BASES = {"step": "passes", "passes": None, "4 calls": "passes", "l2g step": "l2g pass", "l2g pass": None}
 
 
 def print_rows(rows: list[dict], memory_unit: str) -> None:
     above = " (+ above the phase's start)" if memory_unit == "GiB" else ""
-    print(f"{'model':16} {'B':>2} {'phase':8} {'s/micro-batch':>13} {'images/s':>9} {'vs passes':>9}  peak {memory_unit}{above}")
+    print(f"{'model':16} {'B':>2} {'phase':8} {'s/micro-batch':>13} {'images/s':>9} {'vs pass':>9}  peak {memory_unit}{above}")
     for row in rows:
-        base = row["seconds"]["passes"]
-        for key in ("step", "passes", "4 calls"):
-            seconds = row["seconds"][key]
-            ratio = f"{seconds / base - 1:+.1%}" if key != "passes" else ""
+        seconds_of = row["seconds"]
+        for key in [k for k in BASES if k in seconds_of]:
+            seconds, base = seconds_of[key], BASES[key]
+            ratio = f"{seconds / seconds_of[base] - 1:+.1%}" if base else ""
             print(f"{row['name']:16} {row['batch']:2d} {key:8} {seconds:13.4f} {row['batch'] / seconds:9.3f} {ratio:>9}  {row['peaks'][key]}")
         spread = ", ".join(f"{k} {min(v):.4g}-{max(v):.4g}" for k, v in row["all"].items())
-        print(f"{'':16}    range over {len(row['all']['step'])} rounds (s): {spread}")
+        print(f"{'':16}    range over {len(next(iter(row['all'].values())))} rounds (s): {spread}")
+        if "step" in seconds_of and "l2g step" in seconds_of:
+            print(f"{'':16}    learn-to-guide step ({row['particles']} particles) / annealing step: "
+                  f"{seconds_of['l2g step'] / seconds_of['step']:.2f} x the time per training image")
 
 
 # ------------------------------------------------------------------------------------------------------------ models
@@ -311,6 +360,9 @@ def run_models(args) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     forced = {"auto": None, "on": True, "off": False}[args.checkpointing]
+    methods = tuple(args.methods.split(","))
+    if not set(methods) <= {"annealing", "learn-to-guide"} or not methods:
+        raise SystemExit(f"--methods: annealing and/or learn-to-guide, got {args.methods!r}")
     generator = torch.Generator(device=device).manual_seed(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     rows = []
@@ -329,14 +381,15 @@ def run_models(args) -> None:
               f"{args.latent_size} ({args.latent_size * 8} px), {args.repeats} rounds after {args.warmup} warm-up")
         for batch in [int(b) for b in args.batches.split(",")]:
             on = checkpointing_decision(backend, grid, batch, forced)
-            rows.append(measure(f"sdxl-full{' ckpt' if on else ''}", backend, grid, batch, args.repeats, args.warmup, generator))
+            rows.append(measure(f"sdxl-full{' ckpt' if on else ''}", backend, grid, batch, args.repeats, args.warmup, generator, methods,
+                                args.particles))
     else:
         print(f"tiny models on {name}, torch {torch.__version__}, 64 px (8 x 8 latents), {args.repeats} rounds after {args.warmup} warm-up")
         with tempfile.TemporaryDirectory() as tmp:
             for kind in args.kinds.split(","):
                 backend, grid = tiny_backend(kind, Path(tmp), args.device, args.precision, forced)
                 for batch in [int(b) for b in args.batches.split(",")]:
-                    rows.append(measure(f"{kind}-tiny", backend, grid, batch, args.repeats, args.warmup, generator))
+                    rows.append(measure(f"{kind}-tiny", backend, grid, batch, args.repeats, args.warmup, generator, methods, args.particles))
     print()
     print_rows(rows, "GiB" if device.type == "cuda" else "RSS GiB")
 
@@ -344,7 +397,7 @@ def run_models(args) -> None:
 # ------------------------------------------------------------------------------------------------------------ whole trainer
 
 
-def tiny_child(kind: str, steps: int, accumulation: int, batch: int, threads: int) -> dict:
+def tiny_child(kind: str, steps: int, accumulation: int, batch: int, threads: int, method: str = "annealing") -> dict:
     """One tiny-model training run in this process; returns the measured numbers."""
     import torch
 
@@ -358,9 +411,10 @@ def tiny_child(kind: str, steps: int, accumulation: int, batch: int, threads: in
         model = make_tiny_model(kind, root / kind)
         data = make_image_dataset(root / "data", count=32)
         config = TrainConfig(model=str(model), dataset=str(data), output=str(root / "out"), resolution=64, max_steps=steps,
-                             gradient_accumulation=accumulation, batch_size=batch, num_workers=0, device="cpu", checkpoint_every=10**6)
+                             gradient_accumulation=accumulation, batch_size=batch, num_workers=0, device="cpu", checkpoint_every=10**6,
+                             method=method)
         result = train(config, progress=False)
-    return {"kind": kind, "images_per_second": result.images_per_second, "images": result.images_seen, "seconds": result.seconds,
+    return {"kind": kind, "method": method, "images_per_second": result.images_per_second, "images": result.images_seen, "seconds": result.seconds,
             "peak_rss_mib": result.peak_memory_bytes / 2**20, "batch": batch}
 
 
@@ -370,16 +424,17 @@ def run_trainer(args) -> None:
     threads = args.threads or 1
     print(f"whole trainer, tiny models on CPU: torch {torch.__version__}, {threads} thread(s), {args.steps} steps x {args.accumulation} "
           f"micro-batches of {args.batch}, 64 px")
-    print(f"{'model':6} {'images/s':>9} {'peak RSS MiB':>13}")
+    print(f"{'model':6} {'method':15} {'images/s':>9} {'peak RSS MiB':>13}")
     for kind in args.kinds.split(","):
-        cmd = [sys.executable, __file__, "--child", kind, "--steps", str(args.steps), "--accumulation", str(args.accumulation),
-               "--batch", str(args.batch), "--threads", str(threads)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            print(f"{kind}: failed\n{done.stderr[-2000:]}")
-            continue
-        row = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{kind:6} {row['images_per_second']:9.2f} {row['peak_rss_mib']:13.0f}")
+        for method in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--child", kind, "--steps", str(args.steps), "--accumulation", str(args.accumulation),
+                   "--batch", str(args.batch), "--threads", str(threads), "--methods", method]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(f"{kind} {method}: failed\n{done.stderr[-2000:]}")
+                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"{kind:6} {method:15} {row['images_per_second']:9.2f} {row['peak_rss_mib']:13.0f}")
 
 
 def main() -> None:
@@ -392,6 +447,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (medians are reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; --trainer: 1)")
+    parser.add_argument("--methods", default="annealing,learn-to-guide", help="training methods to time (comma-separated)")
+    parser.add_argument("--particles", type=int, default=4, help="learn-to-guide particles per image (the trainer's default 4)")
     parser.add_argument("--full-sdxl", action="store_true", help="full-size SDXL UNet with random weights")
     parser.add_argument("--latent-size", type=int, default=128, help="with --full-sdxl: latent side (128 = 1024 px)")
     parser.add_argument("--dry-run", action="store_true", help="with --full-sdxl: build the config on the meta device only")
@@ -402,7 +459,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(tiny_child(args.child, args.steps, args.accumulation, args.batch, args.threads or 1)))
+        print(json.dumps(tiny_child(args.child, args.steps, args.accumulation, args.batch, args.threads or 1, args.methods)))
     elif args.trainer:
         run_trainer(args)
     else:

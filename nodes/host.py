@@ -93,13 +93,14 @@ def compatibility_problems(metadata, kind: str, family: str | None, discrete_ddp
                 f"{kind.upper()} model; use a checkpoint trained for it"), warnings
     if family is not None and family != metadata.model_family:
         warnings.append(f"{source} was trained for {metadata.model_family} but the loaded model is {family}: w may be off-scale")
-    # What the base model predicted, when the checkpoint says (our training records it); else the delta space it measures.
+    # What the base model predicted, when the checkpoint says (our training records it); else the delta space it measures
+    # (annealing only: a learn_to_guide network never reads delta, and its CFG scale is the same in every prediction space).
     host = HOST_PREDICTION[kind]
     trained = metadata.training.get("base_prediction_type") if isinstance(metadata.training, dict) else None
     if trained in HOST_PREDICTION.values():
         if trained != host:
             warnings.append(f"{source} was trained on a model predicting {trained} but the loaded model predicts {host}: w may be off-scale")
-    elif metadata.prediction_space != NATIVE_DELTA_SPACE[kind]:
+    elif getattr(metadata, "method", "annealing") == "annealing" and metadata.prediction_space != NATIVE_DELTA_SPACE[kind]:
         warnings.append(f"{source} measures delta in {metadata.prediction_space} space but the loaded model is a {host} model: "
                         f"delta is converted, w may be off-scale")
     return None, warnings

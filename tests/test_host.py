@@ -109,6 +109,13 @@ def test_compatibility_problems():
     unknown = core.CheckpointMetadata(model_family="sd3", prediction_space="epsilon", timestep_convention="sigma_x1000")
     _, warnings = host.compatibility_problems(unknown, "const", "sd3", False)
     assert len(warnings) == 1 and "epsilon space" in warnings[0]
+    # a learn_to_guide network never reads delta: no delta-space warning, but the other checks stay
+    learned = unknown.replace(method="learn_to_guide")
+    assert host.compatibility_problems(learned, "const", "sd3", False) == (None, [])
+    _, warnings = host.compatibility_problems(learned, "const", "flux", False)
+    assert len(warnings) == 1 and "trained for sd3" in warnings[0]
+    error, _ = host.compatibility_problems(learned, "eps", "sdxl", True)
+    assert "sigma_x1000" in error
 
 
 def test_warn_once(caplog):

@@ -84,6 +84,23 @@ class ModelInfo:
                       beta_start=float(cfg.get("beta_start", 0.00085)), beta_end=float(cfg.get("beta_end", 0.012)),
                       num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
 
+    def condition_width(self) -> tuple[int, int | None]:
+        """(token embedding width, pooled width or None) the network expects, from its config."""
+        cfg = self.network_config
+        if self.family == "sd3":
+            return cfg["joint_attention_dim"], cfg["pooled_projection_dim"]
+        pooled = None
+        if self.family == "sdxl":
+            pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+        return cfg["cross_attention_dim"], pooled
+
+    def prompt_embedding(self) -> tuple[str, int]:
+        """(kind, width) of the prompt embedding a Learn to Guide network reads for this model: the pooled text embedding
+        where the model has one (SDXL: TE2's projected pooled output; SD3: [TE1 pooled, TE2 pooled]), as ComfyUI's
+        ``pooled_output``; else the mean of the token embeddings (SD1.x/SD2.x), as its ``cross_attn``."""
+        tokens, pooled = self.condition_width()
+        return ("pooled", pooled) if pooled is not None else ("mean_tokens", tokens)
+
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         """(C, H, W) of the VAE latents of a resolution x resolution image."""
         factor = 2 ** (len(self.vae_config.get("block_out_channels", (0, 0, 0, 0))) - 1)
@@ -221,6 +238,14 @@ class TextCondition:
 
         return TextCondition(grow(self.embeds), grow(self.pooled))
 
+    def repeat_interleave(self, repeats: int) -> TextCondition:
+        """Each row ``repeats`` times in a row (Learn to Guide's particles of one image share its prompt)."""
+
+        def grow(t):
+            return None if t is None else t.repeat_interleave(repeats, dim=0)
+
+        return TextCondition(grow(self.embeds), grow(self.pooled))
+
     @property
     def batch(self) -> int:
         return self.embeds.shape[0]
@@ -318,7 +343,7 @@ class FrozenDiffusionBackend:
 
     def condition_width(self) -> tuple[int, int | None]:
         """(token embedding width, pooled width or None) the network expects."""
-        raise NotImplementedError
+        return self.info.condition_width()
 
 
 class UNetBackend(FrozenDiffusionBackend):
@@ -340,12 +365,6 @@ class UNetBackend(FrozenDiffusionBackend):
                                 f"{grid.beta_start:g}..{grid.beta_end:g}; such a schedule cannot be recorded in the checkpoint")
         return SamplingGrid.from_training_grid(grid).to(self.device)
 
-    def condition_width(self):
-        cfg = self.info.network_config
-        pooled = None
-        if self.info.family == "sdxl":
-            pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-        return cfg["cross_attention_dim"], pooled
 
     def predict(self, z: torch.Tensor, model_timestep: torch.Tensor, cond: TextCondition) -> torch.Tensor:
         batch = z.shape[0]
@@ -393,9 +412,6 @@ class SD3Backend(FrozenDiffusionBackend):
                                     "flow grid; train with --flow-spacing simple or a plain FlowMatchEulerDiscreteScheduler config")
         return SamplingGrid.from_training_grid(grid, "sigma_x1000").to(self.device)
 
-    def condition_width(self):
-        cfg = self.info.network_config
-        return cfg["joint_attention_dim"], cfg["pooled_projection_dim"]
 
     def predict(self, z: torch.Tensor, model_timestep: torch.Tensor, cond: TextCondition) -> torch.Tensor:
         batch = z.shape[0]

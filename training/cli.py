@@ -20,6 +20,7 @@ from .config import CHOICES, HELP, TrainingError, _field_kind, build_config, con
 EXAMPLES = """examples:
   python -m training --model ./sdxl-base --dataset ./laion-20k --output ./runs/sdxl
   python -m training --config training/configs/sd3.yaml --model ./sd3-medium --dataset data.jsonl --output ./runs/sd3
+  python -m training --method learn-to-guide --config training/configs/sdxl.yaml --model ./sdxl-base --dataset ./laion-20k --output ./runs/l2g
   accelerate launch --multi_gpu --num_processes 4 -m training --config training/configs/sdxl.yaml ...
   python -m training embed --model ./sdxl-base --dataset ./laion-20k --output ./laion-20k-sdxl-embeds
   python -m training plot ./runs/sdxl
@@ -29,7 +30,8 @@ EXAMPLES = """examples:
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training",
-        description="Train an annealing-guidance checkpoint (a guidance-scale MLP) for a local SD1.x/SD2.x, SDXL or SD3-family model. "
+        description="Train an annealing-guidance checkpoint (a guidance-scale MLP) for a local SD1.x/SD2.x, SDXL or SD3-family model, "
+        "or with --method learn-to-guide a Learn to Guide network (a CFG scale per sampling step and prompt). "
         "Subcommands: `embed` precomputes text embeddings (python -m training embed --help); `plot OUTPUT` draws the training curves.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

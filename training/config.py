@@ -32,7 +32,10 @@ HELP = {
     "dataset": "folder of images with same-named .txt captions (img2dataset layout) or a .jsonl manifest of {image, caption}",
     "output": "output folder (checkpoints, resume state, log and report)",
     "embeddings": "folder written by `python -m training embed`: precomputed text embeddings, the text encoders are then not loaded",
-    "output_name": "file name of the trained checkpoint without extension (default annealing_<family>)",
+    "method": "annealing|learn-to-guide: what to train. annealing: the paper's guidance MLP w(t, ||delta||, lambda) (Algorithm 1); "
+              "learn-to-guide: a CFG scale 1 + omega(t, s, prompt) per sampling step (Galashov et al., arXiv 2510.00815; the "
+              "lambda, CADS, balance, delta and mlp settings are annealing's and do not apply)",
+    "output_name": "file name of the trained checkpoint without extension (default annealing_<family>, or learn_to_guide_<family>)",
     "model_family": "family name written into the checkpoint metadata (default: detected, e.g. sdxl, sd15, sd2, sd3)",
     "resolution": "square training resolution in pixels (default: 1024 for SDXL and SD3, 768 for SD2, 512 for SD1.x)",
     "caption_extension": "caption file extension in an image folder",
@@ -75,6 +78,13 @@ HELP = {
     "resume": "continue from the resume state in the output folder",
     "overwrite": "start again in an output folder that holds a run, removing that run's files (checkpoints, resume state, log, report)",
     "device": "auto|cpu|cuda (accelerate picks the device per process; cpu forces the CPU)",
+    "l2g_particles": "learn-to-guide: particles per image, m (paper: 4); the frozen model runs on 2m latents per image",
+    "l2g_objective": "learn-to-guide: energy|l2, the distance between the guided and the true particle sets (paper: energy, the "
+                     "energy distance; l2: squared distance between the sets' means)",
+    "l2g_hidden": "learn-to-guide: hidden width of the network's head (ours: 128)",
+    "l2g_layers": "learn-to-guide: hidden-to-hidden layers of the head (ours: 2)",
+    "l2g_projection": "learn-to-guide: width the prompt embedding is projected to (ours: 32)",
+    "l2g_initial_scale": "learn-to-guide: the CFG scale the untrained network gives at every step and prompt (ours: 3)",
 }
 
 
@@ -85,6 +95,8 @@ CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "flow_spacing": ("diffusers", "simple"),
     "device": ("auto", "cpu", "cuda"),
+    "method": ("annealing", "learn-to-guide"),
+    "l2g_objective": ("energy", "l2"),
 }
 
 
@@ -104,6 +116,10 @@ INT_BOUNDS = {
     "checkpoint_every": (1, 10**9),
     "keep_checkpoints": (0, 10**4),
     "log_every": (1, 10**9),
+    "l2g_particles": (2, 64),  # the frozen model's batch is 2 x particles x batch_size
+    "l2g_hidden": (1, 2048),
+    "l2g_layers": (0, 16),
+    "l2g_projection": (1, 1024),  # the core's bound on an embedding width
 }
 #: (low, high, low excluded, high excluded) of every float setting; NaN and infinity are always refused.
 FLOAT_BOUNDS = {
@@ -119,7 +135,12 @@ FLOAT_BOUNDS = {
     "balance_momentum": (0.0, 1.0, False, True),
     "delta_normalization": (0.0, 1e6, True, False),
     "max_grad_norm": (0.0, 1e6, False, False),
+    "l2g_initial_scale": (1.0, 100.0, True, False),  # 1 + omega with omega = softplus(...) > 0
 }
+#: Settings of one method only; the other method does not read them (a run says which of them were set).
+ANNEALING_SETTINGS = ("lambda_min", "lambda_max", "cads", "cads_noise_scale", "cads_tau1", "cads_tau2", "cads_psi", "delta_weight", "balance",
+                      "balance_momentum", "mlp_hidden", "mlp_layers", "delta_normalization", "gradient_checkpointing")
+L2G_SETTINGS = ("l2g_particles", "l2g_objective", "l2g_hidden", "l2g_layers", "l2g_projection", "l2g_initial_scale")
 PATH_SETTINGS = ("model", "config_folder", "dataset", "output", "embeddings")
 MAX_PATH_CHARS = 4096
 MAX_NAME_CHARS = 128
@@ -156,6 +177,7 @@ class TrainConfig:
     dataset: str | None = None
     output: str | None = None
     embeddings: str | None = None
+    method: str = "annealing"
     output_name: str | None = None
     model_family: str | None = None
     resolution: int | None = None
@@ -195,6 +217,12 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     device: str = "auto"
+    l2g_particles: int = 4
+    l2g_objective: str = "energy"
+    l2g_hidden: int = 128
+    l2g_layers: int = 2
+    l2g_projection: int = 32
+    l2g_initial_scale: float = 3.0
     # Filled in by the trainer (not settable): kept so a resume can check compatibility.
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -270,7 +298,25 @@ class TrainConfig:
             annealing.GuidanceModelConfig(hidden_size=self.mlp_hidden, n_layers=self.mlp_layers, delta_embed_normalization=self.delta_normalization)
         except ValueError as exc:
             raise TrainingError(f"guidance MLP settings (mlp_hidden, mlp_layers, delta_normalization): {exc}") from None
+        if self.method == "learn-to-guide":
+            try:  # the prompt width is the model's, known once its configs are read; 1 checks everything else now
+                self.l2g_network_config(prompt_dim=1)
+            except ValueError as exc:
+                raise TrainingError(f"learn-to-guide network settings (l2g_hidden, l2g_layers, l2g_projection): {exc}") from None
         return self
+
+    def l2g_network_config(self, prompt_dim: int, prompt_embedding: str = "pooled"):
+        """The :class:`annealing.LearnToGuideConfig` these settings describe, for a prompt embedding of that width."""
+        import annealing
+
+        return annealing.LearnToGuideConfig(prompt_dim=prompt_dim, prompt_embedding=prompt_embedding, projection_size=self.l2g_projection,
+                                            hidden_size=self.l2g_hidden, n_layers=self.l2g_layers)
+
+    def inapplicable(self) -> list[str]:
+        """The settings of the other method that differ from their defaults (the run does not use them)."""
+        names = ANNEALING_SETTINGS if self.method == "learn-to-guide" else L2G_SETTINGS
+        defaults = {f.name: f.default for f in config_fields()}
+        return [name for name in names if getattr(self, name) != defaults[name]]
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -1,10 +1,12 @@
-"""The training loop: Algorithm 1 (``training.algorithm.annealing_loss``) over a frozen diffusion model, with HF Accelerate.
+"""The training loop: Algorithm 1 (``training.algorithm.annealing_loss``) over a frozen diffusion model, with HF Accelerate;
+with ``method: learn-to-guide`` the same loop trains a Learn to Guide network (``training.learn_to_guide``) instead.
 
 Order of work: every check that can fail on bad input (config, output folder, dataset, model kind and prediction type,
 embeddings, resume state) runs before any model weight is loaded. Then, per micro-batch:
 
     latents = VAE(image);  cond = text encoders(caption) or precomputed embeddings
     terms   = annealing_loss(backend, mlp, latents, cond, uncond, grid, ...)    (the CFG++ step is annealing.cfgpp_step)
+              or learn_to_guide_loss(..., prompt embedding of cond, ...)          (m particles, one guided step, energy distance)
     backward of terms.total (skipped and counted when it is NaN/inf; a zero loss keeps multi-GPU processes in step)
 
 and every ``gradient_accumulation`` micro-batches one AdamW step on the MLP (float32 always; ``precision`` only sets
@@ -47,9 +49,10 @@ from annealing.checkpoint import atomic_write
 from . import memory
 from .algorithm import CADSConfig, LossTerms, RunningBalance, annealing_loss
 from .backends import FrozenDiffusionBackend, ModelInfo, TextCondition, default_resolution, detect_model, load_backend
-from .config import TrainConfig, TrainingError
+from .config import CHOICES, TrainConfig, TrainingError
 from .data import EmbeddingStore, ImageCaptionDataset, MicroBatchSampler, collate, scan_dataset
 from .files import shown
+from .learn_to_guide import GuideTerms, learn_to_guide_loss
 
 RESUME_FORMAT = "annealing-training-resume"
 RESUME_FILE = "resume.pt"
@@ -62,6 +65,10 @@ RESUME_COUNTERS = ("step", "micro_step", "images_seen", "nan_losses", "skipped_s
 #: Settings a resumed run must share with the run it continues (others, e.g. max_steps, may change).
 RESUME_LOCKED = ("mlp_hidden", "mlp_layers", "delta_normalization", "grid_steps", "flow_spacing", "model_family_resolved",
                  "resolution_resolved")
+#: Locked settings that resume states written before they existed lack, and the value those runs had.
+LOCKED_DEFAULTS = {"method": "annealing"}
+#: Settings whose change a resume warns about (the run continues, but no longer reproduces an uninterrupted one).
+RESUME_WARNED = ("effective_batch", "seed", "l2g_particles", "l2g_objective")
 FP16_LOSS_SCALE = 1024.0
 
 
@@ -107,6 +114,23 @@ def stale_temp_files(output: Path, names) -> list[Path]:
         found += output.glob(f".{glob.escape(name)}.safetensors.*.tmp")
         found += (output / "checkpoints").glob(f".{glob.escape(name)}-step*.safetensors.*.tmp")
     return sorted(path for path in found if path.is_file() or path.is_symlink())
+
+
+def default_output_name(method: str, family) -> str:
+    """The checkpoint's file name without extension: annealing_<family> or learn_to_guide_<family>."""
+    return f"{'learn_to_guide' if method == 'learn-to-guide' else 'annealing'}_{family}"
+
+
+def initial_l2g_network(config: annealing.LearnToGuideConfig, initial_scale: float) -> annealing.LearnToGuideNet:
+    """A Learn to Guide network that gives the CFG scale ``initial_scale`` at every step and prompt: its output layer's
+    weights are zero and its bias is softplus^-1(initial_scale - 1). The other layers keep torch's initialisation; they
+    receive gradients from the first optimizer step on, once the output weights have moved."""
+    net = annealing.LearnToGuideNet(config).to(torch.float32)
+    omega = initial_scale - 1.0
+    with torch.no_grad():
+        net.head[-1].weight.zero_()
+        net.head[-1].bias.fill_(omega + math.log(-math.expm1(-omega)))  # log(exp(omega) - 1), stable for small and large omega
+    return net
 
 
 def micro_seed(seed: int, global_micro: int) -> int:
@@ -218,16 +242,29 @@ class Trainer:
             missing = self.embeddings.missing([s.caption for s in self.scan.samples])
             if missing:
                 raise TrainingError(f"{cfg.embeddings}: {len(missing)} captions have no embedding (e.g. {missing[0][:60]!r}); re-run `python -m training embed`")
-        self.output_name = cfg.output_name or f"annealing_{self.family}"
+        self.l2g = cfg.method == "learn-to-guide"
+        self.output_name = cfg.output_name or default_output_name(cfg.method, self.family)
+        if self.l2g:  # the prompt input's width comes from the model's configs: the architecture is known before any load
+            self.prompt_kind, prompt_dim = self.info.prompt_embedding()
+            try:
+                self.network_config = cfg.l2g_network_config(prompt_dim, self.prompt_kind)
+            except ValueError as exc:
+                raise TrainingError(f"learn-to-guide network settings (l2g_hidden, l2g_layers, l2g_projection): {exc}") from None
+        else:
+            self.network_config = annealing.GuidanceModelConfig(hidden_size=cfg.mlp_hidden, n_layers=cfg.mlp_layers,
+                                                                delta_embed_normalization=cfg.delta_normalization)
         self.locked = {
-            "mlp_hidden": cfg.mlp_hidden,
-            "mlp_layers": cfg.mlp_layers,
-            "delta_normalization": cfg.delta_normalization,
+            "method": cfg.method,
+            "mlp_hidden": None if self.l2g else cfg.mlp_hidden,  # annealing's architecture; None where it does not apply
+            "mlp_layers": None if self.l2g else cfg.mlp_layers,
+            "delta_normalization": None if self.l2g else cfg.delta_normalization,
             "grid_steps": cfg.grid_steps,
             "flow_spacing": cfg.flow_spacing if self.info.prediction_type == "flow" else None,  # the grid of flow models
             "model_family_resolved": self.family,
             "resolution_resolved": self.resolution,
         }
+        if self.l2g:
+            self.locked.update(l2g_hidden=cfg.l2g_hidden, l2g_layers=cfg.l2g_layers, l2g_projection=cfg.l2g_projection)
         self.resume_state = self._read_resume() if cfg.resume else None
         self._plan_output()
 
@@ -237,17 +274,14 @@ class Trainer:
             raise TrainingError(f"{path}: --resume given but there is no resume state in the output folder")
         state = load_resume_state(path)
         saved = json.loads(state["locked"])
-        for key in RESUME_LOCKED:
-            if saved.get(key) != self.locked[key]:
-                raise TrainingError(f"{path}: cannot resume, {key} was {shown(saved.get(key))} and is now {shown(self.locked[key])}")
-        problem = resume_shape_problem(state, self._mlp_config())
+        for key, value in self.locked.items():
+            before = saved.get(key, LOCKED_DEFAULTS.get(key))
+            if before != value:
+                raise TrainingError(f"{path}: cannot resume, {key} was {shown(before)} and is now {shown(value)}")
+        problem = resume_shape_problem(state, self.network_config)
         if problem:
             raise TrainingError(f"{path}: malformed resume state ({problem}); start again without --resume")
         return state
-
-    def _mlp_config(self) -> annealing.GuidanceModelConfig:
-        cfg = self.config
-        return annealing.GuidanceModelConfig(hidden_size=cfg.mlp_hidden, n_layers=cfg.mlp_layers, delta_embed_normalization=cfg.delta_normalization)
 
     def _plan_output(self) -> None:
         """Decide what becomes of what the output folder holds; nothing is changed before training starts.
@@ -314,12 +348,17 @@ class Trainer:
             raise TrainingError("--device cuda was asked for but no CUDA device is available")
         self.device = acc.device
         self.dtype = resolve_precision(cfg.precision, self.device)
-        self.loss_scale = FP16_LOSS_SCALE if self.dtype == torch.float16 else 1.0
+        # the static loss scale protects fp16 gradients through the frozen model; learn-to-guide has none
+        self.loss_scale = FP16_LOSS_SCALE if self.dtype == torch.float16 and not self.l2g else 1.0
+        ignored = cfg.inapplicable()
+        if ignored:
+            acc.print(f"note: method {cfg.method} does not use {', '.join(ignored)} (set away from the default{'s' if len(ignored) > 1 else ''})")
         self.cads = CADSConfig(cfg.cads_noise_scale, cfg.cads_tau1, cfg.cads_tau2, cfg.cads_psi, cfg.cads)
         vae_dtype = torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32  # the SDXL VAE overflows in fp16
         self.backend = load_backend(
             self.info, device=self.device, dtype=self.dtype, resolution=self.resolution, load_text_encoders=self.embeddings is None,
-            use_t5=cfg.sd3_t5, uncond=cfg.uncond, cads=self.cads, gradient_checkpointing=bool(cfg.gradient_checkpointing), vae_dtype=vae_dtype,
+            use_t5=cfg.sd3_t5, uncond=cfg.uncond, cads=self.cads, gradient_checkpointing=bool(cfg.gradient_checkpointing) and not self.l2g,
+            vae_dtype=vae_dtype,
         )
         self.grid = self.backend.grid(cfg.grid_steps, flow_spacing=cfg.flow_spacing)
         self.uncond = self.backend.unconditional(self.embeddings.uncond() if self.embeddings else None)
@@ -328,9 +367,11 @@ class Trainer:
             raise TrainingError(f"{cfg.embeddings}: embedding widths do not match the model (expected {width} tokens / {pooled} pooled)")
         self.gradient_checkpointing = self._decide_checkpointing()
 
-        torch.manual_seed(cfg.seed)  # the same initial MLP on every process
-        mlp_config = annealing.GuidanceModelConfig(hidden_size=cfg.mlp_hidden, n_layers=cfg.mlp_layers, delta_embed_normalization=cfg.delta_normalization)
-        mlp = annealing.GuidanceScaleModel(mlp_config).to(torch.float32)
+        torch.manual_seed(cfg.seed)  # the same initial network on every process
+        if self.l2g:
+            mlp = initial_l2g_network(self.network_config, cfg.l2g_initial_scale)
+        else:
+            mlp = annealing.GuidanceScaleModel(self.network_config).to(torch.float32)
         optimizer = torch.optim.AdamW(mlp.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.mlp, self.optimizer = acc.prepare(mlp, optimizer)
         self.balance = RunningBalance(momentum=cfg.balance_momentum) if self._balance_on() else None
@@ -349,6 +390,10 @@ class Trainer:
     def _decide_checkpointing(self) -> bool:
         """Off unless set, or unless pass 2's activations would not fit the device (training.memory); one log line."""
         cfg, acc = self.config, self.accelerator
+        if self.l2g:
+            self.memory_line = "gradient checkpointing off: learn-to-guide runs the frozen model without a graph (no backward through it)"
+            acc.print(self.memory_line)
+            return False
         estimate = None
         if cfg.gradient_checkpointing is None:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
@@ -369,6 +414,8 @@ class Trainer:
 
     def _balance_on(self) -> bool:
         mode = self.config.balance
+        if self.l2g:
+            return False  # one loss term: nothing to balance
         return mode == "on" or (mode == "auto" and self.info.prediction_space == "velocity")
 
     def _apply_resume(self, state: dict) -> None:
@@ -383,16 +430,25 @@ class Trainer:
         if self.balance is not None and state.get("balance_quality") is not None:
             self.balance.quality = float(state["balance_quality"])
             self.balance.alignment = float(state["balance_alignment"])
-        saved = json.loads(state["locked"])
-        if saved.get("effective_batch") != self.effective_batch or saved.get("seed") != self.config.seed:
-            self.accelerator.print(
-                "warning: batch size, accumulation, process count or seed differ from the resumed run; "
-                "training continues but will not reproduce an uninterrupted run"
-            )
+        saved, now = json.loads(state["locked"]), self._resume_locked()
+        names = {"effective_batch": "batch size, accumulation or process count"}
+        changed = [names.get(key, key) for key in RESUME_WARNED if key in now and saved.get(key) != now[key]]
+        if changed:
+            self.accelerator.print(f"warning: {'; '.join(changed)} differ from the resumed run; training continues but will not reproduce "
+                                   "an uninterrupted run")
+
+    def _resume_locked(self) -> dict:
+        """What the resume state records of the run's settings: the locked ones and those a resume warns about."""
+        cfg, extra = self.config, {}
+        if self.l2g:
+            extra = {"l2g_particles": cfg.l2g_particles, "l2g_objective": cfg.l2g_objective}
+        return dict(self.locked, effective_batch=self.effective_batch, seed=cfg.seed, **extra)
 
     # ------------------------------------------------------------------------------------------------ metadata and saving
     def metadata(self) -> annealing.CheckpointMetadata:
         cfg = self.config
+        if self.l2g:
+            return self._l2g_metadata()
         training = {
             "steps": self.step,
             "images": self.images_seen,
@@ -421,6 +477,40 @@ class Trainer:
             training["sd3_t5"] = bool(self.info.has_t5 and cfg.sd3_t5)  # False: zero T5 tokens, as the pipeline without T5
         if self.balance is not None:
             training["final_delta_weight"] = cfg.delta_weight * self.balance.weight
+        return self._metadata_with(training, "annealing")
+
+    def _l2g_metadata(self) -> annealing.CheckpointMetadata:
+        cfg = self.config
+        training = {
+            "method": "learn-to-guide (Galashov et al., arXiv 2510.00815)",
+            "steps": self.step,
+            "images": self.images_seen,
+            "particles": cfg.l2g_particles,
+            "objective": cfg.l2g_objective,
+            "step_to": "the training grid's next point (clean data after the last)",
+            "initial_scale": cfg.l2g_initial_scale,
+            "prompt_embedding": self.prompt_kind,
+            "base_model": self.info.base_model,
+            "base_prediction_type": self.info.prediction_type,
+            "resolution": self.resolution,
+            "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay,
+            "effective_batch": self.effective_batch,
+            "grid_steps": cfg.grid_steps,
+            "uncond": self.backend.uncond_mode,
+            "seed": cfg.seed,
+            "precision": str(self.dtype).replace("torch.", ""),
+            "skipped_images": len(self.failed_paths),
+            "nan_losses": self.nan_losses,
+            "source": f"annealing-guidance-nodes training {annealing.__version__}",
+        }
+        if self.info.prediction_type == "flow":
+            training["flow_shift"] = float(self.info.scheduler_config.get("shift", 1.0))
+            training["flow_spacing"] = cfg.flow_spacing
+            training["sd3_t5"] = bool(self.info.has_t5 and cfg.sd3_t5)
+        return self._metadata_with(training, "learn_to_guide")
+
+    def _metadata_with(self, training: dict, method: str) -> annealing.CheckpointMetadata:
         return annealing.CheckpointMetadata(
             model_family=self.family,
             prediction_space=self.info.prediction_space,
@@ -428,6 +518,7 @@ class Trainer:
             trained_latent_numel=int(math.prod(self.latent_shape)),
             training_grid=self.grid.training_grid,
             training=training,
+            method=method,
         )
 
     def save(self, final: bool = False) -> Path:
@@ -447,7 +538,7 @@ class Trainer:
         return path
 
     def save_resume(self) -> None:
-        locked = dict(self.locked, effective_batch=self.effective_batch, seed=self.config.seed)
+        locked = self._resume_locked()
         state = {
             "format": RESUME_FORMAT,
             "version": 1,
@@ -475,9 +566,14 @@ class Trainer:
             old.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------------------ the loss
-    def compute_loss(self, latents: torch.Tensor, cond: TextCondition, generator: torch.Generator | None, **overrides) -> LossTerms:
-        """Algorithm 1's loss for one micro-batch (``overrides`` pass lam/grid_index/noise through, for tests)."""
+    def compute_loss(self, latents: torch.Tensor, cond: TextCondition, generator: torch.Generator | None, **overrides) -> LossTerms | GuideTerms:
+        """The method's loss for one micro-batch (``overrides`` pass lam/grid_index/noise/target_noise through, for tests):
+        Algorithm 1's, or Learn to Guide's with the prompt embedding the network reads at inference."""
         cfg = self.config
+        if self.l2g:
+            prompt = annealing.prompt_embedding(cond.embeds, cond.pooled, self.network_config.prompt_embedding, self.network_config.prompt_dim)
+            return learn_to_guide_loss(self.backend, self.mlp, latents, cond, self.uncond, self.grid, prompt, particles=cfg.l2g_particles,
+                                       objective=cfg.l2g_objective, generator=generator, **overrides)
         weight = cfg.delta_weight * (self.balance.weight if self.balance is not None else 1.0)
         return annealing_loss(self.backend, self.mlp, latents, cond, self.uncond, self.grid, lambda_range=(cfg.lambda_min, cfg.lambda_max),
                               delta_weight=weight, generator=generator, **overrides)
@@ -511,8 +607,10 @@ class Trainer:
                 handle.write(json.dumps(start) + "\n")
         from tqdm.auto import tqdm
 
+        what = (f"a Learn to Guide network ({cfg.l2g_objective} objective, {cfg.l2g_particles} particles per image)" if self.l2g
+                else "a guidance MLP")
         acc.print(
-            f"training a guidance MLP for {self.info.family} ({self.info.prediction_type}) on {len(dataset)} images at {self.resolution}px: "
+            f"training {what} for {self.info.family} ({self.info.prediction_type}) on {len(dataset)} images at {self.resolution}px: "
             f"{self.total_steps} steps x {self.effective_batch} images, {self.world} process(es) on {self.device}, frozen model in "
             f"{str(self.dtype).replace('torch.', '')}, gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}"
         )
@@ -520,7 +618,7 @@ class Trainer:
                    disable=not (self.progress and acc.is_local_main_process), dynamic_ncols=True)
         data_iter = iter(loader)
         micro = self.step * cfg.gradient_accumulation
-        window = _Window(self.device)
+        window = _Window(self.device, self.l2g)
         last_terms: dict = {}
         started = time.perf_counter()
         images_at_start = self.images_seen
@@ -551,7 +649,8 @@ class Trainer:
                         window.nan += 1
                     # No usable loss: a zero loss through the (DDP-wrapped) MLP's forward keeps the processes' gradient
                     # all-reduce calls in step; a backward without a wrapped forward would not take part in it.
-                    acc.backward(self.mlp(zero, zero, zero).sum() * 0.0)
+                    idle = self.mlp(zero, zero, zero.expand(1, self.network_config.prompt_dim)) if self.l2g else self.mlp(zero, zero, zero)
+                    acc.backward(idle.sum() * 0.0)
                 if acc.sync_gradients:
                     self._optimizer_step(window, params)
             if acc.sync_gradients:
@@ -559,15 +658,20 @@ class Trainer:
                 self.images_seen += summary["images"]
                 self.nan_losses += summary["nan"]
                 self.skipped_events += summary["failed"]
-                if summary["count"]:
+                if summary["count"] and self.l2g:
+                    last_terms = {k: summary[k] for k in ("loss", "scale_mean", "scale_min", "scale_max")}
+                elif summary["count"]:
                     last_terms = {k: summary[k] for k in ("loss", "quality", "alignment", "w_mean", "w_min", "w_max")}
                     # the weight this step's loss used, read before the EMA moves on to the next step's
                     last_terms["delta_weight"] = cfg.delta_weight * (self.balance.weight if self.balance else 1.0)
                     if self.balance is not None:
                         self.balance.update(SimpleNamespace(quality=summary["quality"], alignment=summary["alignment"]))
-                window = _Window(self.device)
+                window = _Window(self.device, self.l2g)
                 self.step += 1
-                if last_terms:  # before update(), which draws the bar: the postfix belongs to the step it counts
+                if last_terms and self.l2g:  # before update(), which draws the bar: the postfix belongs to the step it counts
+                    bar.set_postfix(loss=f"{last_terms['loss']:.4g}",
+                                    scale=f"{last_terms['scale_mean']:.2f}[{last_terms['scale_min']:.2f},{last_terms['scale_max']:.2f}]", refresh=False)
+                elif last_terms:
                     bar.set_postfix(loss=f"{last_terms['loss']:.4g}", q=f"{last_terms['quality']:.3g}", a=f"{last_terms['alignment']:.3g}",
                                     w=f"{last_terms['w_mean']:.2f}[{last_terms['w_min']:.2f},{last_terms['w_max']:.2f}]",
                                     **({"dw": f"{last_terms['delta_weight']:.3g}"} if self.balance is not None else {}), refresh=False)
@@ -645,22 +749,26 @@ class Trainer:
 
 
 class _Window:
-    """Loss terms and w statistics of the micro-batches of one optimizer step (per process, reduced on demand)."""
+    """Loss terms and w statistics of the micro-batches of one optimizer step (per process, reduced on demand).
+    Learn to Guide (``l2g``): one loss term, and the CFG scale 1 + omega in place of w, reported as scale_*."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, l2g: bool = False):
+        self.device, self.l2g = device, l2g
         self.count = self.images = self.nan = self.failed = 0
         self.loss = self.quality = self.alignment = self.w_sum = 0.0
         self.w_n = 0
         self.w_min, self.w_max = math.inf, -math.inf
 
-    def add(self, terms: LossTerms, images: int) -> None:
+    def add(self, terms: LossTerms | GuideTerms, images: int) -> None:
         self.count += 1
         self.images += images
         self.loss += float(terms.total.detach())
-        self.quality += float(terms.quality)
-        self.alignment += float(terms.alignment)
-        w = terms.w.float()
+        if isinstance(terms, GuideTerms):
+            w = terms.scale.float()
+        else:
+            self.quality += float(terms.quality)
+            self.alignment += float(terms.alignment)
+            w = terms.w.float()
         self.w_sum += float(w.sum())
         self.w_n += w.numel()
         self.w_min = min(self.w_min, float(w.min()))
@@ -675,7 +783,9 @@ class _Window:
             extremes = acc.gather(extremes.unsqueeze(0)).min(dim=0).values  # [min w, -max w] over processes
         count, images, nan, failed, loss, quality, alignment, w_sum, w_n = sums.tolist()
         out = {"count": int(count), "images": int(images), "nan": int(nan), "failed": int(failed)}
-        if count:
+        if count and self.l2g:
+            out.update(loss=loss / count, scale_mean=w_sum / max(w_n, 1), scale_min=float(extremes[0]), scale_max=-float(extremes[1]))
+        elif count:
             out.update(loss=loss / count, quality=quality / count, alignment=alignment / count, w_mean=w_sum / max(w_n, 1),
                        w_min=float(extremes[0]), w_max=-float(extremes[1]))
         return out
@@ -694,8 +804,9 @@ def _run_name(state: dict) -> str:
 
     config, locked = json.loads(state["config"]), json.loads(state["locked"])
     name = config.get("output_name") if isinstance(config, dict) else None
-    name = name if isinstance(name, str) else f"annealing_{locked.get('model_family_resolved')}"
-    return name if _valid_file_stem(name) else "annealing_unknown"
+    method = locked.get("method", LOCKED_DEFAULTS["method"])
+    name = name if isinstance(name, str) else default_output_name(method, locked.get("model_family_resolved"))
+    return name if _valid_file_stem(name) else default_output_name(method if method in CHOICES["method"] else "annealing", "unknown")
 
 
 def load_resume_state(path: Path) -> dict:
@@ -763,10 +874,14 @@ def resume_state_problem(state) -> str | None:
     return None
 
 
-def resume_shape_problem(state: dict, mlp_config: annealing.GuidanceModelConfig) -> str | None:
-    """What in a checked resume state does not fit an MLP of ``mlp_config`` (weights, optimizer moments, hyperparameters)."""
+def resume_shape_problem(state: dict, mlp_config: annealing.GuidanceModelConfig | annealing.LearnToGuideConfig) -> str | None:
+    """What in a checked resume state does not fit the network ``mlp_config`` describes (an annealing MLP or a Learn to Guide
+    network): weights, optimizer moments, hyperparameters."""
     with torch.device("meta"):  # shapes only: nothing is allocated
-        model = annealing.GuidanceScaleModel(mlp_config)
+        if isinstance(mlp_config, annealing.LearnToGuideConfig):
+            model = annealing.LearnToGuideNet(mlp_config)
+        else:
+            model = annealing.GuidanceScaleModel(mlp_config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     weights = {k: tuple(v.shape) for k, v in state["mlp"].items()}
     if weights != expected:
@@ -819,8 +934,10 @@ def format_report(result: TrainResult) -> str:
         f"skipped NaN/inf losses: {result.nan_losses}; skipped optimizer steps: {result.skipped_steps}",
         f"peak memory: {result.peak_memory_bytes / 2**20:.0f} MiB",
     ]
-    if result.last_terms:
-        t = result.last_terms
+    t = result.last_terms
+    if t and "scale_mean" in t:
+        lines.append(f"last step: loss {t['loss']:.4g}, CFG scale mean {t['scale_mean']:.3f} [{t['scale_min']:.3f}, {t['scale_max']:.3f}]")
+    elif t:
         lines.append(f"last step: quality {t['quality']:.4g}, alignment {t['alignment']:.4g}, w mean {t['w_mean']:.3f} [{t['w_min']:.3f}, {t['w_max']:.3f}]")
     return "\n".join(lines)
 

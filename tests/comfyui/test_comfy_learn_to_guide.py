@@ -1,14 +1,27 @@
 """A Learn to Guide checkpoint through the pack's nodes in a real ComfyUI: the loader reads it, the guider and the KSampler
 patch read the prompt's pooled embedding from the positive conditioning, and every step applies the CFG scale
-1 + omega(t, s, prompt) of the network (s: the training grid's next point), written out here from the method."""
+1 + omega(t, s, prompt) of the network (s: the training grid's next point), written out here from the method.
+
+The last test samples with a checkpoint that ``python -m training --method learn-to-guide`` trained on a tiny SDXL model.
+ComfyUI's interpreter usually lacks the training dependencies: the run uses ANNEALING_TRAIN_PYTHON (a Python with
+``pip install -e '.[train]'``), or this interpreter when it has them, and the test skips, saying so, when neither can."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from test_comfy_sampling import make_guider, rel_err, sample_guider  # noqa: F401 (fixtures below)
+from test_comfy_sampling import ddim_setup, make_guider, rel_err, sample_guider, sd_abar  # noqa: F401 (fixtures below)
 
 PROMPT_DIM = 12
+REPO = Path(__file__).resolve().parents[2]
+TRAINED_GRID_STEPS = 20
+TRAINED_PROMPT_DIM = 32  # the tiny SDXL's text encoder 2 projects its pooled output to 32 (1280 in SDXL)
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +88,106 @@ def test_learn_to_guide_refuses_what_it_cannot_do(comfy_host, tiny, node, l2g_ch
     with pytest.raises(ValueError, match="pooled text embedding"):
         with torch.inference_mode():
             sample_guider(guider, "euler", sigmas, torch.zeros(1, 4, 8, 8))
+
+
+# ------------------------------------------------------------------------------------------------ a checkpoint our trainer wrote
+
+
+def training_python() -> str | None:
+    """A Python that can run ``python -m training``: ANNEALING_TRAIN_PYTHON, else this one if it has the training extras."""
+    if os.environ.get("ANNEALING_TRAIN_PYTHON"):
+        return os.environ["ANNEALING_TRAIN_PYTHON"]
+    try:
+        import accelerate  # noqa: F401
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return None
+    return sys.executable
+
+
+@pytest.fixture(scope="module")
+def trained_l2g_checkpoint(comfy_host, tmp_path_factory):
+    """Train a tiny SDXL Learn to Guide run (3 steps, 20-step grid) with the project's CLI and put its checkpoint in ComfyUI's
+    annealing_guidance folder."""
+    python = training_python()
+    if python is None:
+        pytest.skip(f"{sys.executable} lacks diffusers/transformers/accelerate, which training the checkpoint needs: set "
+                    "ANNEALING_TRAIN_PYTHON to a Python with the training extras (pip install -e '.[train]')")
+    work = tmp_path_factory.mktemp("l2g_training")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    make = ("import sys; from training.tiny_models import make_image_dataset, make_tiny_model; "
+            "make_tiny_model('sdxl', sys.argv[1]); make_image_dataset(sys.argv[2], count=4)")
+
+    def run(*args):
+        done = subprocess.run([python, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{args[:2]} failed:\n{done.stderr[-3000:]}"
+        return done.stdout
+
+    run("-c", make, str(work / "model"), str(work / "data"))
+    out = run("-m", "training", "--method", "learn-to-guide", "--model", str(work / "model"), "--dataset", str(work / "data"),
+              "--output", str(work / "run"), "--resolution", "64", "--grid-steps", str(TRAINED_GRID_STEPS), "--max-steps", "3",
+              "--gradient-accumulation", "2", "--num-workers", "0", "--device", "cpu", "--quiet")
+    assert "done: 3 steps" in out
+    path = comfy_host.models_dir / "annealing_guidance" / "trained_learn_to_guide_sdxl.safetensors"
+    shutil.copy(work / "run" / "learn_to_guide_sdxl.safetensors", path)
+    return path
+
+
+@torch.no_grad()
+def reference_cfg_ddim(model, abar, timesteps, net, pooled, pos, neg, noise):
+    """Ordinary CFG DDIM, the step Learn to Guide trains: eps_hat = eps_u + w (eps_c - eps_u) with w = 1 + omega(t, s, prompt)
+    for the step from t to the next grid timestep s (-1, clean data, after the last), z0 = (z - sqrt(1 - abar) eps_hat) /
+    sqrt(abar), z_next = sqrt(abar_next) z0 + sqrt(1 - abar_next) eps_hat (renoised with the guided noise)."""
+    unet = model.model.diffusion_model.double()
+    z = (1 - abar[timesteps[0]]).sqrt() * noise.double()
+    batch = noise.shape[0]
+    ctx_c, ctx_u = pos[0][0].double().expand(batch, -1, -1), neg[0][0].double().expand(batch, -1, -1)
+    steps = timesteps.tolist()
+    for i, t in enumerate(steps):
+        s = steps[i + 1] if i + 1 < len(steps) else -1
+        tt = torch.full((batch,), float(t), dtype=torch.float64)
+        eps_c, eps_u = unet(z, tt, context=ctx_c), unet(z, tt, context=ctx_u)
+        w = 1 + net(torch.tensor([float(t)]), torch.tensor([float(s)]), pooled).double()
+        eps_hat = eps_u + w * (eps_c - eps_u)
+        z0 = (z - (1 - abar[t]).sqrt() * eps_hat) / abar[t].sqrt()
+        abar_next = abar[s] if s >= 0 else torch.tensor(1.0, dtype=torch.float64)
+        z = abar_next.sqrt() * z0 + (1 - abar_next).sqrt() * eps_hat
+    unet.float()
+    return z.float()
+
+
+def test_a_trained_checkpoint_samples_as_the_cfg_ddim_steps_it_was_trained_on(comfy_host, tiny, node, trained_l2g_checkpoint):
+    """Sampled with euler on its training grid's sigmas (a DDIM step in ComfyUI's x-space), the checkpoint our trainer wrote
+    gives exactly the trained steps: CFG DDIM with scale 1 + omega(t, next grid timestep, pooled prompt) at every step."""
+    import importlib
+
+    loaded = node("LoadAnnealingGuidanceModel", model_name=trained_l2g_checkpoint.name).args[0]
+    annealing = comfy_host.annealing
+    assert isinstance(loaded, annealing.LearnToGuideNet) and loaded.metadata.method == "learn_to_guide"
+    assert (loaded.config.prompt_embedding, loaded.config.prompt_dim) == ("pooled", TRAINED_PROMPT_DIM)
+    assert loaded.metadata.training_grid == annealing.VPGrid(num_steps=TRAINED_GRID_STEPS)
+    assert loaded.metadata.training["steps"] == 3 and loaded.metadata.training["objective"] == "energy"
+    host = importlib.import_module(comfy_host.package.__name__ + ".nodes.host")
+    model, ms, timesteps, sigmas = ddim_setup(tiny, steps=TRAINED_GRID_STEPS)
+    config_name = type(model.model.model_config).__name__
+    assert host.compatibility_problems(loaded.metadata, host.sampling_kind(ms), host.model_family(config_name), host.is_discrete_ddpm(ms)) \
+        == (None, [])
+
+    pos = tiny.make_cond(1)
+    pooled = torch.randn(1, TRAINED_PROMPT_DIM, generator=torch.Generator().manual_seed(7))
+    pos = [[pos[0][0], {"pooled_output": pooled}]]
+    neg = tiny.make_cond(2)
+    latent = torch.zeros(2, 4, 8, 8)
+    with torch.inference_mode():
+        out = sample_guider(make_guider(node, model, pos, neg, loaded), "euler", sigmas, latent)
+    import comfy.sample
+
+    noise = comfy.sample.prepare_noise(latent, 42)
+    expected = reference_cfg_ddim(model, sd_abar(), timesteps, loaded, pooled, pos, neg, noise)
+    assert torch.isfinite(out).all() and rel_err(out, expected) < 1e-4
+
+    # the checkpoint reads the SDXL pooled embedding: a conditioning whose pooled output has another width is refused
+    wrong = [[pos[0][0], {"pooled_output": torch.randn(1, PROMPT_DIM)}]]
+    with pytest.raises(ValueError, match="another model family"), torch.inference_mode():
+        sample_guider(make_guider(node, model, wrong, neg, loaded), "euler", sigmas, latent)
