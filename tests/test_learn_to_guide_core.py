@@ -91,6 +91,20 @@ def test_anchored_guide_uses_the_grids_next_point_and_per_step_the_samplers():
     torch.testing.assert_close(pp, d_u[:1] + omega / k_step * (d_c[:1] - d_u[:1]), rtol=1e-4, atol=1e-5)
 
 
+def test_clamp_bounds_the_cfg_scale_itself():
+    """For a learn_to_guide checkpoint, w_min/w_max bound the CFG scale 1 + omega (what docs/nodes.md says)."""
+    model = l2g_model(seed=2)
+    with torch.no_grad():
+        model.head[-1].bias.fill_(4.0)  # softplus(~4) + 1 is about 5, above the clamp below
+    prompt = torch.randn(1, 16)
+    sigma = sd_sigmas()[torch.tensor([700, 333])].float()
+    d_c, d_u = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    free = AnnealingGuidance(model, AnnealingOptions()).guide(sigma, d_c, d_u, sampling="eps", prompt=prompt)
+    assert not torch.allclose(free, d_u + 2.5 * (d_c - d_u))
+    clamped = AnnealingGuidance(model, AnnealingOptions(w_max=2.5)).guide(sigma, d_c, d_u, sampling="eps", prompt=prompt)
+    torch.testing.assert_close(clamped, d_u + 2.5 * (d_c - d_u), rtol=1e-5, atol=1e-5)
+
+
 def test_flow_checkpoint_reads_sigma_times_1000():
     grid = annealing.FlowGrid(num_steps=10, shift=3.0)
     model = l2g_model(seed=2, grid=grid, convention="sigma_x1000")
