@@ -29,7 +29,7 @@ import torch
 from annealing.training_grid import BETA_SCHEDULES, FlowGrid, TrainingGrid, VPGrid
 
 from .algorithm import CADSConfig, SamplingGrid, cads_perturb
-from .config import TrainingError
+from .errors import TrainingError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # training never downloads; a missing file is an error, not a fetch
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from annealing.errors import AnnealingError
 
-from .config import CHOICES, HELP, TrainingError, _field_kind, build_config, config_fields, read_config_file
+from .config import CHOICES, HELP, _field_kind, build_config, config_fields, read_config_file
+from .errors import TrainingError
 
 EXAMPLES = """examples:
   python -m training --model ./sdxl-base --dataset ./laion-20k --output ./runs/sdxl

@@ -15,15 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from annealing.errors import AnnealingError
-
-
-class TrainingError(AnnealingError):
-    """A problem with the training input (model, data, config, output) reported in one line before training starts."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
-
+from .data import IMAGE_EXTENSIONS
+from .errors import TrainingError
+from .files import read_text, shown
 
 # name -> help text; the order is the order of ``--help``.
 HELP = {
@@ -231,8 +225,6 @@ class TrainConfig:
         """Check every setting's type, finiteness, range and name; raise a one-line TrainingError naming the setting.
 
         Runs before anything is read or loaded, so a bad value never costs a model load or a training run."""
-        from .files import shown
-
         if need_paths:
             for name in ("model", "dataset", "output"):
                 if not getattr(self, name):
@@ -274,7 +266,6 @@ class TrainConfig:
                 raise TrainingError(f"{name} must be a path of 1 to {MAX_PATH_CHARS} characters without NUL bytes, got {shown(value)}")
         if not _CAPTION_EXTENSION.match(self.caption_extension):
             raise TrainingError(f"caption_extension must be a dot and 1 to 31 letters, digits, _ . or -, got {shown(self.caption_extension)}")
-        from .data import IMAGE_EXTENSIONS
 
         if self.caption_extension.lower() in IMAGE_EXTENSIONS:
             raise TrainingError(f"caption_extension must not be an image extension, got {shown(self.caption_extension)}")
@@ -339,8 +330,6 @@ def _field_kind(f: dataclasses.Field) -> type:
 
 def coerce(name: str, value: Any, source: str) -> Any:
     """Check a config-file value against the field's type (ints are accepted where floats are expected)."""
-    from .files import shown
-
     f = {f.name: f for f in config_fields()}[name]
     if value is None:
         if "None" in str(f.type):
@@ -394,8 +383,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
     The file is bounded (a regular file of at most ``MAX_CONFIG_BYTES``, UTF-8) before it is parsed, YAML aliases are
     refused, and no error message echoes more than a short piece of a value."""
-    from .files import read_text, shown
-
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".yaml", ".yml", ".toml"):

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainingError
+from .errors import TrainingError
 from .files import NotARegularFile, clipped, decode_utf8, format_size, open_regular, read_text, shown
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

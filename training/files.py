@@ -12,6 +12,8 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
+from .errors import TrainingError
+
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"))
 
@@ -44,8 +46,6 @@ def is_regular(path: str | os.PathLike) -> bool:
 
 def read_bounded(path: str | os.PathLike, limit: int, what: str) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes; anything else is a one-line TrainingError naming ``what``."""
-    from .config import TrainingError
-
     try:
         with open_regular(path) as handle:
             data = handle.read(limit + 1)
@@ -60,8 +60,6 @@ def read_bounded(path: str | os.PathLike, limit: int, what: str) -> bytes:
 
 def decode_utf8(data: bytes, path: str | os.PathLike, what: str, line: int | None = None) -> str:
     """UTF-8 text of ``data`` (a leading byte-order mark is dropped), or a TrainingError naming the byte offset."""
-    from .config import TrainingError
-
     start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     try:
         return data[start:].decode("utf-8")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import TrainingError
+from .errors import TrainingError
 
 
 def read_log(path: Path) -> list[dict]:

@@ -49,8 +49,9 @@ from annealing.checkpoint import atomic_write
 from . import memory
 from .algorithm import CADSConfig, LossTerms, RunningBalance, annealing_loss
 from .backends import FrozenDiffusionBackend, ModelInfo, TextCondition, default_resolution, detect_model, load_backend
-from .config import CHOICES, TrainConfig, TrainingError
+from .config import CHOICES, TrainConfig
 from .data import EmbeddingStore, ImageCaptionDataset, MicroBatchSampler, collate, scan_dataset
+from .errors import TrainingError
 from .files import shown
 from .learn_to_guide import GuideTerms, learn_to_guide_loss
 
