@@ -178,3 +178,21 @@ def test_plot_command_draws_the_training_log(tmp_path):
     image = Image.open(tmp_path / "training_curves.png")
     assert image.size[0] > 400 and image.size[1] > 400
     assert main(["plot", str(tmp_path / "missing")]) == 2  # one-line error, no traceback
+
+
+def test_plot_shows_the_delta_weight_only_when_balancing_changed_it(tmp_path):
+    """A constant delta weight (balance off) gets no panel of its own; a changing one (balance on) does. The image is
+    written through a temporary file: nothing else is left in the folder."""
+    from training.plots import plot_training_log
+
+    heights = {}
+    for name, weights in (("constant", (1.0, 1.0, 1.0)), ("balanced", (1.0, 40.0, 90.0))):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [{"step": s, "quality": 1.0 / s, "alignment": 0.01 / s, "w_mean": 1.0, "w_min": 0.8, "w_max": 1.3, "delta_weight": w}
+                for s, w in zip((1, 2, 3), weights)]
+        (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        image = plot_training_log(folder)
+        heights[name] = Image.open(image).size[1]
+        assert sorted(p.name for p in folder.iterdir()) == ["train_log.jsonl", "training_curves.png"]
+    assert heights["balanced"] > 1.3 * heights["constant"]  # three panels against two
