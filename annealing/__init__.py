@@ -25,6 +25,7 @@ from .guidance import (
     cfgpp_step,
     delta_norm_from_difference,
     delta_norm_scale,
+    guided_ddim_step,
     per_sample_norm,
     prediction_delta,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "VPGrid",
     "anchored_omega",
     "cfgpp_step",
+    "guided_ddim_step",
     "convert_checkpoint",
     "delta_norm_from_difference",
     "delta_norm_scale",

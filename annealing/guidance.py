@@ -113,17 +113,26 @@ def cfgpp_step(
     All schedule arguments are per sample (B,) or scalars. Returns (z_next, x0_hat, pred_hat). Differentiable in w.
     This is the one implementation shared by inference tests, training and the 2D benchmark.
     """
+    return guided_ddim_step(z, pred_uncond, pred_cond, w, alpha, sigma, alpha_next, sigma_next, prediction, renoise="uncond")
+
+
+def guided_ddim_step(z, pred_uncond, pred_cond, scale, alpha, sigma, alpha_next, sigma_next, prediction: str = "epsilon",
+                     renoise: str = "guided"):
+    """One guided DDIM step (eta 0) z_t -> z_next with scale ``scale``: ``renoise="guided"`` renoises with the guided
+    noise (ordinary CFG, as Learn to Guide trains), ``"uncond"`` with the unconditional noise (CFG++, :func:`cfgpp_step`).
+    Arguments and the (z_next, x0_hat, pred_hat) result as for :func:`cfgpp_step`; differentiable (and affine) in scale."""
     a, s, a_n, s_n = (batch_view(v, z) for v in (alpha, sigma, alpha_next, sigma_next))
-    pred_hat = pred_uncond + batch_view(w, z) * (pred_cond - pred_uncond)
+    pred_hat = pred_uncond + batch_view(scale, z) * (pred_cond - pred_uncond)
+    if renoise not in ("guided", "uncond"):
+        raise ValueError(f"renoise must be 'guided' or 'uncond', got {renoise!r}")
+    pred_noise = pred_hat if renoise == "guided" else pred_uncond
     if prediction == "epsilon":
-        x0_hat = (z - s * pred_hat) / a
-        eps_u = pred_uncond
+        x0_hat, eps = (z - s * pred_hat) / a, pred_noise
     elif prediction == "velocity":
-        x0_hat = z - s * pred_hat
-        eps_u = z + a * pred_uncond
+        x0_hat, eps = z - s * pred_hat, z + a * pred_noise
     else:
         raise ValueError(f"prediction must be 'epsilon' or 'velocity', got {prediction!r}")
-    return a_n * x0_hat + s_n * eps_u, x0_hat, pred_hat
+    return a_n * x0_hat + s_n * eps, x0_hat, pred_hat
 
 
 # ------------------------------------------------------------------------------------------------------------ options
@@ -309,6 +318,7 @@ __all__ = [
     "AnnealingGuidance",
     "AnnealingOptions",
     "cfgpp_step",
+    "guided_ddim_step",
     "delta_norm_from_difference",
     "delta_norm_scale",
     "per_sample_norm",

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from annealing.broadcast import batch_view
+from annealing.guidance import guided_ddim_step
 from annealing.training_grid import VP_CLEAN_TIMESTEP
 
 from .algorithm import DenoiserBackend, SamplingGrid
@@ -108,17 +109,7 @@ def guided_step(z: torch.Tensor, pred_uncond: torch.Tensor, pred_cond: torch.Ten
         z_s   = alpha_next x0_hat + sigma_next eps_hat
 
     Schedule values and ``scale`` are per sample (B,) or scalars; differentiable in ``scale`` (and affine in it)."""
-    a, s, a_n, s_n = (batch_view(v, z) for v in (alpha, sigma, alpha_next, sigma_next))
-    pred_hat = pred_uncond + batch_view(scale, z) * (pred_cond - pred_uncond)
-    if prediction == "epsilon":
-        x0_hat = (z - s * pred_hat) / a
-        eps_hat = pred_hat
-    elif prediction == "velocity":
-        x0_hat = z - s * pred_hat
-        eps_hat = z + a * pred_hat
-    else:
-        raise ValueError(f"prediction must be 'epsilon' or 'velocity', got {prediction!r}")
-    return a_n * x0_hat + s_n * eps_hat
+    return guided_ddim_step(z, pred_uncond, pred_cond, scale, alpha, sigma, alpha_next, sigma_next, prediction, renoise="guided")[0]
 
 
 def next_points(grid: SamplingGrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -447,14 +447,21 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ metadata and saving
     def metadata(self) -> annealing.CheckpointMetadata:
+        """The checkpoint's metadata: the run's record (what both methods share, then the method's own settings)."""
         cfg = self.config
+        training = {"steps": self.step, "images": self.images_seen}
         if self.l2g:
-            return self._l2g_metadata()
-        training = {
-            "steps": self.step,
-            "images": self.images_seen,
-            "lambda_min": cfg.lambda_min,
-            "lambda_max": cfg.lambda_max,
+            training.update({
+                "method": "learn-to-guide (Galashov et al., arXiv 2510.00815)",
+                "particles": cfg.l2g_particles,
+                "objective": cfg.l2g_objective,
+                "step_to": "the training grid's next point (clean data after the last)",
+                "initial_scale": cfg.l2g_initial_scale,
+                "prompt_embedding": self.prompt_kind,
+            })
+        else:
+            training.update({"lambda_min": cfg.lambda_min, "lambda_max": cfg.lambda_max})
+        training.update({
             "base_model": self.info.base_model,
             "base_prediction_type": self.info.prediction_type,
             "resolution": self.resolution,
@@ -462,54 +469,29 @@ class Trainer:
             "weight_decay": cfg.weight_decay,
             "effective_batch": self.effective_batch,
             "grid_steps": cfg.grid_steps,
-            "cads": {"enabled": cfg.cads, "noise_scale": cfg.cads_noise_scale, "tau1": cfg.cads_tau1, "tau2": cfg.cads_tau2, "psi": cfg.cads_psi},
-            "balance": self.balance is not None,
-            "delta_weight": cfg.delta_weight,
+        })
+        if not self.l2g:
+            training.update({
+                "cads": {"enabled": cfg.cads, "noise_scale": cfg.cads_noise_scale, "tau1": cfg.cads_tau1, "tau2": cfg.cads_tau2,
+                         "psi": cfg.cads_psi},
+                "balance": self.balance is not None,
+                "delta_weight": cfg.delta_weight,
+            })
+        training.update({
             "uncond": self.backend.uncond_mode,
             "seed": cfg.seed,
             "precision": str(self.dtype).replace("torch.", ""),
             "skipped_images": len(self.failed_paths),
             "nan_losses": self.nan_losses,
             "source": f"annealing-guidance-nodes training {annealing.__version__}",
-        }
+        })
         if self.info.prediction_type == "flow":
             training["flow_shift"] = float(self.info.scheduler_config.get("shift", 1.0))
             training["flow_spacing"] = cfg.flow_spacing
             training["sd3_t5"] = bool(self.info.has_t5 and cfg.sd3_t5)  # False: zero T5 tokens, as the pipeline without T5
         if self.balance is not None:
             training["final_delta_weight"] = cfg.delta_weight * self.balance.weight
-        return self._metadata_with(training, "annealing")
-
-    def _l2g_metadata(self) -> annealing.CheckpointMetadata:
-        cfg = self.config
-        training = {
-            "method": "learn-to-guide (Galashov et al., arXiv 2510.00815)",
-            "steps": self.step,
-            "images": self.images_seen,
-            "particles": cfg.l2g_particles,
-            "objective": cfg.l2g_objective,
-            "step_to": "the training grid's next point (clean data after the last)",
-            "initial_scale": cfg.l2g_initial_scale,
-            "prompt_embedding": self.prompt_kind,
-            "base_model": self.info.base_model,
-            "base_prediction_type": self.info.prediction_type,
-            "resolution": self.resolution,
-            "lr": cfg.lr,
-            "weight_decay": cfg.weight_decay,
-            "effective_batch": self.effective_batch,
-            "grid_steps": cfg.grid_steps,
-            "uncond": self.backend.uncond_mode,
-            "seed": cfg.seed,
-            "precision": str(self.dtype).replace("torch.", ""),
-            "skipped_images": len(self.failed_paths),
-            "nan_losses": self.nan_losses,
-            "source": f"annealing-guidance-nodes training {annealing.__version__}",
-        }
-        if self.info.prediction_type == "flow":
-            training["flow_shift"] = float(self.info.scheduler_config.get("shift", 1.0))
-            training["flow_spacing"] = cfg.flow_spacing
-            training["sd3_t5"] = bool(self.info.has_t5 and cfg.sd3_t5)
-        return self._metadata_with(training, "learn_to_guide")
+        return self._metadata_with(training, "learn_to_guide" if self.l2g else "annealing")
 
     def _metadata_with(self, training: dict, method: str) -> annealing.CheckpointMetadata:
         return annealing.CheckpointMetadata(
