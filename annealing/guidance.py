@@ -123,10 +123,10 @@ def guided_ddim_step(z, pred_uncond, pred_cond, scale, alpha, sigma, alpha_next,
     """One guided DDIM step (eta 0) z_t -> z_next with scale ``scale``: ``renoise="guided"`` renoises with the guided
     noise (ordinary CFG, as Learn to Guide trains), ``"uncond"`` with the unconditional noise (CFG++, :func:`cfgpp_step`).
     Arguments and the (z_next, x0_hat, pred_hat) result as for :func:`cfgpp_step`; differentiable (and affine) in scale."""
-    a, s, a_n, s_n = (batch_view(v, z) for v in (alpha, sigma, alpha_next, sigma_next))
-    pred_hat = pred_uncond + batch_view(scale, z) * (pred_cond - pred_uncond)
     if renoise not in ("guided", "uncond"):
         raise ValueError(f"renoise must be 'guided' or 'uncond', got {renoise!r}")
+    a, s, a_n, s_n = (batch_view(v, z) for v in (alpha, sigma, alpha_next, sigma_next))
+    pred_hat = pred_uncond + batch_view(scale, z) * (pred_cond - pred_uncond)
     pred_noise = pred_hat if renoise == "guided" else pred_uncond
     if prediction == "epsilon":
         x0_hat, eps = (z - s * pred_hat) / a, pred_noise

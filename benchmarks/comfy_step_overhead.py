@@ -36,8 +36,10 @@ def load_comfy(device: str):
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = device == "cpu"
-    import nodes as comfy_nodes
+    import nodes as comfy_nodes  # ComfyUI's top-level nodes.py (COMFYUI_PATH is first on sys.path), not the pack's
 
+    if not hasattr(comfy_nodes, "load_custom_node"):
+        raise SystemExit(f"the module 'nodes' imported from {getattr(comfy_nodes, '__file__', '?')} is not ComfyUI's nodes.py")
     asyncio.run(comfy_nodes.init_builtin_extra_nodes())
     if not asyncio.run(comfy_nodes.load_custom_node(str(REPO), module_parent="custom_nodes")):
         raise SystemExit("ComfyUI could not load the pack")

@@ -384,3 +384,26 @@ def test_flow_grid_anchored_euler_is_the_flow_cfgpp_sampler(make_guidance_model)
         z = (1 - s_n) * (z - s * v_hat) + s_n * (z + (1 - s) * v_u)
     x = euler_loop(AnnealingGuidance(model), den, sigmas, start, sampling="const")
     torch.testing.assert_close(x, z, rtol=1e-5, atol=1e-5)
+
+
+def test_guided_ddim_step_renoises_as_asked_and_refuses_anything_else():
+    """renoise="uncond" is the CFG++ step (x0 from the guided noise, renoised with the unconditional one); "guided" renoises
+    with the guided noise: z_next = a_n x0_hat + s_n eps_hat, written out here from the DDIM formulas."""
+    from annealing.guidance import cfgpp_step, guided_ddim_step
+
+    gen = torch.Generator().manual_seed(3)
+    z, e_u, e_c = (torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    a, s, a_n, s_n, w = (torch.tensor([0.6, 0.8], dtype=torch.float64), torch.tensor([0.8, 0.6], dtype=torch.float64),
+                         torch.tensor([0.7, 0.9], dtype=torch.float64), torch.tensor([0.71, 0.43], dtype=torch.float64),
+                         torch.tensor([2.0, 0.5], dtype=torch.float64))
+
+    def view(v):
+        return v.view(-1, 1, 1, 1)
+
+    e_hat = e_u + view(w) * (e_c - e_u)
+    x0_hat = (z - view(s) * e_hat) / view(a)
+    guided = guided_ddim_step(z, e_u, e_c, w, a, s, a_n, s_n, renoise="guided")[0]
+    torch.testing.assert_close(guided, view(a_n) * x0_hat + view(s_n) * e_hat)
+    torch.testing.assert_close(cfgpp_step(z, e_u, e_c, w, a, s, a_n, s_n)[0], view(a_n) * x0_hat + view(s_n) * e_u)
+    with pytest.raises(ValueError, match="renoise must be"):
+        guided_ddim_step(z, e_u, e_c, w, a, s, a_n, s_n, renoise="cond")
