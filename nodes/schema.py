@@ -67,8 +67,10 @@ def annealing_options(settings: dict, fallback_cfg: float | None = None) -> Anne
 def validate_active_range(active_start, active_end) -> bool | str:
     """For a node's validate_inputs: an inverted or empty active range is refused before the prompt runs."""
     if isinstance(active_start, (int, float)) and isinstance(active_end, (int, float)):  # linked values arrive at execution time
-        if not 0.0 <= active_start < active_end <= 1.0:
-            return f"need 0 <= active_start < active_end <= 1, got active_start {active_start:g} and active_end {active_end:g}"
+        try:  # the core's rule (ComfyUI skips its own min/max check for inputs a validate_inputs takes)
+            AnnealingOptions(active_start=float(active_start), active_end=float(active_end))
+        except ValueError as exc:
+            return str(exc)
     return True
 
 #: The other guidance methods the pack offers for comparison (TV-CFG, ADG).

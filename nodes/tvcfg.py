@@ -97,8 +97,12 @@ class StageWiseGuidanceNode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, interval_low, interval_high):
-        if isinstance(interval_low, (int, float)) and isinstance(interval_high, (int, float)) and not interval_low < interval_high:
-            return f"need interval_low < interval_high, got {interval_low:g} and {interval_high:g}"
+        # ComfyUI skips its own min/max check for inputs a validate_inputs takes: the core's rule checks both
+        if isinstance(interval_low, (int, float)) and isinstance(interval_high, (int, float)):
+            try:
+                StageWiseGuidance(interval_low=float(interval_low), interval_high=float(interval_high))
+            except ValueError as exc:
+                return str(exc)
         return True
 
     @classmethod

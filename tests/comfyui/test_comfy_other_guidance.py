@@ -371,6 +371,9 @@ def test_nodes_are_registered_with_tooltips_and_validation(comfy_host, tiny, nod
     schema = mappings["StageWiseGuidance"]
     assert schema.validate_inputs(interval_low=0.15, interval_high=0.78) is True
     assert "interval_low" in schema.validate_inputs(interval_low=0.8, interval_high=0.2)
+    # ComfyUI skips its own min/max check for inputs validate_inputs takes: the range is checked there too
+    assert "interval_high" in schema.validate_inputs(interval_low=0.15, interval_high=1.5)
+    assert "interval_low" in schema.validate_inputs(interval_low=-0.2, interval_high=0.5)
     model = tiny.make_tiny_model("eps")
     edm = comfy_host.nodes.NODE_CLASS_MAPPINGS["ModelSamplingContinuousEDM"]().patch(model, "edm", 120.0, 0.002)[0]
     with pytest.raises(ValueError, match="timestep"):

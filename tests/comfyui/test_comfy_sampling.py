@@ -501,6 +501,12 @@ def test_bad_options_are_refused_by_name(comfy_host, tiny, node, upstream_model)
         node("ApplyAnnealingGuidance", model=model, **guider_inputs(upstream_model, clamp_w=True, w_min=2.0, w_max=1.0))
     with pytest.raises(ValueError, match="active_start"):
         node("ApplyAnnealingGuidance", model=model, **guider_inputs(upstream_model, active_start=0.8, active_end=0.2))
+    # refused when the prompt is queued, out-of-range values too (ComfyUI skips its min/max check for these inputs)
+    for name in ("AnnealingGuider", "ApplyAnnealingGuidance"):
+        validate = comfy_host.nodes.NODE_CLASS_MAPPINGS[name].validate_inputs
+        assert validate(active_start=0.2, active_end=0.8) is True
+        assert "active_start" in validate(active_start=0.8, active_end=0.2)
+        assert "active_end" in validate(active_start=0.2, active_end=1.5)
 
 
 def test_v_prediction_model_euler_matches_euler_cfg_pp(comfy_host, tiny, node, upstream_model):
