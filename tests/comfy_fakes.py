@@ -117,8 +117,9 @@ def flow_metadata():
 
 
 def post_cfg_args(base, sigma, d_cond, d_uncond, sample_sigmas, cond_scale=1.0):
+    """The args dict ComfyUI's cfg_function hands a post-CFG function (processed conds as one empty part each)."""
     return {"denoised": d_uncond + cond_scale * (d_cond - d_uncond), "cond_denoised": d_cond, "uncond_denoised": d_uncond,
-            "sigma": sigma, "model": base, "cond_scale": cond_scale, "input": None,
+            "cond": [{}], "uncond": [{}], "sigma": sigma, "model": base, "cond_scale": cond_scale, "input": None,
             "model_options": {"transformer_options": {"sample_sigmas": sample_sigmas}}}
 
 

@@ -13,31 +13,20 @@ from comfy_fakes import (
     FakeSampler,
     _import,
     core,
+    post_cfg_args,
     sample_euler,
     sample_euler_ancestral_RF,
     sample_euler_cfg_pp,
     samplers,
+    sdxl_model,
 )
 
 hook_module = _import("nodes.hook")
 AnnealingHook = hook_module.AnnealingHook
 
 
-def sdxl_model(seed=0):
-    torch.manual_seed(seed)
-    model = core.GuidanceScaleModel(core.GuidanceModelConfig(), core.upstream_metadata())
-    model.source_path = "/models/annealing_guidance/annealing_sdxl.pt"
-    return model.eval()
-
-
 def options(**changes):
     return core.AnnealingOptions(**changes)
-
-
-def post_cfg_args(base, sigma, d_cond, d_uncond, sample_sigmas, cond_scale=1.0):
-    return {"denoised": d_uncond + cond_scale * (d_cond - d_uncond), "cond_denoised": d_cond, "uncond_denoised": d_uncond,
-            "cond": [{}], "uncond": [{}], "sigma": sigma, "model": base, "cond_scale": cond_scale, "input": None,
-            "model_options": {"transformer_options": {"sample_sigmas": sample_sigmas}}}
 
 
 def run_one(hook, sampler_function, base, sigma, d_cond, d_uncond, sample_sigmas, **extra):

@@ -13,6 +13,7 @@ from comfy_fakes import (
     COSMOS_RFLOW,
     _import,
     core,
+    flow_metadata,
     model_sampling,
     sample_euler,
     sample_euler_ancestral_RF,
@@ -22,10 +23,6 @@ from comfy_fakes import (
 )
 
 host = _import("nodes.host")
-
-
-def flow_metadata():
-    return core.CheckpointMetadata(model_family="sd3", prediction_space="velocity", timestep_convention="sigma_x1000")
 
 
 def test_register_model_folder_creates_it_and_accepts_safetensors_and_pt(tmp_path):
