@@ -360,7 +360,7 @@ def test_half_precision_models_run_and_record_float32(comfy_host, tiny, node, up
         assert torch.isfinite(out).all()
         trace = guider.annealing_hook.runs[-1].trace
         assert trace["w"].dtype.name == "float32" and trace["w"].shape == (4, 1)
-        mlp = next(iter(guider.annealing_hook._guides.values())).model
+        mlp = guider.annealing_hook.guidance.model  # the guide the run used, moved to the device in float32
         assert next(mlp.parameters()).dtype == torch.float32
 
 
@@ -373,12 +373,13 @@ def test_two_guiders_keep_their_own_state_and_a_second_run_starts_fresh(comfy_ho
     model = tiny.make_tiny_model("eps", seed=0)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 5).float().cpu()
     with torch.inference_mode():
-        first = make_guider(node, model, tiny.make_cond(1), tiny.make_cond(2), upstream_model, lam=0.1)
-        second = make_guider(node, model, tiny.make_cond(1), tiny.make_cond(2), upstream_model, lam=0.9)
+        first = make_guider(node, model, tiny.make_cond(1), tiny.make_cond(2), upstream_model, **{"lambda": 0.1})
+        second = make_guider(node, model, tiny.make_cond(1), tiny.make_cond(2), upstream_model, **{"lambda": 0.9})
         out_first = sample_guider(first, "euler", sigmas, torch.zeros(1, 4, 8, 8), seed=1)
         sample_guider(second, "heun", sigmas, torch.zeros(1, 4, 8, 8), seed=2)
         sample_guider(first, "euler", sigmas, torch.zeros(1, 4, 8, 8), seed=3)
     hook_first, hook_second = first.annealing_hook, second.annealing_hook
+    assert (hook_first.options.lam, hook_second.options.lam) == (0.1, 0.9)
     assert len(hook_first.runs) == 2 and len(hook_second.runs) == 1
     assert hook_second.runs[-1].sampler_name == "heun" and hook_first.runs[-1].sampler_name == "euler"
     latest = hook_first.runs[-1].trace
