@@ -45,6 +45,19 @@ def same_fingerprint(a: tuple, b: tuple, rtol: float = 1e-5) -> bool:
     return a[0] == b[0] and torch.allclose(a[1], b[1], rtol=rtol, atol=1e-6)
 
 
+def sampler_reads_uncond(model_options: dict, sampler_module: str | None) -> bool:
+    """True when the running sampler added a post-CFG function of its own (one defined inside a function of the sampler
+    function's module), as every ComfyUI CFG++ sampler does to read ``uncond_denoised``, whatever its name."""
+    if not sampler_module:
+        return False
+    for function in model_options.get("sampler_post_cfg_function", ()):
+        while hasattr(function, "func"):  # functools.partial
+            function = function.func
+        if getattr(function, "__module__", None) == sampler_module and "<locals>" in getattr(function, "__qualname__", ""):
+            return True
+    return False
+
+
 @dataclass
 class SamplingRun:
     """One finished sampling run of a hook: what ran, and what was applied."""
@@ -74,6 +87,7 @@ class AnnealingHook:
         self.recorder = GuidanceRecorder()
         self.runs: deque[SamplingRun] = deque(maxlen=self.max_runs)
         self.sampler = SamplerInfo()
+        self._sampler_module: str | None = None
         self._device: torch.device | None = None
         self._checked_model_sampling = None
         self._kind: str | None = None
@@ -102,6 +116,7 @@ class AnnealingHook:
         """A sampling run starts: forget the previous recording and sampler."""
         self.recorder.reset()
         self.sampler = SamplerInfo()
+        self._sampler_module = None
         self._checked_model_sampling = None
         self._prompt = None
 
@@ -110,6 +125,9 @@ class AnnealingHook:
         function = getattr(sampler, "sampler_function", None)
         extra = getattr(sampler, "extra_options", None) or {}
         self.sampler = SamplerInfo(sampler_name_from_function(function), extra.get("eta", 1.0))
+        while hasattr(function, "func"):  # functools.partial
+            function = function.func
+        self._sampler_module = getattr(function, "__module__", None)
 
     def end_run(self, samples: torch.Tensor | None) -> SamplingRun:
         """File the finished run (its trace, and the fingerprint of its output latent)."""
@@ -150,8 +168,7 @@ class AnnealingHook:
         """One evaluation, float32 predictions in: ComfyUI's arguments handed to the core's guide."""
         base_model, model_options = args["model"], args.get("model_options", {})
         if self._checked_model_sampling is not base_model.model_sampling:  # once per run (a later patch may change the sampling)
-            self.check_model(base_model.model_sampling, config_class_name(base_model))
-            self._checked_model_sampling = base_model.model_sampling
+            self._check_run(base_model, model_options)
         if d_cond.device != self._device:  # the MLP computes in float32 on the diffusion model's device
             self.guidance, self._device = self.guidance.to(d_cond.device), d_cond.device
         return self.guidance.guide(
@@ -159,6 +176,18 @@ class AnnealingHook:
             sample_sigmas=model_options.get("transformer_options", {}).get("sample_sigmas"), recorder=self.recorder,
             prompt=self._prompt_for(args.get("cond"), d_cond.device) if self.learned else None,
         )
+
+    def _check_run(self, base_model, model_options: dict) -> None:
+        """Once per run, at its first evaluation: the model is one the checkpoint serves, and the sampler's way of reading the
+        unconditional prediction is known (a CFG++ sampler adds its post-CFG function only while it runs)."""
+        self.check_model(base_model.model_sampling, config_class_name(base_model))
+        self._checked_model_sampling = base_model.model_sampling
+        if not self.sampler.reads_uncond and sampler_reads_uncond(model_options, self._sampler_module):
+            self.sampler = SamplerInfo(self.sampler.name, self.sampler.eta, reads_uncond=True)
+            if not self.sampler.known:
+                warn_once(f"sampler {self.sampler.name or 'unknown'} reads the unconditional prediction itself (it adds its own "
+                          "post-CFG function), as CFG++ samplers do: it gets CFG++ units (no k factor); its step is unknown to the "
+                          "pack, so the guidance is approximate")
 
     def _prompt_for(self, conds, device) -> torch.Tensor:
         """learn_to_guide: the prompt embedding of the positive conditioning ComfyUI hands the hook (its processed conds keep

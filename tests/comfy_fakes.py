@@ -90,6 +90,28 @@ def sample_unipc():
     pass
 
 
+def sample_euler_pp():  # ComfyUI's SamplerEulerCFG++ "alternative" (comfy_extras.nodes_advanced_samplers)
+    pass
+
+
+def sample_cfgpp_ud10_ab():  # ComfyUI 0.35's CFG++ sampler named the other way round
+    pass
+
+
+def sample_mystery():  # a sampler the pack does not know by name
+    pass
+
+
+def sampler_post_cfg_function():
+    """What a CFG++ sampler adds to model_options while it runs: a post-CFG function defined inside a function of the
+    sampler's own module (here this one, like the samplers above), reading uncond_denoised."""
+
+    def post_cfg_function(args):
+        return args["denoised"]
+
+    return post_cfg_function
+
+
 class FakeSampler:
     def __init__(self, function, **extra_options):
         self.sampler_function = function

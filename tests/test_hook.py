@@ -15,9 +15,13 @@ from comfy_fakes import (
     _import,
     core,
     post_cfg_args,
+    sample_cfgpp_ud10_ab,
     sample_euler,
     sample_euler_ancestral_RF,
     sample_euler_cfg_pp,
+    sample_euler_pp,
+    sample_mystery,
+    sampler_post_cfg_function,
     samplers,
     sdxl_model,
 )
@@ -251,3 +255,51 @@ def test_the_hook_builds_its_guide_once_and_moves_a_float32_copy(monkeypatch):
     float32_model = sdxl_model()
     same = core.AnnealingGuidance(float32_model, options())
     assert same.to(torch.device("cpu")) is same and same.model is float32_model  # already there: nothing copied
+
+
+# --------------------------------------------------------------------------------------- samplers by what they do
+
+
+def scales_at_step(model, sigma, d_cond, d_uncond, sample_sigmas):
+    """(w, k_train, k_step) by hand for an EPS evaluation at sample_sigmas[1], DDPM timestep 600 (normalisation off)."""
+    norm = ((d_cond - d_uncond) / sigma[0]).reshape(d_cond.shape[0], -1).norm(dim=1)
+    w = model(torch.full((d_cond.shape[0],), 600.0), norm, 0.4)
+    k_train = core.k_train(core.VPGrid(), sigma.double()).float()
+    k_step = sample_sigmas[1] / (sample_sigmas[1] - sample_sigmas[2])
+    return w, k_train, k_step
+
+
+@pytest.mark.parametrize("mode", ["anchored", "per_step"])
+def test_samplers_get_the_scale_their_step_needs_whatever_their_name(mode, caplog):
+    """No k factor for a sampler that renoises with the unconditional prediction itself: named *_cfg_pp or cfgpp_*, or seen
+    adding its own post-CFG function (unknown ones warn: approximate). euler_pp also adds one, but steps as plain Euler at
+    twice its scale: it gets half the ordinary scale."""
+    model = sdxl_model()
+    base = FakeBaseModel("eps")
+    sigmas = base.model_sampling.sigmas
+    sample_sigmas = torch.cat([sigmas[torch.tensor([900, 600, 300, 0])], torch.zeros(1)])
+    torch.manual_seed(1)
+    d_cond, d_uncond = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    sigma = sample_sigmas[1].expand(2)
+    w, k_train, k_step = scales_at_step(model, sigma, d_cond, d_uncond, sample_sigmas)
+    omega = w * k_train if mode == "anchored" else w * k_step  # the CFG-equivalent scale every sampler must end up with
+    cases = [  # (sampler function, adds its own post-CFG function, scale it must be given)
+        (sample_euler, False, omega), (sample_mystery, False, omega), (sample_euler_cfg_pp, True, omega / k_step),
+        (sample_cfgpp_ud10_ab, True, omega / k_step), (sample_cfgpp_ud10_ab, False, omega / k_step),
+        (sample_mystery, True, omega / k_step), (sample_euler_pp, True, omega / 2)]
+    for function, adds, scale in cases:
+        hook = AnnealingHook(model, options(mode=mode, normalize_delta_norm=False))
+        hook.begin_run()
+        hook.set_sampler(FakeSampler(function))
+        args = post_cfg_args(base, sigma, d_cond, d_uncond, sample_sigmas)
+        other_pack = lambda a: a["denoised"]  # noqa: E731 (another pack's post-CFG function: not the sampler's)
+        args["model_options"]["sampler_post_cfg_function"] = [other_pack] + ([sampler_post_cfg_function()] if adds else [])
+        with caplog.at_level(logging.WARNING, logger="annealing_guidance"):
+            caplog.clear()
+            out = hook.post_cfg(args)
+        run = hook.end_run(out)
+        name = function.__name__[len("sample_"):]
+        torch.testing.assert_close(out, d_uncond + scale.reshape(-1, 1, 1, 1) * (d_cond - d_uncond), rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(torch.from_numpy(run.trace["omega"][0]), omega, rtol=1e-4, atol=1e-5, msg=name)
+        warned = any("reads the unconditional prediction itself" in r.getMessage() for r in caplog.records)
+        assert warned == (function is sample_mystery and adds and mode == "anchored"), name  # once per process: the first mode

@@ -124,3 +124,18 @@ def test_warn_once(caplog):
         assert warn_once("unique message for this test")
         assert not warn_once("unique message for this test")
     assert sum("unique message for this test" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_cfg_pp_samplers_are_recognised_by_name_and_by_what_they_do():
+    # ComfyUI 0.35's cfgpp_ud10_ab renoises with the unconditional prediction although its name does not end in _cfg_pp
+    assert samplers.renoises_with_uncond("cfgpp_ud10_ab") and samplers.SamplerInfo("cfgpp_ud10_ab").renoises_with_uncond
+    assert not samplers.is_ancestral("cfgpp_ud10_ab")
+    # a sampler the host saw read the unconditional prediction itself is a CFG++ sampler whatever its name, but not a known one
+    mystery = samplers.SamplerInfo("mystery", reads_uncond=True)
+    assert mystery.renoises_with_uncond and not mystery.known
+    assert samplers.SamplerInfo("mystery").known and not samplers.SamplerInfo("mystery").renoises_with_uncond
+    # euler_pp reads it too, and steps as plain Euler at twice its scale: no CFG++ sampler, a multiple of 2
+    euler_pp = samplers.SamplerInfo("euler_pp", reads_uncond=True)
+    assert not euler_pp.renoises_with_uncond and euler_pp.known and euler_pp.guidance_multiple == 2.0
+    assert samplers.SamplerInfo("euler").guidance_multiple == 1.0
+

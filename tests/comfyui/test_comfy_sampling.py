@@ -523,3 +523,44 @@ def test_v_prediction_model_euler_matches_euler_cfg_pp(comfy_host, tiny, node, u
         out_pp = sample_guider(make_guider(node, model, tiny.make_cond(1), tiny.make_cond(2), upstream_model), "euler_cfg_pp", sigmas, latent)
     assert rel_err(out_k, out_pp) < 1e-4
     assert guider.annealing_hook.runs[-1].trace["w"].shape == (6, 2)
+
+
+# ------------------------------------------------------------------------------- what newer hosts do (0.3.64 and 0.21)
+
+
+def test_euler_pp_is_plain_euler_at_twice_the_scale_and_gets_half_of_it(comfy_host, tiny, node, upstream_model):
+    """SamplerEulerCFG++ "alternative" (sample_euler_pp) reads the unconditional prediction itself, but its step is plain
+    Euler at twice the CFG scale: no k factor for it, half the scale instead, so the guidance is euler's."""
+    import comfy.samplers
+    from comfy_extras.nodes_advanced_samplers import sample_euler_pp
+
+    model = tiny.make_tiny_model("eps", seed=2)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 8).float().cpu()
+    pos, neg, latent = tiny.make_cond(1), tiny.make_cond(2), torch.zeros(2, 4, 8, 8)
+    euler_pp = comfy.samplers.KSAMPLER(sample_euler_pp)
+
+    def plain_cfg(cfg, sampler):
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(pos, neg)
+        guider.set_cfg(cfg)
+        return sample_guider_with(guider, sampler, sigmas, latent)
+
+    with torch.inference_mode():
+        assert rel_err(plain_cfg(3.0, euler_pp), plain_cfg(6.0, comfy.samplers.sampler_object("euler"))) < 1e-5  # the host's fact
+        guider = make_guider(node, model, pos, neg, upstream_model)
+        out_euler = sample_guider(guider, "euler", sigmas, latent)
+        guider_pp = make_guider(node, model, pos, neg, upstream_model)
+        out_pp = sample_guider_with(guider_pp, euler_pp, sigmas, latent)
+    assert rel_err(out_pp, out_euler) < 1e-4
+    run, run_euler = guider_pp.annealing_hook.runs[-1], guider.annealing_hook.runs[-1]
+    assert run.sampler_name == "euler_pp"
+    assert torch.allclose(torch.as_tensor(run.trace["omega"]), torch.as_tensor(run_euler.trace["omega"]), rtol=1e-4)
+    assert torch.allclose(torch.as_tensor(run.trace["scale"]) * 2, torch.as_tensor(run_euler.trace["scale"]), rtol=1e-4)
+
+
+def sample_guider_with(guider, sampler, sigmas, latent, seed=42):
+    import comfy.sample
+
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return guider.sample(noise, latent, sampler, sigmas, disable_pbar=True, seed=seed)
+
