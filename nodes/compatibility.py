@@ -3,17 +3,22 @@ what the checkpoint was trained on, warned once where it runs but w was trained 
 
 from __future__ import annotations
 
-from .model_inspection import HOST_PREDICTION, NATIVE_DELTA_SPACE, is_discrete_ddpm, model_family, sampling_kind
+from .model_inspection import HOST_PREDICTION, NATIVE_DELTA_SPACE, is_discrete_ddpm, model_family, noise_scale, sampling_kind
 from .warn_once import warn_once
 
 
-def compatibility_problems(metadata, kind: str, family: str | None, discrete_ddpm: bool, source: str = "the checkpoint"):
+def compatibility_problems(metadata, kind: str, family: str | None, discrete_ddpm: bool, source: str = "the checkpoint",
+                           host_noise_scale: float = 1.0):
     """(error, warnings) for using a checkpoint with ``metadata`` on a host model.
 
-    error (a one-line string, or None): the checkpoint's timestep convention cannot be computed for this model.
+    error (a one-line string, or None): the checkpoint's timestep convention cannot be computed for this model, or the
+    model's noise scale is not the 1 every checkpoint was trained with (its delta and noise levels would mean other things).
     warnings: trained for another model family or prediction space; it runs, but w was not trained for this model.
     """
     warnings = []
+    if host_noise_scale != 1.0:
+        return (f"the loaded model's sampling scales its noise by noise_scale {host_noise_scale:g} (x = sigma * {host_noise_scale:g} * "
+                f"eps + ...); {source} was trained with noise scale 1, so its delta and noise levels do not apply"), warnings
     convention = metadata.timestep_convention
     if convention == "ddpm_index" and (kind == "const" or not discrete_ddpm):
         return (f"{source} uses DDPM timesteps (trained on {metadata.model_family}, a discrete-time model) but the loaded model is a "
@@ -41,7 +46,7 @@ def check_model(metadata, model_sampling, config_class_name: str | None, source:
     family/space mismatch warned once."""
     kind = sampling_kind(model_sampling)
     error, warnings = compatibility_problems(metadata, kind, model_family(config_class_name), is_discrete_ddpm(model_sampling),
-                                             source=source)
+                                             source=source, host_noise_scale=noise_scale(model_sampling))
     if error:
         raise ValueError(error)
     for message in warnings:

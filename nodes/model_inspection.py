@@ -1,7 +1,9 @@
 """What the loaded diffusion model is, read off ComfyUI's objects by duck typing (no ComfyUI import): its sampling kind
-(how x, the noise and the x0-prediction relate), whether its schedule is DDPM's, and its family."""
+(how x, the noise and the x0-prediction relate), whether its schedule is DDPM's, its noise scale, and its family."""
 
 from __future__ import annotations
+
+import math
 
 #: ComfyUI's model-config class names -> the checkpoint metadata's model_family names.
 FAMILY_BY_CONFIG = {
@@ -19,16 +21,31 @@ NATIVE_DELTA_SPACE = {"eps": "epsilon", "v_prediction": "epsilon", "const": "vel
 def sampling_kind(model_sampling) -> str:
     """'eps', 'v_prediction' or 'const' from a ComfyUI model_sampling object (by its class hierarchy's names).
 
-    EPS, V_PREDICTION and CONST are ComfyUI's mixins; X0 and EDM models share the x = x0 + sigma * eps x-space of EPS.
+    EPS, V_PREDICTION and CONST are ComfyUI's mixins; X0, IMG_TO_IMG and EDM models share the x = x0 + sigma * eps x-space
+    of EPS, and so does V_PREDICTION_DDPM (CogVideoX, ComfyUI 0.21: its noise enters as sigma * eps, its model reads raw x).
+    IMG_TO_IMG_FLOW (ComfyUI 0.21, e.g. Wan FlowRVS) starts from an image instead of noise: refused, like every other type.
     """
     names = {cls.__name__ for cls in type(model_sampling).__mro__}
+    if "IMG_TO_IMG_FLOW" in names:
+        raise ValueError("model sampling IMG_TO_IMG_FLOW starts sampling from an image, not from noise; annealing guidance was "
+                         "trained on noise-to-image sampling (need an EPS, V_PREDICTION or CONST model)")
     if "CONST" in names:
         return "const"
-    if "V_PREDICTION" in names:
+    if "V_PREDICTION" in names or "V_PREDICTION_DDPM" in names:
         return "v_prediction"
     if "EPS" in names:
         return "eps"
     raise ValueError(f"model sampling type {type(model_sampling).__name__} is not supported (need an EPS, V_PREDICTION or CONST model)")
+
+
+def noise_scale(model_sampling) -> float:
+    """The factor on the noise in the model's x-space (newer ComfyUI releases: x = sigma * s * eps + (1 - sigma) x0 for
+    CONST); 1 where the model sampling has none."""
+    value = getattr(model_sampling, "noise_scale", 1.0)
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):  # a tensor of several values, or something else entirely
+        return math.nan
 
 
 def model_family(config_class_name: str | None) -> str | None:

@@ -139,3 +139,34 @@ def test_cfg_pp_samplers_are_recognised_by_name_and_by_what_they_do():
     assert not euler_pp.renoises_with_uncond and euler_pp.known and euler_pp.guidance_multiple == 2.0
     assert samplers.SamplerInfo("euler").guidance_multiple == 1.0
 
+
+def test_model_inspection_reads_the_newer_hosts_sampling_types():
+    assert inspection.sampling_kind(model_sampling("IMG_TO_IMG")) == "eps"  # x = x0 + sigma eps, the model reads raw x
+    assert inspection.sampling_kind(model_sampling("V_PREDICTION_DDPM")) == "v_prediction"  # CogVideoX (0.21): EPS's x-space
+    with pytest.raises(ValueError, match="IMG_TO_IMG_FLOW starts sampling from an image"):
+        inspection.sampling_kind(model_sampling("IMG_TO_IMG_FLOW"))
+    assert inspection.noise_scale(model_sampling("const")) == 1.0
+    assert inspection.noise_scale(model_sampling("const", noise_scale=0.5)) == 0.5
+    assert math.isnan(inspection.noise_scale(model_sampling("const", noise_scale=torch.tensor([1.0, 2.0]))))
+
+
+def test_a_model_with_another_noise_scale_is_refused_naming_it():
+    """Newer ComfyUI flow models may scale their noise (x = sigma * s * eps + (1 - sigma) x0): every checkpoint was trained
+    with s = 1, so its delta and noise levels mean other things there."""
+    flow = flow_metadata()
+    assert compatibility.check_model(flow, model_sampling("const"), "SD3", source="f.safetensors") == ("const", [])
+    assert compatibility.check_model(flow, model_sampling("const", noise_scale=1.0), "SD3") == ("const", [])
+    for scale in (0.5, 2.0, float("nan")):
+        with pytest.raises(ValueError, match=r"noise_scale .*f\.safetensors was trained with noise scale 1") as error:
+            compatibility.check_model(flow, model_sampling("const", noise_scale=scale), "SD3", source="f.safetensors")
+        assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="noise_scale 0.7"):
+        compatibility.check_model(core.upstream_metadata(), model_sampling("eps", noise_scale=0.7), "SDXL")
+
+
+def test_check_model_warns_once_and_returns_the_kind(caplog):
+    with caplog.at_level(logging.WARNING, logger="annealing_guidance"):
+        kind, warnings = compatibility.check_model(core.upstream_metadata(), model_sampling("v"), "SDXL", source="once.pt")
+        compatibility.check_model(core.upstream_metadata(), model_sampling("v"), "SDXL", source="once.pt")
+    assert kind == "v_prediction" and len(warnings) == 1 and "once.pt" in warnings[0]
+    assert sum(warnings[0] in r.getMessage() for r in caplog.records) == 1

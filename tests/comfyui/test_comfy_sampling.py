@@ -564,3 +564,30 @@ def sample_guider_with(guider, sampler, sigmas, latent, seed=42):
     noise = comfy.sample.prepare_noise(latent, seed)
     return guider.sample(noise, latent, sampler, sigmas, disable_pbar=True, seed=seed)
 
+
+def test_model_sampling_types_of_the_newer_host(comfy_host, tiny, node, upstream_model):
+    """IMG_TO_IMG (both releases) keeps the EPS x-space; IMG_TO_IMG_FLOW (0.21, sampling from an image) is refused on the
+    node; V_PREDICTION_DDPM (0.21, CogVideoX) keeps the EPS x-space: euler and euler_cfg_pp apply the same guidance."""
+    import comfy.model_sampling
+    import comfy.samplers
+
+    patch_node = comfy_host.nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]()
+    model = tiny.make_tiny_model("eps", seed=4)
+    pos, neg = tiny.make_cond(1), tiny.make_cond(2)
+    make_guider(node, patch_node.patch(model, "img_to_img", False)[0], pos, neg, upstream_model)  # accepted
+    if not hasattr(comfy.model_sampling, "IMG_TO_IMG_FLOW"):
+        pytest.skip("this ComfyUI has no IMG_TO_IMG_FLOW or V_PREDICTION_DDPM sampling (0.21 and later have them)")
+    with pytest.raises(ValueError, match="IMG_TO_IMG_FLOW starts sampling from an image"):
+        make_guider(node, patch_node.patch(model, "img_to_img_flow", False)[0], pos, neg, upstream_model)
+    sampling = type("ModelSamplingCogVideoX", (comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.V_PREDICTION_DDPM), {})
+    cogvideo = model.clone()
+    cogvideo.add_object_patch("model_sampling", sampling(model.model.model_config))
+    sigmas = comfy.samplers.calculate_sigmas(cogvideo.get_model_object("model_sampling"), "normal", 6).float().cpu()
+    latent = torch.zeros(2, 4, 8, 8)
+    with torch.inference_mode():
+        guider = make_guider(node, cogvideo, pos, neg, upstream_model)
+        out_k = sample_guider(guider, "euler", sigmas, latent)
+        out_pp = sample_guider(make_guider(node, cogvideo, pos, neg, upstream_model), "euler_cfg_pp", sigmas, latent)
+    assert torch.isfinite(out_k).all() and rel_err(out_k, out_pp) < 1e-4
+    assert guider.annealing_hook._kind == "v_prediction"
+
