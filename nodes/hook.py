@@ -23,7 +23,7 @@ from ..annealing.samplers import sampler_name_from_function
 from ..annealing.scale_rule import describe_rule
 from .compatibility import check_model
 from .model_inspection import config_class_name
-from .post_cfg import guided_prediction
+from .post_cfg import FP16_MAX, guided_prediction
 from .warn_once import warn_once
 
 NAME = "Annealing guidance"
@@ -35,8 +35,11 @@ HOOKS_KEY = "annealing_guidance_hooks"
 def samples_fingerprint(samples: torch.Tensor) -> tuple:
     """A cheap identity of a latent batch: its shape and per-item sums (one host sync, once per run).
 
-    Summed in float64 on the CPU: some devices (Apple MPS) have no float64."""
-    flat = samples.detach().reshape(samples.shape[0], -1).to(device="cpu", dtype=torch.float64)
+    Taken of the latent rounded to float16: with ComfyUI's ``--fp16-intermediates`` (0.21) the next node gets the fp16
+    cast of the float32 latent the hook saw, and both must give the same fingerprint (beyond fp16's range both read as
+    its largest value). Summed in float64 on the CPU: some devices (Apple MPS) have no float64."""
+    flat = samples.detach().reshape(samples.shape[0], -1).to(torch.float16).to(device="cpu", dtype=torch.float64)
+    flat = flat.nan_to_num(nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX)
     sums = torch.stack([flat.sum(dim=1), flat.abs().sum(dim=1)], dim=1)
     return tuple(samples.shape), sums
 

@@ -257,6 +257,28 @@ def test_the_hook_builds_its_guide_once_and_moves_a_float32_copy(monkeypatch):
     assert same.to(torch.device("cpu")) is same and same.model is float32_model  # already there: nothing copied
 
 
+# ------------------------------------------------------------------------------------------------- fingerprints
+
+
+def test_a_run_is_found_from_its_latent_after_an_fp16_intermediate_cast():
+    """ComfyUI 0.21 with --fp16-intermediates hands the plot node the fp16 cast of the float32 latent the hook filed."""
+    hook = AnnealingHook(sdxl_model(), options())
+    torch.manual_seed(3)
+    latents = [torch.randn(2, 4, 32, 32) * 4, torch.randn(2, 4, 32, 32) * 4]
+    latents[1][0, 0, 0, 0] = 1e5  # beyond fp16's range: inf after the cast
+    for latent in latents:
+        hook.begin_run()
+        hook.end_run(latent)
+    for i, latent in enumerate(latents):
+        for seen in (latent, latent.half(), latent.half().float()):
+            found, matched = hook.find_run(seen)
+            assert found is hook.runs[i] and matched, (i, seen.dtype)
+    assert hook.find_run(torch.randn(2, 4, 32, 32).half())[1] is False
+    shifted = latents[0].clone()
+    shifted[1, 2, 3, 4] += 0.05  # one element of one item, more than fp16 rounds away
+    assert hook.find_run(shifted)[1] is False
+
+
 # --------------------------------------------------------------------------------------- samplers by what they do
 
 

@@ -565,6 +565,32 @@ def sample_guider_with(guider, sampler, sigmas, latent, seed=42):
     return guider.sample(noise, latent, sampler, sigmas, disable_pbar=True, seed=seed)
 
 
+def test_with_fp16_intermediates_the_plot_still_finds_the_run(comfy_host, tiny, node, upstream_model, monkeypatch):
+    """ComfyUI 0.21's --fp16-intermediates casts the sampler's float32 output to fp16 before the next node sees it."""
+    import comfy.cli_args
+    import comfy.sample
+    import comfy.samplers
+
+    if not hasattr(comfy.cli_args.args, "fp16_intermediates"):
+        pytest.skip("this ComfyUI has no --fp16-intermediates (0.21 and later have it)")
+    monkeypatch.setattr(comfy.cli_args.args, "fp16_intermediates", True)
+    model = tiny.make_tiny_model("eps", seed=0)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 5).float().cpu()
+    pos, neg, latent = tiny.make_cond(1), tiny.make_cond(2), torch.zeros(2, 4, 8, 8)
+    with torch.inference_mode():
+        patched = node("ApplyAnnealingGuidance", model=model, **guider_inputs(upstream_model)).args[0]
+        outs = [comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, seed), 5, 5.0, "euler", "normal", pos, neg, latent,
+                                    sigmas=sigmas, disable_pbar=True, seed=seed) for seed in (1, 2)]
+    hook = comfy_host.hook.find_hook(patched.model_options)
+    assert all(out.dtype == torch.float16 for out in outs) and len(hook.runs) == 2
+    for out, run in zip(outs, hook.runs):
+        found, matched = hook.find_run(out)
+        assert found is run and matched
+    image = node("AnnealingSchedulePlot", samples={"samples": outs[0]}, model=patched).args[0]
+    unmatched = node("AnnealingSchedulePlot", samples={"samples": torch.ones_like(outs[0])}, model=patched).args[0]
+    assert not torch.allclose(image, unmatched)  # the first run's own plot, not the latest run with a "no match" note
+
+
 def test_model_sampling_types_of_the_newer_host(comfy_host, tiny, node, upstream_model):
     """IMG_TO_IMG (both releases) keeps the EPS x-space; IMG_TO_IMG_FLOW (0.21, sampling from an image) is refused on the
     node; V_PREDICTION_DDPM (0.21, CogVideoX) keeps the EPS x-space: euler and euler_cfg_pp apply the same guidance."""
