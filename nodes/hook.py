@@ -227,7 +227,8 @@ def hook_functions(hook: AnnealingHook):
     Plain functions, never bound methods, because the ModelPatcher clones that carry them copy them differently by
     release: 0.3.x deep-copies model_options (copy.deepcopy keeps a function as is, but copies a bound method's object:
     a clone would talk to a copy of the hook with none of its runs); 0.21 copies only model_options' dicts and lists and
-    shares everything else. Either way every clone downstream of the patch talks to this one hook.
+    shares everything else. Either way every clone downstream of the patch talks to this one hook. The post-CFG
+    function carries ``annealing_hook`` so a later patch can tell it apart from other packs' and replace it.
     """
 
     def post_cfg(args):
@@ -242,6 +243,7 @@ def hook_functions(hook: AnnealingHook):
     def reference():
         return hook
 
+    post_cfg.annealing_hook = reference
     return post_cfg, outer_sample, sampler_sample, reference
 
 

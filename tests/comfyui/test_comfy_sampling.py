@@ -617,3 +617,49 @@ def test_model_sampling_types_of_the_newer_host(comfy_host, tiny, node, upstream
     assert torch.isfinite(out_k).all() and rel_err(out_k, out_pp) < 1e-4
     assert guider.annealing_hook._kind == "v_prediction"
 
+
+def test_clones_share_the_patch_and_a_second_patch_replaces_it(comfy_host, tiny, node, upstream_model):
+    """Both releases: a clone downstream of the patch (0.3.64 deep-copies model_options, 0.21 copies only its dicts and
+    lists) talks to the same hook through its own lists; patching again replaces the hook instead of stacking a second."""
+    import comfy.patcher_extension
+    import comfy.sample
+    import comfy.samplers
+
+    hooks_key = comfy_host.hook.HOOKS_KEY
+    model = tiny.make_tiny_model("eps", seed=0)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 4).float().cpu()
+    pos, neg, latent = tiny.make_cond(1), tiny.make_cond(2), torch.zeros(1, 4, 8, 8)
+
+    def ours(patched):
+        return [f for f in patched.model_options.get("sampler_post_cfg_function", []) if hasattr(f, "annealing_hook")]
+
+    def wrappers(patched):
+        return [len(patched.get_wrappers(kind, "annealing_guidance"))
+                for kind in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE)]
+
+    def sample(patched):
+        return comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, 5), 4, 6.0, "euler", "normal", pos, neg, latent,
+                                   sigmas=sigmas, disable_pbar=True, seed=5)
+
+    with torch.inference_mode():
+        first = node("ApplyAnnealingGuidance", model=model, **guider_inputs(upstream_model)).args[0]
+        downstream = first.clone().clone()
+        hook_first = comfy_host.hook.find_hook(first.model_options)
+        assert comfy_host.hook.find_hook(downstream.model_options) is hook_first
+        assert len(ours(downstream)) == 1 and ours(downstream)[0] is ours(first)[0] and wrappers(downstream) == [1, 1]
+        for key in ("sampler_post_cfg_function", "transformer_options"):  # the clone's own containers
+            assert downstream.model_options[key] is not first.model_options[key]
+        assert downstream.model_options["transformer_options"][hooks_key] is not first.model_options["transformer_options"][hooks_key]
+
+        second = node("ApplyAnnealingGuidance", model=downstream, **guider_inputs(upstream_model, **{"lambda": 0.9})).args[0]
+        hook_second = comfy_host.hook.find_hook(second.model_options)
+        assert hook_second is not hook_first and len(ours(second)) == 1 and ours(second)[0].annealing_hook() is hook_second
+        assert wrappers(second) == [1, 1] and len(second.model_options["transformer_options"][hooks_key]) == 1
+        assert comfy_host.hook.find_hook(downstream.model_options) is hook_first and wrappers(downstream) == [1, 1]  # untouched
+        out_second = sample(second)
+        direct = node("ApplyAnnealingGuidance", model=model, **guider_inputs(upstream_model, **{"lambda": 0.9})).args[0]
+        out_direct = sample(direct)
+        guider = make_guider(node, first, pos, neg, upstream_model)  # the guider on a patched model replaces its hook too
+    assert len(hook_second.runs) == 1 and len(hook_first.runs) == 0  # the replaced hook never ran
+    assert rel_err(out_second, out_direct) < 1e-6
+    assert len(ours(guider.model_patcher)) == 1 and comfy_host.hook.find_hook(guider.model_options) is guider.annealing_hook
