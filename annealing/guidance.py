@@ -15,6 +15,7 @@ training grid's k, so w * k_train is one CFG scale per noise level; per_step: th
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -140,6 +141,11 @@ def guided_ddim_step(z, pred_uncond, pred_cond, scale, alpha, sigma, alpha_next,
 # ------------------------------------------------------------------------------------------------------------ options
 
 
+def _float32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32, without dispatching a no-op cast when it is already (the guide runs every sampling step)."""
+    return tensor if tensor.dtype == torch.float32 else tensor.to(torch.float32)
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -219,6 +225,17 @@ class AnnealingGuidance:
                              "anchored or per_step")
         self.lookup = GridLookup(metadata.training_grid, metadata.timestep_convention)
 
+    def to(self, device) -> AnnealingGuidance:
+        """This guide with its network in float32 on ``device``: itself when it is there already, else a copy that shares
+        the options and the grid lookup (the network is copied, never moved: a loaded model may serve other guides)."""
+        device = torch.device(device)
+        weight = next(self.model.parameters(), None)
+        if weight is None or (weight.device == device and weight.dtype == torch.float32):
+            return self
+        moved = copy.copy(self)
+        moved.model = copy.deepcopy(self.model).to(device=device, dtype=torch.float32)
+        return moved
+
     def guide(
         self,
         sigma: torch.Tensor | float,
@@ -261,8 +278,8 @@ class AnnealingGuidance:
         positive = sigma > 0  # sigma 0: D_c = D_u = x, nothing to guide (and delta would divide by zero)
 
         # D_c - D_u once: its norm gives ||delta|| and it is reused for the guided prediction (the hot path runs every step).
-        d_uncond32 = d_uncond.to(torch.float32)
-        difference = d_cond.to(torch.float32) - d_uncond32
+        d_uncond32 = _float32(d_uncond)
+        difference = _float32(d_cond) - d_uncond32
         norm = delta_norm_from_difference(sigma, per_sample_norm(difference), sampling, meta.prediction_space)
         norm = torch.where(positive, norm, 0.0)
         if self.method == "learn_to_guide":
@@ -300,7 +317,7 @@ class AnnealingGuidance:
             guided = guided.clamp(torch.finfo(torch.float16).min, torch.finfo(torch.float16).max)
         if recorder is not None:
             recorder.record(sigma, timestep, norm, mlp_norm, w, scale, torch.where(positive, omega, 1.0), active, sample_sigmas)
-        return guided.to(d_cond.dtype)
+        return guided if d_cond.dtype == torch.float32 else guided.to(d_cond.dtype)
 
     def _learned_scale(self, sigma, prompt, sampling, sampler, sample_sigmas):
         """learn_to_guide: (CFG scale 1 + omega, a factor of ones, t): omega for the step from t(sigma) to s."""

@@ -19,6 +19,8 @@ import torch
 from .schedules import check_sampling, locate_on_schedule, renoise_factor
 
 CFG_PP_SUFFIX = "_cfg_pp"
+#: CFG++ samplers named the other way round (ComfyUI 0.35's ``cfgpp_ud10_ab``, an Adams-Bashforth CFG++ Euler).
+CFG_PP_PREFIX = "cfgpp_"
 
 #: Ancestral samplers whose deterministic move ends at sigma_down (then noise sigma_up is added).
 ANCESTRAL_SAMPLERS = frozenset({"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "res_multistep_ancestral"})
@@ -29,6 +31,11 @@ EXACT_WITH_K_FACTOR = frozenset({"euler", "ddim", "euler_ancestral"})
 #: Samplers whose next state is built from the x0-prediction alone plus fresh noise (LCM: x = D, then renoise): the CFG++
 #: step's x0 is reproduced with w as is; a k factor would over-guide by k.
 X0_ONLY_SAMPLERS = frozenset({"lcm"})
+
+#: Samplers that read the unconditional prediction themselves and then step as an ordinary sampler at a multiple of the
+#: scale they are given: ComfyUI's SamplerEulerCFG++ "alternative" (``sample_euler_pp``) steps x + dt (2 eps_D - eps_u),
+#: which is plain Euler at twice the CFG scale. They are not CFG++ samplers (no k factor); the scale is divided instead.
+GUIDANCE_MULTIPLE = {"euler_pp": 2.0}
 
 #: Ancestral samplers whose sigma_down ComfyUI computes with the variance-exploding formula even for flow models.
 VE_SIGMA_DOWN_SAMPLERS = frozenset({"res_multistep_ancestral"})
@@ -58,18 +65,14 @@ def sampler_name_from_function(function) -> str | None:
 
 
 def renoises_with_uncond(sampler_name: str | None) -> bool:
-    """True for samplers that renoise with the unconditional prediction (ComfyUI's ``*_cfg_pp``)."""
-    return bool(sampler_name) and sampler_name.endswith(CFG_PP_SUFFIX)
-
-
-def takes_w_as_is(sampler_name: str | None) -> bool:
-    """True where w must be applied unchanged: ``*_cfg_pp`` samplers, and samplers that use only the x0-prediction (lcm)."""
-    return renoises_with_uncond(sampler_name) or sampler_name in X0_ONLY_SAMPLERS
+    """True for samplers whose name says they renoise with the unconditional prediction: ComfyUI's ``*_cfg_pp`` and
+    ``cfgpp_*``. A host can also tell it from what the sampler does (:attr:`SamplerInfo.reads_uncond`)."""
+    return bool(sampler_name) and (sampler_name.endswith(CFG_PP_SUFFIX) or sampler_name.startswith(CFG_PP_PREFIX))
 
 
 def is_ancestral(sampler_name: str | None) -> bool:
     """True for the ancestral samplers in :data:`ANCESTRAL_SAMPLERS` and their ``_cfg_pp`` twins."""
-    if renoises_with_uncond(sampler_name):
+    if sampler_name and sampler_name.endswith(CFG_PP_SUFFIX):
         sampler_name = sampler_name[: -len(CFG_PP_SUFFIX)]
     return sampler_name in ANCESTRAL_SAMPLERS
 
@@ -102,11 +105,13 @@ def ancestral_sigma_down(sigma: torch.Tensor, sigma_next: torch.Tensor, sampling
 
 @dataclass(frozen=True)
 class SamplerInfo:
-    """What a host says about the sampler that runs: its name (ComfyUI / k-diffusion style, None when unknown) and the
-    eta of an ancestral sampler (1 = full ancestral noise)."""
+    """What a host says about the sampler that runs: its name (ComfyUI / k-diffusion style, None when unknown), the eta
+    of an ancestral sampler (1 = full ancestral noise), and whether it reads the unconditional prediction itself (in
+    ComfyUI: it adds its own post-CFG function, as every CFG++ sampler does), whatever its name."""
 
     name: str | None = None
     eta: float = 1.0
+    reads_uncond: bool = False
 
     def __post_init__(self):
         if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not math.isfinite(self.eta) or self.eta < 0:
@@ -114,7 +119,20 @@ class SamplerInfo:
 
     @property
     def renoises_with_uncond(self) -> bool:
-        return renoises_with_uncond(self.name)
+        """A CFG++ sampler: by its name, or because it reads the unconditional prediction and is not one of the known
+        samplers that do so for another reason (:data:`GUIDANCE_MULTIPLE`)."""
+        return renoises_with_uncond(self.name) or (self.reads_uncond and self.name not in GUIDANCE_MULTIPLE)
+
+    @property
+    def known(self) -> bool:
+        """False for a sampler that reads the unconditional prediction and whose name the pack does not know: it is
+        treated as a CFG++ sampler, which can only be approximate."""
+        return not self.reads_uncond or renoises_with_uncond(self.name) or self.name in GUIDANCE_MULTIPLE
+
+    @property
+    def guidance_multiple(self) -> float:
+        """The CFG scale this sampler applies per unit of the scale it is given (2 for ``euler_pp``, else 1)."""
+        return GUIDANCE_MULTIPLE.get(self.name, 1.0)
 
     @property
     def x0_only(self) -> bool:

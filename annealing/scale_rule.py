@@ -16,7 +16,8 @@ as_is         factor = 1                                     factor = 1         
 
 k_step is the k of the running sampler's own step (:func:`annealing.samplers.sampler_step_factor`: sigma_next, or
 sigma_down for ancestral samplers). Samplers that build the next state from the x0-prediction alone (lcm) take w as
-is in every mode: the trained CFG++ step's x0 is D_u + w (D_c - D_u).
+is in every mode: the trained CFG++ step's x0 is D_u + w (D_c - D_u). A sampler that applies m times the scale it gets
+(:data:`annealing.samplers.GUIDANCE_MULTIPLE`, e.g. ``euler_pp``) gets factor / m, so omega stays the same.
 """
 
 from __future__ import annotations
@@ -80,10 +81,19 @@ def evaluation_scale(mode: str, sigma: torch.Tensor, k_train: torch.Tensor, *, s
             k_step = sampler_step_factor(sigma, sample_sigmas, sampling, sampler)[0]
     sampler_units = 1.0 / k_step if cfg_pp and k_step is not None else None
     if mode == "anchored":
-        return EvaluationScale(k_train * sampler_units if cfg_pp else k_train, k_train, sampler_units)
-    if mode == "per_step":
-        return EvaluationScale(None if cfg_pp else k_step, k_step, sampler_units)
-    return EvaluationScale(None, k_step if cfg_pp else None, sampler_units)  # as_is
+        rule = EvaluationScale(k_train * sampler_units if cfg_pp else k_train, k_train, sampler_units)
+    elif mode == "per_step":
+        rule = EvaluationScale(None if cfg_pp else k_step, k_step, sampler_units)
+    else:  # as_is
+        rule = EvaluationScale(None, k_step if cfg_pp else None, sampler_units)
+    multiple = sampler.guidance_multiple
+    if multiple == 1.0:
+        return rule
+    # a sampler that applies `multiple` times the scale it gets (euler_pp): the same CFG-equivalent scale, given divided
+    units = 1.0 / multiple if rule.sampler_units is None else rule.sampler_units / multiple
+    if mode == "as_is":  # w itself is given: the sampler makes it `multiple` times w
+        return EvaluationScale(rule.factor, multiple if rule.cfg_factor is None else rule.cfg_factor * multiple, units)
+    return EvaluationScale(1.0 / multiple if rule.factor is None else rule.factor / multiple, rule.cfg_factor, units)
 
 
 def describe_rule(mode: str, sampler_name: str | None, grid_description: str) -> str:

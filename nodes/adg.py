@@ -9,7 +9,7 @@ import math
 from comfy_api.latest import io
 
 from ..annealing.baselines import angle_domain_guidance
-from .patching import attach_guidance, nominal_scale
+from .post_cfg import attach_guidance, nominal_scale
 from .schema import OTHER_GUIDANCE_CATEGORY, sampler_scale_input
 
 NAME = "Angle Domain Guidance"
@@ -18,7 +18,7 @@ OFFICIAL_CAP_DEGREES = 60.0  # ADG_MAX_ANGLE = pi / 3, in the widget's unit
 
 
 def angle_guide(scale: float, max_angle: float):
-    """The guide for :func:`.patching.attach_guidance`: ADG on the x0-predictions (any prediction type)."""
+    """The guide for :func:`.post_cfg.attach_guidance`: ADG on the x0-predictions (any prediction type)."""
 
     def guide(d_cond, d_uncond, args):
         return angle_domain_guidance(d_cond, d_uncond, nominal_scale(scale, args), max_angle)

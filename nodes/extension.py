@@ -8,8 +8,8 @@ from typing_extensions import override
 
 from .adg import AngleDomainGuidanceNode
 from .guider import AnnealingGuider, ApplyAnnealingGuidance
-from .host import register_model_folder
 from .loader import LoadAnnealingGuidanceModel
+from .model_folder import register_model_folder
 from .plots import AnnealingModelExplorer, AnnealingSchedulePlot
 from .tvcfg import StageWiseGuidanceNode
 

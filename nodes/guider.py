@@ -5,9 +5,10 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
+from ..annealing import AnnealingOptions
 from .hook import AnnealingHook
 from .patching import check_model, patch_model
-from .schema import CATEGORY, annealing_inputs, annealing_options, validate_active_range
+from .schema import CATEGORY, annealing_inputs, annealing_options, refused_by
 
 
 class AnnealingCFGGuider(comfy.samplers.CFGGuider):
@@ -45,11 +46,14 @@ class AnnealingGuider(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, active_start, active_end):
-        return validate_active_range(active_start, active_end)
+        return refused_by(AnnealingOptions, active_start=active_start, active_end=active_end)
 
     @classmethod
-    def execute(cls, model, positive, negative, annealing_model, fallback_cfg, **settings) -> io.NodeOutput:
-        hook = AnnealingHook(annealing_model, annealing_options(settings, fallback_cfg=fallback_cfg))
+    def execute(cls, model, positive, negative, annealing_model, mode, normalize_delta_norm, clamp_w, w_min, w_max, active_start,
+                active_end, fallback_cfg, **keyword_inputs) -> io.NodeOutput:
+        options = annealing_options(mode, normalize_delta_norm, clamp_w, w_min, w_max, active_start, active_end, fallback_cfg,
+                                    **keyword_inputs)
+        hook = AnnealingHook(annealing_model, options)
         check_model(hook, model)
         guider = AnnealingCFGGuider(patch_model(model, hook), hook)
         guider.set_conds(positive, negative)
@@ -80,10 +84,13 @@ class ApplyAnnealingGuidance(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, active_start, active_end):
-        return validate_active_range(active_start, active_end)
+        return refused_by(AnnealingOptions, active_start=active_start, active_end=active_end)
 
     @classmethod
-    def execute(cls, model, annealing_model, **settings) -> io.NodeOutput:
-        hook = AnnealingHook(annealing_model, annealing_options(settings))  # fallback: the sampler's own cfg
+    def execute(cls, model, annealing_model, mode, normalize_delta_norm, clamp_w, w_min, w_max, active_start, active_end,
+                **keyword_inputs) -> io.NodeOutput:
+        options = annealing_options(mode, normalize_delta_norm, clamp_w, w_min, w_max, active_start, active_end,
+                                    **keyword_inputs)  # fallback_cfg None: the sampler's own cfg
+        hook = AnnealingHook(annealing_model, options)
         check_model(hook, model)
         return io.NodeOutput(patch_model(model, hook))

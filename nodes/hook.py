@@ -1,11 +1,10 @@
-"""The annealing hook of one node instance: a thin translation of ComfyUI's sampler-hook arguments into one call of
-:meth:`annealing.AnnealingGuidance.guide`, plus the bookkeeping of its sampling runs. Never imports ComfyUI (tested
-without a host).
+"""The annealing hook of one node instance: one guide (:class:`annealing.AnnealingGuidance`, built once from the node's
+options) plus the bookkeeping of its sampling runs. Never imports ComfyUI (tested without a host).
 
-ComfyUI drives it through three list hooks (see :mod:`.patching`):
+ComfyUI drives it through three list hooks (attached by :mod:`.patching`):
 
-* a post-CFG function (``sampler_post_cfg_function``): D_c, D_u, sigma, the model, the sampler's schedule and its CFG scale
-  in; the guided x0-prediction out (every decision about the scale is the core's);
+* a post-CFG function (:mod:`.post_cfg`, the contract every guidance node shares): D_c, D_u, sigma, the model, the
+  sampler's schedule and its CFG scale in; the guided x0-prediction out (every decision about the scale is the core's);
 * a SAMPLER_SAMPLE wrapper: which sampler function runs (its name and ancestral eta), told to the core as-is;
 * an OUTER_SAMPLE wrapper: a fresh recording per sampling run, filed under a fingerprint of the run's output latent, so
   the plot node finds the run that produced the latent it is given.
@@ -13,7 +12,6 @@ ComfyUI drives it through three list hooks (see :mod:`.patching`):
 
 from __future__ import annotations
 
-import copy
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -23,23 +21,44 @@ import torch
 from ..annealing import AnnealingGuidance, AnnealingOptions, GuidanceRecorder, GuidanceTrace, SamplerInfo, prompt_embedding
 from ..annealing.samplers import sampler_name_from_function
 from ..annealing.scale_rule import describe_rule
-from .host import compatibility_problems, is_discrete_ddpm, model_family, sampling_kind, warn_once
+from .compatibility import check_model
+from .model_inspection import config_class_name
+from .post_cfg import FP16_MAX, guided_prediction
+from .warn_once import warn_once
 
-#: Where the pack keeps its hooks on a ModelPatcher's transformer_options (a list: the last applied hook is the active one).
+NAME = "Annealing guidance"
+
+#: Where the pack keeps its hook on a ModelPatcher's transformer_options (a list of references; the last is the active one).
 HOOKS_KEY = "annealing_guidance_hooks"
 
 
 def samples_fingerprint(samples: torch.Tensor) -> tuple:
     """A cheap identity of a latent batch: its shape and per-item sums (one host sync, once per run).
 
-    Summed in float64 on the CPU: some devices (Apple MPS) have no float64."""
-    flat = samples.detach().reshape(samples.shape[0], -1).to(device="cpu", dtype=torch.float64)
+    Taken of the latent rounded to float16: with ComfyUI's ``--fp16-intermediates`` (0.21) the next node gets the fp16
+    cast of the float32 latent the hook saw, and both must give the same fingerprint (beyond fp16's range both read as
+    its largest value). Summed in float64 on the CPU: some devices (Apple MPS) have no float64."""
+    flat = samples.detach().reshape(samples.shape[0], -1).to(torch.float16).to(device="cpu", dtype=torch.float64)
+    flat = flat.nan_to_num(nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX)
     sums = torch.stack([flat.sum(dim=1), flat.abs().sum(dim=1)], dim=1)
     return tuple(samples.shape), sums
 
 
 def same_fingerprint(a: tuple, b: tuple, rtol: float = 1e-5) -> bool:
     return a[0] == b[0] and torch.allclose(a[1], b[1], rtol=rtol, atol=1e-6)
+
+
+def sampler_reads_uncond(model_options: dict, sampler_module: str | None) -> bool:
+    """True when the running sampler added a post-CFG function of its own (one defined inside a function of the sampler
+    function's module), as every ComfyUI CFG++ sampler does to read ``uncond_denoised``, whatever its name."""
+    if not sampler_module:
+        return False
+    for function in model_options.get("sampler_post_cfg_function", ()):
+        while hasattr(function, "func"):  # functools.partial
+            function = function.func
+        if getattr(function, "__module__", None) == sampler_module and "<locals>" in getattr(function, "__qualname__", ""):
+            return True
+    return False
 
 
 @dataclass
@@ -54,7 +73,8 @@ class SamplingRun:
 
 
 class AnnealingHook:
-    """The annealing guidance of one node instance: the user's options, the MLP per device, and its own recordings.
+    """The annealing guidance of one node instance: the guide (the user's options and the MLP, moved to the diffusion
+    model's device when needed) and its own recordings.
 
     Two hooks share nothing; every run starts a fresh recording. Outside the active range the fallback CFG scale is
     ``options.fallback_cfg``, or when that is None the sampler's own cfg (KSampler's cfg for the model patch).
@@ -66,15 +86,19 @@ class AnnealingHook:
         if getattr(guidance_model, "metadata", None) is None:
             raise ValueError("annealing_model: not an annealing guidance model (connect Load Annealing Guidance Model)")
         self.guidance_model = guidance_model
-        self.options = options
+        self.guidance = AnnealingGuidance(guidance_model, options)  # refuses a setting the checkpoint cannot take, on the node
         self.recorder = GuidanceRecorder()
         self.runs: deque[SamplingRun] = deque(maxlen=self.max_runs)
         self.sampler = SamplerInfo()
-        self._guides: dict[str, AnnealingGuidance] = {}
+        self._sampler_module: str | None = None
+        self._device: torch.device | None = None
         self._checked_model_sampling = None
         self._kind: str | None = None
         self._prompt: torch.Tensor | None = None
-        AnnealingGuidance(guidance_model, options)  # refuse a setting the checkpoint cannot take now, on the node
+
+    @property
+    def options(self) -> AnnealingOptions:
+        return self.guidance.options
 
     @property
     def metadata(self):
@@ -95,14 +119,18 @@ class AnnealingHook:
         """A sampling run starts: forget the previous recording and sampler."""
         self.recorder.reset()
         self.sampler = SamplerInfo()
+        self._sampler_module = None
         self._checked_model_sampling = None
         self._prompt = None
 
     def set_sampler(self, sampler) -> None:
         """Learn which sampler runs from ComfyUI's sampler object (KSAMPLER keeps its function and extra options)."""
-        name = sampler_name_from_function(getattr(sampler, "sampler_function", None))
+        function = getattr(sampler, "sampler_function", None)
         extra = getattr(sampler, "extra_options", None) or {}
-        self.sampler = SamplerInfo(name, extra.get("eta", 1.0))
+        self.sampler = SamplerInfo(sampler_name_from_function(function), extra.get("eta", 1.0))
+        while hasattr(function, "func"):  # functools.partial
+            function = function.func
+        self._sampler_module = getattr(function, "__module__", None)
 
     def end_run(self, samples: torch.Tensor | None) -> SamplingRun:
         """File the finished run (its trace, and the fingerprint of its output latent)."""
@@ -130,46 +158,39 @@ class AnnealingHook:
 
     # ------------------------------------------------------------------------------------------------- guidance
 
-    def check_model(self, model_sampling, config_class_name: str | None) -> list[str]:
+    def check_model(self, model_sampling, config_name: str | None) -> list[str]:
         """Raise ValueError when the checkpoint cannot work with this model; warn once (and return) family/space mismatches."""
-        kind = sampling_kind(model_sampling)
-        error, warnings = compatibility_problems(
-            self.metadata, kind, model_family(config_class_name), is_discrete_ddpm(model_sampling), source=self.source
-        )
-        if error:
-            raise ValueError(error)
-        for message in warnings:
-            warn_once(message)
+        self._kind, warnings = check_model(self.metadata, model_sampling, config_name, source=self.source)
         return warnings
-
-    def _guide_for(self, device: torch.device) -> AnnealingGuidance:
-        guide = self._guides.get(str(device))
-        if guide is None:  # the MLP computes in float32 on the diffusion model's device
-            model = copy.deepcopy(self.guidance_model).to(device=device, dtype=torch.float32)
-            guide = self._guides[str(device)] = AnnealingGuidance(model, self.options)
-        return guide
 
     def post_cfg(self, args: dict) -> torch.Tensor:
         """ComfyUI post-CFG function: the guided x0-prediction for this evaluation (replaces the plain CFG result)."""
-        d_cond, d_uncond = args.get("cond_denoised"), args.get("uncond_denoised")
-        # No uncond pass (a guider with no negative, or a patch that dropped it): ComfyUI then hands zeros as uncond_denoised
-        if d_cond is None or d_uncond is None or args.get("uncond", ()) is None:
-            warn_once("no unconditional prediction reached the hook (another patch removed it?): annealing guidance is off for this run")
-            return args["denoised"]
-        model_options = args.get("model_options", {})
-        if model_options.get("sampler_cfg_function") is not None:
-            warn_once("another node set a sampler_cfg_function (e.g. RescaleCFG, PerpNeg): inside the active range annealing "
-                      "guidance replaces its result")
-        base_model = args["model"]
+        return guided_prediction(NAME, self._guide, args)
+
+    def _guide(self, d_cond: torch.Tensor, d_uncond: torch.Tensor, args: dict) -> torch.Tensor:
+        """One evaluation, float32 predictions in: ComfyUI's arguments handed to the core's guide."""
+        base_model, model_options = args["model"], args.get("model_options", {})
         if self._checked_model_sampling is not base_model.model_sampling:  # once per run (a later patch may change the sampling)
-            config = getattr(base_model, "model_config", None)
-            self.check_model(base_model.model_sampling, type(config).__name__ if config is not None else None)
-            self._checked_model_sampling, self._kind = base_model.model_sampling, sampling_kind(base_model.model_sampling)
-        return self._guide_for(d_cond.device).guide(
+            self._check_run(base_model, model_options)
+        if d_cond.device != self._device:  # the MLP computes in float32 on the diffusion model's device
+            self.guidance, self._device = self.guidance.to(d_cond.device), d_cond.device
+        return self.guidance.guide(
             args["sigma"], d_cond, d_uncond, sampling=self._kind, sampler=self.sampler, host_cfg=float(args.get("cond_scale", 1.0)),
             sample_sigmas=model_options.get("transformer_options", {}).get("sample_sigmas"), recorder=self.recorder,
             prompt=self._prompt_for(args.get("cond"), d_cond.device) if self.learned else None,
         )
+
+    def _check_run(self, base_model, model_options: dict) -> None:
+        """Once per run, at its first evaluation: the model is one the checkpoint serves, and the sampler's way of reading the
+        unconditional prediction is known (a CFG++ sampler adds its post-CFG function only while it runs)."""
+        self.check_model(base_model.model_sampling, config_class_name(base_model))
+        self._checked_model_sampling = base_model.model_sampling
+        if not self.sampler.reads_uncond and sampler_reads_uncond(model_options, self._sampler_module):
+            self.sampler = SamplerInfo(self.sampler.name, self.sampler.eta, reads_uncond=True)
+            if not self.sampler.known:
+                warn_once(f"sampler {self.sampler.name or 'unknown'} reads the unconditional prediction itself (it adds its own "
+                          "post-CFG function), as CFG++ samplers do: it gets CFG++ units (no k factor); its step is unknown to the "
+                          "pack, so the guidance is approximate")
 
     def _prompt_for(self, conds, device) -> torch.Tensor:
         """learn_to_guide: the prompt embedding of the positive conditioning ComfyUI hands the hook (its processed conds keep
@@ -201,10 +222,13 @@ class AnnealingHook:
 
 
 def hook_functions(hook: AnnealingHook):
-    """(post_cfg, outer_sample_wrapper, sampler_sample_wrapper, reference) as plain closures over ``hook``.
+    """(post_cfg, outer_sample_wrapper, sampler_sample_wrapper, reference) as plain functions over ``hook``.
 
-    Closures, not bound methods: ModelPatcher.clone() deep-copies model_options, and deepcopy copies a bound method's
-    object but keeps a function as is. Every clone downstream must keep talking to this one hook.
+    Plain functions, never bound methods, because the ModelPatcher clones that carry them copy them differently by
+    release: 0.3.x deep-copies model_options (copy.deepcopy keeps a function as is, but copies a bound method's object:
+    a clone would talk to a copy of the hook with none of its runs); 0.21 copies only model_options' dicts and lists and
+    shares everything else. Either way every clone downstream of the patch talks to this one hook. The post-CFG
+    function carries ``annealing_hook`` so a later patch can tell it apart from other packs' and replace it.
     """
 
     def post_cfg(args):
@@ -219,6 +243,7 @@ def hook_functions(hook: AnnealingHook):
     def reference():
         return hook
 
+    post_cfg.annealing_hook = reference
     return post_cfg, outer_sample, sampler_sample, reference
 
 

@@ -6,7 +6,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..annealing import CheckpointError, load_guidance_model
-from .host import MODEL_FOLDER
+from .model_folder import MODEL_FOLDER
 from .schema import CATEGORY, AnnealingGuidanceModel
 
 

@@ -1,5 +1,6 @@
-"""The inputs the Annealing Guider and Apply Annealing Guidance share, declared once, and the one place that turns a
-node's input values into :class:`annealing.AnnealingOptions`."""
+"""The inputs the pack's nodes share, declared once: the annealing inputs of the Annealing Guider and Apply Annealing
+Guidance (and the one place their values become :class:`annealing.AnnealingOptions`), the comparison nodes' scale, and
+the one validate_inputs rule."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ CATEGORY = "sampling/annealing_guidance"
 ANNEALING_MODEL_TYPE = "ANNEALING_GUIDANCE_MODEL"
 AnnealingGuidanceModel = io.Custom(ANNEALING_MODEL_TYPE)
 
-#: The input id of lambda ("lambda" is a Python keyword: it reaches execute through **settings).
+#: The input id of lambda (saved workflows use it). A Python keyword: execute names every other input and takes this one
+#: through ``**keyword_inputs`` (:func:`annealing_options`).
 LAMBDA = "lambda"
 
 MODE_TOOLTIP = "How the learned w (CFG++ units on the checkpoint's training grid) is applied. " + " ".join(
@@ -54,24 +56,31 @@ def annealing_inputs(fallback_source: str) -> list:
     ]
 
 
-def annealing_options(settings: dict, fallback_cfg: float | None = None) -> AnnealingOptions:
-    """AnnealingOptions from the shared inputs' values (a ValueError naming the setting for a bad combination)."""
-    clamp = bool(settings["clamp_w"])
+def annealing_options(mode, normalize_delta_norm, clamp_w, w_min, w_max, active_start, active_end, fallback_cfg=None,
+                      **keyword_inputs) -> AnnealingOptions:
+    """The shared inputs' values as the core's options, which check them (a ValueError naming the setting). lambda arrives
+    in ``keyword_inputs``, the one input a node's execute cannot name (a Python keyword); anything else there is an error.
+    w_min and w_max only apply with clamp_w on."""
+    unexpected = sorted(set(keyword_inputs) - {LAMBDA})
+    if unexpected or LAMBDA not in keyword_inputs:
+        raise TypeError(f"unexpected node inputs: {', '.join(unexpected)}" if unexpected else f"missing node input: {LAMBDA}")
     return AnnealingOptions(
-        lam=float(settings[LAMBDA]), mode=settings["mode"], normalize_delta_norm=bool(settings["normalize_delta_norm"]),
-        w_min=float(settings["w_min"]) if clamp else None, w_max=float(settings["w_max"]) if clamp else None,
-        active_start=float(settings["active_start"]), active_end=float(settings["active_end"]), fallback_cfg=fallback_cfg,
+        lam=float(keyword_inputs[LAMBDA]), mode=mode, normalize_delta_norm=bool(normalize_delta_norm),
+        w_min=float(w_min) if clamp_w else None, w_max=float(w_max) if clamp_w else None,
+        active_start=float(active_start), active_end=float(active_end), fallback_cfg=fallback_cfg,
     )
 
 
-def validate_active_range(active_start, active_end) -> bool | str:
-    """For a node's validate_inputs: an inverted or empty active range is refused before the prompt runs."""
-    if isinstance(active_start, (int, float)) and isinstance(active_end, (int, float)):  # linked values arrive at execution time
-        try:  # the core's rule (ComfyUI skips its own min/max check for inputs a validate_inputs takes)
-            AnnealingOptions(active_start=float(active_start), active_end=float(active_end))
+def refused_by(config, **values) -> bool | str:
+    """For a node's validate_inputs: the core's own rule on these numeric inputs when the prompt is queued (ComfyUI
+    skips its min/max check for the inputs a validate_inputs takes); linked values arrive at execution time and pass."""
+    if all(isinstance(value, (int, float)) for value in values.values()):
+        try:
+            config(**{name: float(value) for name, value in values.items()})
         except ValueError as exc:
             return str(exc)
     return True
+
 
 #: The other guidance methods the pack offers for comparison (TV-CFG, ADG).
 OTHER_GUIDANCE_CATEGORY = CATEGORY + "/other_guidance"

@@ -7,9 +7,9 @@ import torch
 from comfy_api.latest import io
 
 from ..annealing.baselines import STAGE_SCHEDULES, StageWiseGuidance, cfg
-from .host import warn_once
-from .patching import attach_guidance, nominal_scale
-from .schema import OTHER_GUIDANCE_CATEGORY, sampler_scale_input
+from .post_cfg import attach_guidance, nominal_scale
+from .schema import OTHER_GUIDANCE_CATEGORY, refused_by, sampler_scale_input
+from .warn_once import warn_once
 
 NAME = "Stage-wise Guidance (TV-CFG)"
 DEFAULTS = StageWiseGuidance()
@@ -23,7 +23,7 @@ SCHEDULE_TOOLTIP = (
 
 
 def stage_wise_guide(schedule: StageWiseGuidance, scale: float):
-    """The guide for :func:`.patching.attach_guidance`: CFG at the schedule's scale for this evaluation's noise level."""
+    """The guide for :func:`.post_cfg.attach_guidance`: CFG at the schedule's scale for this evaluation's noise level."""
 
     def guide(d_cond, d_uncond, args):
         w = nominal_scale(scale, args)
@@ -97,13 +97,7 @@ class StageWiseGuidanceNode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, interval_low, interval_high):
-        # ComfyUI skips its own min/max check for inputs a validate_inputs takes: the core's rule checks both
-        if isinstance(interval_low, (int, float)) and isinstance(interval_high, (int, float)):
-            try:
-                StageWiseGuidance(interval_low=float(interval_low), interval_high=float(interval_high))
-            except ValueError as exc:
-                return str(exc)
-        return True
+        return refused_by(StageWiseGuidance, interval_low=interval_low, interval_high=interval_high)
 
     @classmethod
     def execute(cls, model, scale, schedule, normalize, interval_low, interval_high, switch, step_divisor) -> io.NodeOutput:

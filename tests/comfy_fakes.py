@@ -53,6 +53,22 @@ class CONST:
     pass
 
 
+class X0(EPS):
+    pass
+
+
+class IMG_TO_IMG(X0):  # noqa: N801 (ComfyUI 0.3.64 and 0.21: the EPS x-space, a model that reads raw x)
+    pass
+
+
+class IMG_TO_IMG_FLOW(CONST):  # noqa: N801 (ComfyUI 0.21: sampling starts from an image)
+    pass
+
+
+class V_PREDICTION_DDPM:  # noqa: N801 (ComfyUI 0.21, CogVideoX: not an EPS subclass, but its x-space is EPS's)
+    pass
+
+
 class COSMOS_RFLOW:  # noqa: N801
     pass
 
@@ -61,11 +77,17 @@ class ModelSamplingDiscreteFlow(torch.nn.Module):
     pass
 
 
-def model_sampling(kind: str):
-    if kind == "const":
-        return type("ModelSampling", (ModelSamplingDiscreteFlow, CONST), {})()
-    mixin = {"eps": EPS, "v": V_PREDICTION}[kind]
-    return type("ModelSampling", (ModelSamplingDiscrete, mixin), {})()
+def model_sampling(kind: str, noise_scale: float | None = None):
+    """A model_sampling named like ComfyUI's: kind "eps", "v", "const", or a mixin's name ("IMG_TO_IMG_FLOW", ...);
+    ``noise_scale`` set as newer releases do on some flow models."""
+    mixins = {"eps": EPS, "v": V_PREDICTION, "const": CONST, "IMG_TO_IMG": IMG_TO_IMG, "IMG_TO_IMG_FLOW": IMG_TO_IMG_FLOW,
+              "V_PREDICTION_DDPM": V_PREDICTION_DDPM}
+    mixin = mixins[kind]
+    base = ModelSamplingDiscreteFlow if issubclass(mixin, CONST) else ModelSamplingDiscrete
+    sampling = type("ModelSampling", (base, mixin), {})()
+    if noise_scale is not None:
+        sampling.noise_scale = noise_scale
+    return sampling
 
 
 class FakeBaseModel:
@@ -88,6 +110,28 @@ def sample_euler_ancestral_RF():  # noqa: N802
 
 def sample_unipc():
     pass
+
+
+def sample_euler_pp():  # ComfyUI's SamplerEulerCFG++ "alternative" (comfy_extras.nodes_advanced_samplers)
+    pass
+
+
+def sample_cfgpp_ud10_ab():  # ComfyUI 0.35's CFG++ sampler named the other way round
+    pass
+
+
+def sample_mystery():  # a sampler the pack does not know by name
+    pass
+
+
+def sampler_post_cfg_function():
+    """What a CFG++ sampler adds to model_options while it runs: a post-CFG function defined inside a function of the
+    sampler's own module (here this one, like the samplers above), reading uncond_denoised."""
+
+    def post_cfg_function(args):
+        return args["denoised"]
+
+    return post_cfg_function
 
 
 class FakeSampler:

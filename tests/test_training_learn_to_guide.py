@@ -287,9 +287,9 @@ def test_a_run_trains_writes_a_checkpoint_the_nodes_load_and_resumes_bit_identic
     pack_annealing = pack_module("annealing")
     model = pack_annealing.load_guidance_model(straight.checkpoint)
     assert isinstance(model, pack_annealing.LearnToGuideNet) and model.metadata.method == "learn_to_guide"
-    host = pack_module("nodes.host")
+    compatibility, inspection = pack_module("nodes.compatibility"), pack_module("nodes.model_inspection")
     sampling, config_name, discrete = {"sd15": ("eps", "SD15", True), "sdxl": ("eps", "SDXL", True), "sd3": ("const", "SD3", False)}[kind]
-    assert host.compatibility_problems(model.metadata, sampling, host.model_family(config_name), discrete) == (None, [])
+    assert compatibility.compatibility_problems(model.metadata, sampling, inspection.model_family(config_name), discrete) == (None, [])
     trainer = Trainer(l2g_config(kind, tmp_path / "unused"), progress=False)
     trainer.preflight()
     kind_of_prompt, width = trainer.info.prompt_embedding()

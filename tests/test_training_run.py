@@ -48,8 +48,8 @@ def test_backend_trains_writes_a_loadable_checkpoint_and_resumes(tmp_path, kind)
     # check accepts it for the host model it was trained for
     node_model = pack_module("annealing").load_guidance_model(result.checkpoint)
     sampling, config_name, discrete = {"sd15": ("eps", "SD15", True), "sdxl": ("eps", "SDXL", True), "sd3": ("const", "SD3", False)}[kind]
-    host = pack_module("nodes.host")
-    assert host.compatibility_problems(node_model.metadata, sampling, host.model_family(config_name), discrete) == (None, [])
+    compatibility, inspection = pack_module("nodes.compatibility"), pack_module("nodes.model_inspection")
+    assert compatibility.compatibility_problems(node_model.metadata, sampling, inspection.model_family(config_name), discrete) == (None, [])
     model = annealing.load_guidance_model(result.checkpoint)
     assert result.checkpoint.name == f"annealing_{kind}.safetensors"
     assert not same_weights(model.state_dict(), initial_weights(config))

@@ -168,11 +168,10 @@ def test_a_trained_checkpoint_samples_as_the_cfg_ddim_steps_it_was_trained_on(co
     assert (loaded.config.prompt_embedding, loaded.config.prompt_dim) == ("pooled", TRAINED_PROMPT_DIM)
     assert loaded.metadata.training_grid == annealing.VPGrid(num_steps=TRAINED_GRID_STEPS)
     assert loaded.metadata.training["steps"] == 3 and loaded.metadata.training["objective"] == "energy"
-    host = importlib.import_module(comfy_host.package.__name__ + ".nodes.host")
+    compatibility = importlib.import_module(comfy_host.package.__name__ + ".nodes.compatibility")
     model, ms, timesteps, sigmas = ddim_setup(tiny, steps=TRAINED_GRID_STEPS)
     config_name = type(model.model.model_config).__name__
-    assert host.compatibility_problems(loaded.metadata, host.sampling_kind(ms), host.model_family(config_name), host.is_discrete_ddpm(ms)) \
-        == (None, [])
+    assert compatibility.check_model(loaded.metadata, ms, config_name) == ("eps", [])
 
     pos = tiny.make_cond(1)
     pooled = torch.randn(1, TRAINED_PROMPT_DIM, generator=torch.Generator().manual_seed(7))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 EXPECTED = {
     "LoadAnnealingGuidanceModel": ({"model_name"}, ("ANNEALING_GUIDANCE_MODEL",)),
     "AnnealingGuider": ({"model", "positive", "negative", "annealing_model", "lambda", "mode", "normalize_delta_norm", "clamp_w", "w_min",
@@ -68,3 +70,23 @@ def test_comfy_registry_reads_our_pyproject(comfy_host):
     assert "GPU :: NVIDIA CUDA" in project.supported_accelerators  # an unknown accelerator classifier would empty the list
     assert project.supported_comfyui_version == ">=0.3.48"
     assert comfy.publisher_id and comfy.display_name and comfy.icon.startswith("https://")
+
+
+def test_annealing_nodes_name_every_input_but_lambda_and_refuse_strays(comfy_host):
+    """execute names each input (lambda, a Python keyword, is the one that arrives as a keyword argument), so a misspelt
+    input is an error instead of a setting silently left at its default."""
+    import inspect
+
+    mappings = comfy_host.nodes.NODE_CLASS_MAPPINGS
+    for name in ("AnnealingGuider", "ApplyAnnealingGuidance"):
+        cls = mappings[name]
+        info = cls.INPUT_TYPES()
+        declared = {**info.get("required", {}), **info.get("optional", {})}
+        parameters = inspect.signature(cls.execute).parameters.values()
+        assert {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD} == set(declared) - {"lambda"}, name
+    inputs = {"model": None, "annealing_model": None, "mode": "anchored", "normalize_delta_norm": True, "clamp_w": False, "w_min": 0.0,
+              "w_max": 3.0, "active_start": 0.0, "active_end": 1.0}
+    with pytest.raises(TypeError, match="unexpected node inputs: lam"):
+        mappings["ApplyAnnealingGuidance"].execute(**inputs, lam=0.1, **{"lambda": 0.4})
+    with pytest.raises(TypeError, match="missing node input: lambda"):
+        mappings["ApplyAnnealingGuidance"].execute(**inputs)

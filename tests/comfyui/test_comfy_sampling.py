@@ -360,7 +360,7 @@ def test_half_precision_models_run_and_record_float32(comfy_host, tiny, node, up
         assert torch.isfinite(out).all()
         trace = guider.annealing_hook.runs[-1].trace
         assert trace["w"].dtype.name == "float32" and trace["w"].shape == (4, 1)
-        mlp = next(iter(guider.annealing_hook._guides.values())).model
+        mlp = guider.annealing_hook.guidance.model  # the guide the run used, moved to the device in float32
         assert next(mlp.parameters()).dtype == torch.float32
 
 
@@ -373,12 +373,13 @@ def test_two_guiders_keep_their_own_state_and_a_second_run_starts_fresh(comfy_ho
     model = tiny.make_tiny_model("eps", seed=0)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 5).float().cpu()
     with torch.inference_mode():
-        first = make_guider(node, model, tiny.make_cond(1), tiny.make_cond(2), upstream_model, lam=0.1)
-        second = make_guider(node, model, tiny.make_cond(1), tiny.make_cond(2), upstream_model, lam=0.9)
+        first = make_guider(node, model, tiny.make_cond(1), tiny.make_cond(2), upstream_model, **{"lambda": 0.1})
+        second = make_guider(node, model, tiny.make_cond(1), tiny.make_cond(2), upstream_model, **{"lambda": 0.9})
         out_first = sample_guider(first, "euler", sigmas, torch.zeros(1, 4, 8, 8), seed=1)
         sample_guider(second, "heun", sigmas, torch.zeros(1, 4, 8, 8), seed=2)
         sample_guider(first, "euler", sigmas, torch.zeros(1, 4, 8, 8), seed=3)
     hook_first, hook_second = first.annealing_hook, second.annealing_hook
+    assert (hook_first.options.lam, hook_second.options.lam) == (0.1, 0.9)
     assert len(hook_first.runs) == 2 and len(hook_second.runs) == 1
     assert hook_second.runs[-1].sampler_name == "heun" and hook_first.runs[-1].sampler_name == "euler"
     latest = hook_first.runs[-1].trace
@@ -522,3 +523,143 @@ def test_v_prediction_model_euler_matches_euler_cfg_pp(comfy_host, tiny, node, u
         out_pp = sample_guider(make_guider(node, model, tiny.make_cond(1), tiny.make_cond(2), upstream_model), "euler_cfg_pp", sigmas, latent)
     assert rel_err(out_k, out_pp) < 1e-4
     assert guider.annealing_hook.runs[-1].trace["w"].shape == (6, 2)
+
+
+# ------------------------------------------------------------------------------- what newer hosts do (0.3.64 and 0.21)
+
+
+def test_euler_pp_is_plain_euler_at_twice_the_scale_and_gets_half_of_it(comfy_host, tiny, node, upstream_model):
+    """SamplerEulerCFG++ "alternative" (sample_euler_pp) reads the unconditional prediction itself, but its step is plain
+    Euler at twice the CFG scale: no k factor for it, half the scale instead, so the guidance is euler's."""
+    import comfy.samplers
+    from comfy_extras.nodes_advanced_samplers import sample_euler_pp
+
+    model = tiny.make_tiny_model("eps", seed=2)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 8).float().cpu()
+    pos, neg, latent = tiny.make_cond(1), tiny.make_cond(2), torch.zeros(2, 4, 8, 8)
+    euler_pp = comfy.samplers.KSAMPLER(sample_euler_pp)
+
+    def plain_cfg(cfg, sampler):
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(pos, neg)
+        guider.set_cfg(cfg)
+        return sample_guider_with(guider, sampler, sigmas, latent)
+
+    with torch.inference_mode():
+        assert rel_err(plain_cfg(3.0, euler_pp), plain_cfg(6.0, comfy.samplers.sampler_object("euler"))) < 1e-5  # the host's fact
+        guider = make_guider(node, model, pos, neg, upstream_model)
+        out_euler = sample_guider(guider, "euler", sigmas, latent)
+        guider_pp = make_guider(node, model, pos, neg, upstream_model)
+        out_pp = sample_guider_with(guider_pp, euler_pp, sigmas, latent)
+    assert rel_err(out_pp, out_euler) < 1e-4
+    run, run_euler = guider_pp.annealing_hook.runs[-1], guider.annealing_hook.runs[-1]
+    assert run.sampler_name == "euler_pp"
+    assert torch.allclose(torch.as_tensor(run.trace["omega"]), torch.as_tensor(run_euler.trace["omega"]), rtol=1e-4)
+    assert torch.allclose(torch.as_tensor(run.trace["scale"]) * 2, torch.as_tensor(run_euler.trace["scale"]), rtol=1e-4)
+
+
+def sample_guider_with(guider, sampler, sigmas, latent, seed=42):
+    import comfy.sample
+
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return guider.sample(noise, latent, sampler, sigmas, disable_pbar=True, seed=seed)
+
+
+def test_with_fp16_intermediates_the_plot_still_finds_the_run(comfy_host, tiny, node, upstream_model, monkeypatch):
+    """ComfyUI 0.21's --fp16-intermediates casts the sampler's float32 output to fp16 before the next node sees it."""
+    import comfy.cli_args
+    import comfy.sample
+    import comfy.samplers
+
+    if not hasattr(comfy.cli_args.args, "fp16_intermediates"):
+        pytest.skip("this ComfyUI has no --fp16-intermediates (0.21 and later have it)")
+    monkeypatch.setattr(comfy.cli_args.args, "fp16_intermediates", True)
+    model = tiny.make_tiny_model("eps", seed=0)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 5).float().cpu()
+    pos, neg, latent = tiny.make_cond(1), tiny.make_cond(2), torch.zeros(2, 4, 8, 8)
+    with torch.inference_mode():
+        patched = node("ApplyAnnealingGuidance", model=model, **guider_inputs(upstream_model)).args[0]
+        outs = [comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, seed), 5, 5.0, "euler", "normal", pos, neg, latent,
+                                    sigmas=sigmas, disable_pbar=True, seed=seed) for seed in (1, 2)]
+    hook = comfy_host.hook.find_hook(patched.model_options)
+    assert all(out.dtype == torch.float16 for out in outs) and len(hook.runs) == 2
+    for out, run in zip(outs, hook.runs):
+        found, matched = hook.find_run(out)
+        assert found is run and matched
+    image = node("AnnealingSchedulePlot", samples={"samples": outs[0]}, model=patched).args[0]
+    unmatched = node("AnnealingSchedulePlot", samples={"samples": torch.ones_like(outs[0])}, model=patched).args[0]
+    assert not torch.allclose(image, unmatched)  # the first run's own plot, not the latest run with a "no match" note
+
+
+def test_model_sampling_types_of_the_newer_host(comfy_host, tiny, node, upstream_model):
+    """IMG_TO_IMG (both releases) keeps the EPS x-space; IMG_TO_IMG_FLOW (0.21, sampling from an image) is refused on the
+    node; V_PREDICTION_DDPM (0.21, CogVideoX) keeps the EPS x-space: euler and euler_cfg_pp apply the same guidance."""
+    import comfy.model_sampling
+    import comfy.samplers
+
+    patch_node = comfy_host.nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]()
+    model = tiny.make_tiny_model("eps", seed=4)
+    pos, neg = tiny.make_cond(1), tiny.make_cond(2)
+    make_guider(node, patch_node.patch(model, "img_to_img", False)[0], pos, neg, upstream_model)  # accepted
+    if not hasattr(comfy.model_sampling, "IMG_TO_IMG_FLOW"):
+        pytest.skip("this ComfyUI has no IMG_TO_IMG_FLOW or V_PREDICTION_DDPM sampling (0.21 and later have them)")
+    with pytest.raises(ValueError, match="IMG_TO_IMG_FLOW starts sampling from an image"):
+        make_guider(node, patch_node.patch(model, "img_to_img_flow", False)[0], pos, neg, upstream_model)
+    sampling = type("ModelSamplingCogVideoX", (comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.V_PREDICTION_DDPM), {})
+    cogvideo = model.clone()
+    cogvideo.add_object_patch("model_sampling", sampling(model.model.model_config))
+    sigmas = comfy.samplers.calculate_sigmas(cogvideo.get_model_object("model_sampling"), "normal", 6).float().cpu()
+    latent = torch.zeros(2, 4, 8, 8)
+    with torch.inference_mode():
+        guider = make_guider(node, cogvideo, pos, neg, upstream_model)
+        out_k = sample_guider(guider, "euler", sigmas, latent)
+        out_pp = sample_guider(make_guider(node, cogvideo, pos, neg, upstream_model), "euler_cfg_pp", sigmas, latent)
+    assert torch.isfinite(out_k).all() and rel_err(out_k, out_pp) < 1e-4
+    assert guider.annealing_hook._kind == "v_prediction"
+
+
+def test_clones_share_the_patch_and_a_second_patch_replaces_it(comfy_host, tiny, node, upstream_model):
+    """Both releases: a clone downstream of the patch (0.3.64 deep-copies model_options, 0.21 copies only its dicts and
+    lists) talks to the same hook through its own lists; patching again replaces the hook instead of stacking a second."""
+    import comfy.patcher_extension
+    import comfy.sample
+    import comfy.samplers
+
+    hooks_key = comfy_host.hook.HOOKS_KEY
+    model = tiny.make_tiny_model("eps", seed=0)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 4).float().cpu()
+    pos, neg, latent = tiny.make_cond(1), tiny.make_cond(2), torch.zeros(1, 4, 8, 8)
+
+    def ours(patched):
+        return [f for f in patched.model_options.get("sampler_post_cfg_function", []) if hasattr(f, "annealing_hook")]
+
+    def wrappers(patched):
+        return [len(patched.get_wrappers(kind, "annealing_guidance"))
+                for kind in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE)]
+
+    def sample(patched):
+        return comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, 5), 4, 6.0, "euler", "normal", pos, neg, latent,
+                                   sigmas=sigmas, disable_pbar=True, seed=5)
+
+    with torch.inference_mode():
+        first = node("ApplyAnnealingGuidance", model=model, **guider_inputs(upstream_model)).args[0]
+        downstream = first.clone().clone()
+        hook_first = comfy_host.hook.find_hook(first.model_options)
+        assert comfy_host.hook.find_hook(downstream.model_options) is hook_first
+        assert len(ours(downstream)) == 1 and ours(downstream)[0] is ours(first)[0] and wrappers(downstream) == [1, 1]
+        for key in ("sampler_post_cfg_function", "transformer_options"):  # the clone's own containers
+            assert downstream.model_options[key] is not first.model_options[key]
+        assert downstream.model_options["transformer_options"][hooks_key] is not first.model_options["transformer_options"][hooks_key]
+
+        second = node("ApplyAnnealingGuidance", model=downstream, **guider_inputs(upstream_model, **{"lambda": 0.9})).args[0]
+        hook_second = comfy_host.hook.find_hook(second.model_options)
+        assert hook_second is not hook_first and len(ours(second)) == 1 and ours(second)[0].annealing_hook() is hook_second
+        assert wrappers(second) == [1, 1] and len(second.model_options["transformer_options"][hooks_key]) == 1
+        assert comfy_host.hook.find_hook(downstream.model_options) is hook_first and wrappers(downstream) == [1, 1]  # untouched
+        out_second = sample(second)
+        direct = node("ApplyAnnealingGuidance", model=model, **guider_inputs(upstream_model, **{"lambda": 0.9})).args[0]
+        out_direct = sample(direct)
+        guider = make_guider(node, first, pos, neg, upstream_model)  # the guider on a patched model replaces its hook too
+    assert len(hook_second.runs) == 1 and len(hook_first.runs) == 0  # the replaced hook never ran
+    assert rel_err(out_second, out_direct) < 1e-6
+    assert len(ours(guider.model_patcher)) == 1 and comfy_host.hook.find_hook(guider.model_options) is guider.annealing_hook
