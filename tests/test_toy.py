@@ -13,7 +13,7 @@ import annealing
 from annealing import AnnealingGuidance, AnnealingOptions
 from annealing.training_grid import VPGrid
 from training.algorithm import CADSConfig, SamplingGrid, annealing_loss
-from training.toy import docs as toy_docs
+from training.toy import checked_docs as toy_docs
 from training.toy.__main__ import build_config, main, parse_args
 from training.toy.metrics import Evaluator, manifold_threshold, sliced_wasserstein
 from training.toy.problem import ExactRingDenoiser, RingProblem

@@ -1,9 +1,10 @@
-"""The 2D benchmark's documentation, generated from its results files so that it cannot go stale.
+"""Generates the 2D benchmark's docs from its results files and checks every claim in them against those results, so the
+docs cannot go stale or say what the numbers do not.
 
-    python -m training.toy --out results/toy                                    # the main run (defaults)
-    python -m training.toy --out results/toy-leak0 --leak 0 --step-counts       # the perfect-model run, no step study
-    python -m training.toy.docs --main results/toy --leak0 results/toy-leak0    # import both, regenerate the docs
-    python -m training.toy.docs --check                                         # are the docs what the results say?
+    python -m training.toy --out results/toy                                     # the main run (defaults)
+    python -m training.toy --out results/toy-leak0 --leak 0 --step-counts        # the perfect-model run, no step study
+    python -m training.toy.checked_docs --main results/toy --leak0 results/toy-leak0   # import both, regenerate the docs
+    python -m training.toy.checked_docs --check                                  # are the docs what the results say?
 
 ``--main`` / ``--leak0`` copy a run's results.json into docs/toy-results/ (main.json, leak0.json) and, for the main run,
 its plots into docs/images/. Then every generated block of docs/toy-benchmark.md and the README's 2D-benchmark section
@@ -48,7 +49,7 @@ class StaleClaim(RuntimeError):
 
 def claim(condition: bool, sentence: str) -> None:
     if not condition:
-        raise StaleClaim(f"the results no longer support: {sentence!r}; rewrite it in training/toy/docs.py")
+        raise StaleClaim(f"the results no longer support: {sentence!r}; rewrite it in training/toy/checked_docs.py")
 
 
 # ------------------------------------------------------------------------------------------------------------ reading
@@ -486,7 +487,7 @@ def import_run(run_dir: Path, name: str, root: Path = ROOT) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.toy.docs", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m training.toy.checked_docs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--main", type=Path, help="output folder of the main run (python -m training.toy defaults) to import")
     parser.add_argument("--leak0", type=Path, help="output folder of the --leak 0 run to import")
@@ -502,12 +503,12 @@ def main(argv=None) -> int:
                     print(f"wrote {path.relative_to(ROOT)}")
         rendered = render()
     except (OSError, ValueError, KeyError, StaleClaim) as exc:
-        print(f"python -m training.toy.docs: error: {exc}", file=sys.stderr)
+        print(f"python -m training.toy.checked_docs: error: {exc}", file=sys.stderr)
         return 2
     stale = [path for path, text in rendered.items() if path.read_text() != text]
     if args.check:
         for path in stale:
-            print(f"{path.relative_to(ROOT)} is not what docs/toy-results says: run python -m training.toy.docs", file=sys.stderr)
+            print(f"{path.relative_to(ROOT)} is not what docs/toy-results says: run python -m training.toy.checked_docs", file=sys.stderr)
         return 1 if stale else 0
     for path in stale:
         path.write_text(rendered[path])
