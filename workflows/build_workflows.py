@@ -81,17 +81,33 @@ SD3_ANNEALING = "annealing_sd3_my_training.safetensors"
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed, dramatic lighting"
 
 
-#: Layout: the frontend draws a node's title bar above its position and its body at the size given here (wider where its
-#: text needs it); nodes are placed in columns, each below or beside the last, so none is drawn over another.
-TITLE_HEIGHT = 30
-GAP = 50
-WIDTHS = {"CLIPTextEncode": 400, "StageWiseGuidance": 420}
-COLUMNS = (0, 400, 880, 1300, 1700, 2100)  # x of each column: loaders, prompts, guidance, sampling, decode/plots, saves
+#: Layout. The frontend draws a node's title bar above its position and its body at least at the size stored here; newer
+#: frontends (1.58) draw taller widget rows and wider nodes than 1.27 did, so every size below is generous (a row of 36 px
+#: where 1.27 needs 26, a width that fits the node's title at 8 px a character) and the gaps leave room besides: no node
+#: may reach another however the frontend of the day sizes it. Nodes stand in columns of one width.
+TITLE_HEIGHT = 40
+ROW = 36
+BODY_PADDING = 64
+GAP = 80
+COLUMN_WIDTH = 540
+COLUMN_GAP = 140
+COLUMNS = tuple(i * (COLUMN_WIDTH + COLUMN_GAP) for i in range(6))  # loaders, prompts, guidance, sampling, decode/plots, saves
+#: Extra height of nodes whose body holds more than widget rows: a multiline prompt, an image preview.
+EXTRA_HEIGHT = {"CLIPTextEncode": 140, "SaveImage": 380, "AnnealingSchedulePlot": 380, "AnnealingModelExplorer": 380}
+WIDTHS = {"CLIPTextEncode": 480, "StageWiseGuidance": 480, "AnnealingGuider": 440, "SaveImage": 480, "AnnealingSchedulePlot": 480,
+          "AnnealingModelExplorer": 480}
+TITLE_CHAR_PX = 8
 
 
-def node_size(node_type: str) -> list[int]:
+def node_size(node_type: str, title: str | None = None) -> list[int]:
+    """A generous size: a row per widget (the seed's control-after-generate widget too) and per socket row (inputs on the
+    left beside outputs on the right), the extra body of a prompt or image node, and a width that fits the title."""
     sockets, widgets, outputs = NODE_DEFS[node_type]
-    return [WIDTHS.get(node_type, 320), 60 + 26 * (len(sockets) + len(widgets) + len(outputs))]
+    rows = max(len(sockets), len(outputs)) + len(widgets) + sum((node_type, w) in SEED_WIDGETS for w in widgets)
+    width = max(WIDTHS.get(node_type, 400), TITLE_CHAR_PX * len(title or node_type) + 80)
+    if width > COLUMN_WIDTH:
+        raise ValueError(f"{node_type}: a {width} px node does not fit a {COLUMN_WIDTH} px column (shorten its title {title!r})")
+    return [width, BODY_PADDING + ROW * rows + EXTRA_HEIGHT.get(node_type, 0)]
 
 
 class Workflow:
@@ -104,17 +120,14 @@ class Workflow:
         missing = set(NODE_DEFS[node_type][1]) - set(widgets)
         if missing:
             raise ValueError(f"{node_type}: missing widget values {sorted(missing)}")
-        self.nodes.append(dict(id=node_id, type=node_type, title=title, widgets=widgets, pos=list(pos), inputs={}, size=node_size(node_type)))
+        self.nodes.append(dict(id=node_id, type=node_type, title=title, widgets=widgets, pos=list(pos), inputs={},
+                               size=node_size(node_type, title)))
         return node_id
 
     def below(self, node_id, gap=GAP):
         """The position under a node (its title bar and body), in the same column."""
         node = self.nodes[node_id - 1]
         return (node["pos"][0], node["pos"][1] + node["size"][1] + TITLE_HEIGHT + gap)
-
-    def right_of(self, node_id, gap=GAP):
-        node = self.nodes[node_id - 1]
-        return (node["pos"][0] + node["size"][0] + gap, node["pos"][1])
 
     def connect(self, src, src_slot, dst, input_name):
         src_type = NODE_DEFS[self.nodes[src - 1]["type"]][2][src_slot][1]
@@ -196,7 +209,7 @@ def _guided_sampling(wf, ckpt, model, positive, negative, annealing, *, fallback
     wf.connect(sampler, 0, sample, "sampler")
     wf.connect(sigmas, 0, sample, "sigmas")
     wf.connect(latent, 0, sample, "latent_image")
-    decode = _decode_and_save(wf, sample, ckpt, (COLUMNS[4], 80), prefix)
+    decode, _ = _decode_and_save(wf, sample, ckpt, (COLUMNS[4], 80), prefix)
     plot = wf.add("AnnealingSchedulePlot", wf.below(decode))
     wf.connect(sample, 0, plot, "samples")
     wf.connect(guider, 0, plot, "guider")
@@ -234,19 +247,20 @@ def _ksampler(wf, model, model_slot, positive, negative, latent, pos, title, cfg
 
 
 def _decode_and_save(wf, sampler, ckpt, pos, prefix):
+    """VAEDecode at ``pos`` and a SaveImage in the last column beside it; returns the decode's id and the save's."""
     decode = wf.add("VAEDecode", pos)
     wf.connect(sampler, 0, decode, "samples")
     wf.connect(ckpt, 2, decode, "vae")
-    save = wf.add("SaveImage", wf.right_of(decode), filename_prefix=prefix)
+    save = wf.add("SaveImage", (COLUMNS[5], pos[1]), filename_prefix=prefix)  # its own column: a plot may stand under the decode
     wf.connect(decode, 0, save, "images")
-    return decode
+    return decode, save
 
 
 def sdxl_ksampler() -> Workflow:
     wf = Workflow()
     ckpt, positive, negative, patch, latent = _sdxl_patched(wf)
     sampler = _ksampler(wf, patch, 0, positive, negative, latent, (COLUMNS[3], 80), "KSampler (cfg only used outside the active range)", 5.0)
-    decode = _decode_and_save(wf, sampler, ckpt, (COLUMNS[4], 80), "annealing_guidance")
+    decode, _ = _decode_and_save(wf, sampler, ckpt, (COLUMNS[4], 80), "annealing_guidance")
     plot = wf.add("AnnealingSchedulePlot", wf.below(decode))
     wf.connect(sampler, 0, plot, "samples")
     wf.connect(patch, 0, plot, "model")
@@ -257,9 +271,10 @@ def sdxl_side_by_side() -> Workflow:
     wf = Workflow()
     ckpt, positive, negative, patch, latent = _sdxl_patched(wf)
     plain = _ksampler(wf, ckpt, 0, positive, negative, latent, (COLUMNS[3], 80), "Plain CFG 7.5", 7.5)
-    annealed = _ksampler(wf, patch, 0, positive, negative, latent, wf.below(plain), "Annealing guidance, lambda 0.4 (same seed)", 7.5)
-    _decode_and_save(wf, plain, ckpt, (COLUMNS[4], 80), "compare/cfg_7.5")
-    decode = _decode_and_save(wf, annealed, ckpt, (COLUMNS[4], wf.nodes[annealed - 1]["pos"][1]), "compare/annealing_lambda_0.4")
+    _, save = _decode_and_save(wf, plain, ckpt, (COLUMNS[4], 80), "compare/cfg_7.5")
+    row = (COLUMNS[3], max(wf.below(plain)[1], wf.below(save)[1]))  # the second row under everything in the first
+    annealed = _ksampler(wf, patch, 0, positive, negative, latent, row, "Annealing guidance, lambda 0.4 (same seed)", 7.5)
+    decode, _ = _decode_and_save(wf, annealed, ckpt, (COLUMNS[4], row[1]), "compare/annealing_lambda_0.4")
     plot = wf.add("AnnealingSchedulePlot", wf.below(decode))
     wf.connect(annealed, 0, plot, "samples")
     wf.connect(patch, 0, plot, "model")
@@ -287,13 +302,16 @@ def sdxl_guidance_comparison() -> Workflow:
         wf.connect(sampler, 0, decode, "samples")
         wf.connect(ckpt, 2, decode, "vae")
         # the four images side by side in one row, left to right in the order of the samplers
-        save = wf.add("SaveImage", (COLUMNS[5] + 420 * column, 80), title=title.split(" (")[0], filename_prefix=prefix)
+        save = wf.add("SaveImage", (COLUMNS[5] + (COLUMN_WIDTH + COLUMN_GAP) * column, 80), title=title.split(" (")[0],
+                      filename_prefix=prefix)
         wf.connect(decode, 0, save, "images")
+        lowest = decode
         if model == patch:  # annealing's schedule along the run, for reading its image against the others
             plot = wf.add("AnnealingSchedulePlot", wf.below(decode))
             wf.connect(sampler, 0, plot, "samples")
             wf.connect(patch, 0, plot, "model")
-        y = wf.below(sampler)[1]
+            lowest = plot
+        y = max(wf.below(sampler)[1], wf.below(lowest)[1])  # the next row starts under everything in this one
     return wf
 
 
