@@ -45,7 +45,7 @@ LIGHT = {PALETTE["yellow"]}
 #: Sequential colour map for ordered values (lambda, batch item): perceptually uniform and colour-blind safe; its light
 #: yellow end is cut off, being faint on white.
 SEQUENTIAL = "viridis"
-SEQUENTIAL_RANGE = (0.0, 0.8)
+SEQUENTIAL_RANGE = (0.0, 0.72)
 
 
 def family_style(family: str) -> tuple[str, str]:

@@ -338,7 +338,8 @@ def plot_trace(trace: GuidanceTrace, title: str | None = None, note: str | None 
     many = len(groups) > len(TRACE_MARKERS)
     colours = style.sequential_colours(len(groups)) if many else style.series_colours(len(groups))
     handles = []
-    every = max(1, -(-len(steps) // 25))  # at most about 25 markers a line
+    # about 25 markers a line at most, each item's on its own steps (so coinciding items show all their markers)
+    every = max(-(-len(steps) // 25), 1 if len(steps) <= 30 or many else len(groups))
     for index, group in enumerate(groups):
         b = group[0]
         look = {"color": colours[index], "linewidth": 1.5 if many else max(1.2, 2.8 - 0.8 * index),
@@ -372,4 +373,34 @@ def plot_trace(trace: GuidanceTrace, title: str | None = None, note: str | None 
         labels.append("grey: outside the active range (plain CFG at the fallback scale)")
     style.legend_below(fig, handles, labels, ncol=6 if many else 2 if len(labels) > 3 else len(labels))
     style.finish(fig)
+    _note_panel_coincidence(fig, [(top, omega), (bottom, w)], groups, under, steps)
     return fig
+
+
+def _note_panel_coincidence(fig, panels, groups: list[list[int]], under: dict[int, int], steps: np.ndarray) -> None:
+    """Items whose curves lie within COINCIDE_FRACTION of each other in one panel only (the legend speaks for those that
+    do in every panel) are named in that panel, next to their curves, or else in its title."""
+    if len(groups) > len(TRACE_MARKERS):
+        return
+    notes = []
+    for ax, values in panels:
+        sets: dict[int, set[int]] = {}
+        for j, i in _coinciding([values], groups).items():
+            root = next((r for r, members in sets.items() if i in members), i)
+            sets.setdefault(root, {root}).update({i, j})
+        said = [{j, i} for j, i in under.items()]  # pairs the legend already names
+        for members in sets.values():
+            if members in said:
+                continue
+            names = sorted(g for m in members for g in groups[m])
+            notes.append((ax, values[:, groups[min(members)][0]], f"items {', '.join(str(n) for n in names)} lie within 1 % "
+                                                                   "of each other here"))
+    if not notes:
+        return
+    fig.canvas.draw()
+    fig.set_layout_engine("none")  # placed in pixels: nothing may move afterwards
+    for ax, curve, text in notes:
+        tries = [len(steps) // 3, len(steps) // 2, 2 * len(steps) // 3, len(steps) // 6, 5 * len(steps) // 6]
+        if all(style.place_labels(ax, [style.Label(steps[i], curve[i], text, "0.25", style.LEGEND_PT)]) for i in tries):
+            title = ax.get_title()
+            ax.set_title(f"{title}; {text}" if title else text, fontsize=style.TITLE_PT)

@@ -89,6 +89,19 @@ def test_schedule_plot_keeps_coinciding_items_visible_and_says_so():
     check_lines_named(fig)
 
 
+def test_schedule_plot_names_items_that_coincide_in_one_panel_only():
+    """Three items on one omega curve whose w differ: the omega panel says, next to its curves, that they coincide there."""
+    t = np.linspace(0, 1, 30)
+    w = np.stack([2.0 - 0.3 * t, 2.0 - 0.2 * t, 2.0 - 0.1 * t], axis=1)
+    omega = np.tile((20 + 8 * np.sin(np.pi * t))[:, None], (1, 3)) * np.array([1.0, 1.002, 0.998])
+    fig = plot_trace(trace_of(omega, w))
+    top, bottom = fig.axes[:2]
+    notes = [t.get_text() for t in top.texts] + [top.get_title()]
+    assert any("items 0, 1, 2 lie within 1 % of each other here" in n for n in notes), notes
+    assert not any("within 1 %" in t.get_text() for t in bottom.texts)
+    check_figure(fig)
+
+
 def test_schedule_plot_of_a_large_batch_and_of_no_run():
     t = np.linspace(0, 1, 12)[:, None]
     w = 1.5 + 0.1 * np.arange(12)[None, :] * t
