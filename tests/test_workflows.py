@@ -150,3 +150,17 @@ def test_no_node_is_drawn_over_another_with_room_to_spare(ui_path):
             bx0, by0, bx1, by1 = boxes[b]
             apart = ax1 + CLEARANCE <= bx0 or bx1 + CLEARANCE <= ax0 or ay1 + CLEARANCE <= by0 or by1 + CLEARANCE <= ay0
             assert apart, f"{ui_path.name}: nodes {a} and {b} come within {CLEARANCE} px of each other"
+
+
+@pytest.mark.parametrize("ui_path", UI_FILES, ids=lambda p: p.stem)
+def test_the_opening_view_shows_the_schedule_plot_at_a_readable_scale(ui_path):
+    """The view a workflow opens with (extra.ds) shows its Schedule Plot node (the frontend only draws, and only loads
+    the image of, nodes in view) in a 1600 x 1000 window, at a scale the frontend still draws text at (0.6 and up)."""
+    ui = load(ui_path)
+    view = ui["extra"]["ds"]
+    scale, (dx, dy) = view["scale"], view["offset"]
+    assert 0.6 <= scale <= 1.0
+    for node in ui["nodes"]:
+        if node["type"] == "AnnealingSchedulePlot":
+            x, y = (node["pos"][0] + dx) * scale, (node["pos"][1] + dy) * scale
+            assert 50 <= x <= 1500 and 0 <= y <= 900, f"{ui_path.name}: the plot opens at ({x:.0f}, {y:.0f}), out of view"
