@@ -291,33 +291,3 @@ def free_rect(ax, width: float, height: float, decorations=(24, 48, 24, 40), mar
 def _box_edges(box) -> np.ndarray:
     corners = np.array([[box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1], [box.x0, box.y1]])
     return np.stack([corners, np.roll(corners, -1, axis=0)], axis=1)
-
-
-def line_end_labels(ax, lines_and_texts, x_pad_pt: float = 4) -> None:
-    """Direct labels at the right end of lines (``[(line, text)]``), pushed apart vertically so that none overlaps another;
-    each in its line's colour. Make room on the right (``ax.set_xlim``) first; call after the layout is final."""
-    fig = ax.figure
-    renderer = fig.canvas.get_renderer()
-    items = []
-    for line, text in lines_and_texts:
-        xs, ys = (np.asarray(v, dtype=float) for v in line.get_data())
-        good = np.isfinite(xs) & np.isfinite(ys)
-        end = ax.transData.transform((xs[good][-1], ys[good][-1]))
-        items.append([end[1], end[0], line, text])
-    items.sort(key=lambda item: item[0])
-    height = LEGEND_PT * 1.25 * fig.dpi / 72.0
-    ys = [item[0] for item in items]
-    for i in range(1, len(ys)):  # push up where crowded, then shift the whole column down if it left the axes
-        ys[i] = max(ys[i], ys[i - 1] + height)
-    top = ax.get_window_extent(renderer).y1
-    if ys and ys[-1] > top - height / 2:
-        shift = ys[-1] - (top - height / 2)
-        ys = [y - shift for y in ys]
-        for i in range(len(ys) - 2, -1, -1):
-            ys[i] = min(ys[i], ys[i + 1] - height)
-    to_data = ax.transData.inverted()
-    for (y_end, x_end, line, text), y in zip(items, ys):
-        x_data, y_data = to_data.transform((x_end, y_end))
-        _, y_label = to_data.transform((x_end, y))
-        ax.annotate(text, (x_data, y_data), xytext=(x_pad_pt, (y - y_end) * 72.0 / fig.dpi), textcoords="offset points",
-                    ha="left", va="center", fontsize=LEGEND_PT, color=line.get_color(), annotation_clip=False)

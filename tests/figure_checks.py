@@ -60,9 +60,10 @@ def _figures(fig):
         yield from _figures(sub)
 
 
-def drawn_texts(fig) -> list[Text]:
+def drawn_texts(fig, draw: bool = True) -> list[Text]:
     """Every text the figure shows: titles, axis labels, drawn tick labels, annotations, legends, figure texts."""
-    fig.canvas.draw()
+    if draw:
+        fig.canvas.draw()
     texts: list[Text] = []
     for figure in _figures(fig):
         for attr in ("_suptitle", "_supxlabel", "_supylabel"):
@@ -98,9 +99,9 @@ def check_size(fig, max_width_px: int = MAX_WIDTH_PX) -> None:
     assert width >= 500 and height >= 300, f"{width} x {height} px is too small to read"
 
 
-def check_text(fig, min_font_pt: float = MIN_FONT_PT) -> None:
+def check_text(fig, min_font_pt: float = MIN_FONT_PT, draw: bool = True) -> None:
     """Every text at least ``min_font_pt``, inside the image, and overlapping no other text."""
-    texts = drawn_texts(fig)
+    texts = drawn_texts(fig, draw)
     renderer = fig.canvas.get_renderer()
     width, height = fig.bbox.width, fig.bbox.height
     boxes = []
@@ -116,10 +117,11 @@ def check_text(fig, min_font_pt: float = MIN_FONT_PT) -> None:
         assert not inner_a.overlaps(inner_b), f"{a.get_text()!r} overlaps {b.get_text()!r}"
 
 
-def check_lines_named(fig) -> None:
+def check_lines_named(fig, draw: bool = True) -> None:
     """Every visible line and band of every axes has a name a reader can find: its label is an entry of a legend of the
     figure, or the text of an annotation in its axes (a direct label)."""
-    fig.canvas.draw()
+    if draw:
+        fig.canvas.draw()
     legend_names = set()
     for figure in _figures(fig):
         for legend in figure.legends:
@@ -144,9 +146,10 @@ def check_lines_named(fig) -> None:
                 f"a line or band in the axes titled {ax.get_title()!r} has no legend entry or direct label (label {name!r})"
 
 
-def check_axis_labels(fig) -> None:
+def check_axis_labels(fig, draw: bool = True) -> None:
     """An axis that shows tick labels carries an axis label; an axes without any ticks (a scatter of points) has a title."""
-    fig.canvas.draw()
+    if draw:
+        fig.canvas.draw()
     for ax in all_axes(fig):
         if not ax.get_visible() or not ax.axison:
             continue
@@ -160,7 +163,9 @@ def check_axis_labels(fig) -> None:
 
 
 def check_figure(fig, max_width_px: int = MAX_WIDTH_PX) -> None:
+    """All of the checks, on one draw of the figure."""
     check_size(fig, max_width_px)
-    check_text(fig)
-    check_lines_named(fig)
-    check_axis_labels(fig)
+    fig.canvas.draw()
+    check_text(fig, draw=False)
+    check_lines_named(fig, draw=False)
+    check_axis_labels(fig, draw=False)
