@@ -16,7 +16,7 @@ import sys
 
 from .checkpoint import PREDICTION_SPACES, TIMESTEP_CONVENTIONS, convert_checkpoint, load_guidance_model
 from .errors import AnnealingError
-from .plots import DELTA_NORM_MULTIPLES, omega_profile, parse_lambdas
+from .plots import DELTA_NORM_MULTIPLES, DELTA_NORMS_HELP, omega_profile, parse_lambdas
 
 TABLE_LAMBDAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -175,8 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="an upstream .pt or one of our .safetensors files")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--lambdas", type=_lambda_list, default=list(TABLE_LAMBDAS), help="comma-separated lambdas (default 0,0.2,...,1)")
-    p.add_argument("--delta-norms", type=_float_list, default=None, help="comma-separated delta norms for the line plots "
-                   "(default: 0.2, 1, 2 and 4 x the checkpoint's delta normalisation)")
+    p.add_argument("--delta-norms", type=_float_list, default=None, help=DELTA_NORMS_HELP)
     p.add_argument("--dpi", type=int, default=100, choices=range(30, 401), metavar="{30..400}", help="resolution of the PNG (default 100)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.set_defaults(func=cmd_plot)

@@ -1,4 +1,5 @@
-"""Regenerates the pictures of the pack's own plots in the docs (the 2D benchmark's are copied by python -m training.toy.docs).
+"""Regenerates the pictures of the pack's own plots in the docs (the 2D benchmark's four come from its run, copied in by
+python -m training.toy.checked_docs).
 
     python docs/make_figures.py --toy-checkpoint results/toy/annealing_toy2d_seed0.safetensors [--upstream PATH]
 
@@ -85,15 +86,17 @@ def main(argv=None) -> None:
     parser.add_argument("--upstream", type=Path, default=ROOT.parent / "shared" / "reference" / "annealing_sdxl_upstream.pt",
                         help="the released SDXL checkpoint (default: ../shared/reference/annealing_sdxl_upstream.pt)")
     args = parser.parse_args(argv)
-    save_figure(plot_trace(toy_schedule_run(args.toy_checkpoint, "anchored", 50), title=_title("anchored", 50)),
-                IMAGES / "schedule-plot.png")
-    print(f"wrote {IMAGES / 'schedule-plot.png'}")
+    trace = toy_schedule_run(args.toy_checkpoint, "anchored", 50)
+    save_figure(plot_trace(trace, title=_title("anchored", 50)), IMAGES / "schedule-plot.png")
+    omega = trace["omega"]  # the README says under the picture which regime this is: these are its numbers
+    print(f"wrote {IMAGES / 'schedule-plot.png'}: omega {omega[0].min():.1f}-{omega[0].max():.1f} at the first step, "
+          f"peak {omega.max():.1f}")
     modes = [plot_trace(toy_schedule_run(args.toy_checkpoint, mode, 20), title=_title(mode, 20)) for mode in ("anchored", "per_step")]
     same_y_ranges(modes)
     save_stacked(modes, IMAGES / "schedule-plot-modes.png")
     print(f"wrote {IMAGES / 'schedule-plot-modes.png'}")
     if args.upstream.is_file():
-        save_figure(plot_model_explorer(annealing.load_guidance_model(args.upstream), dpi=80), IMAGES / "upstream-explorer.png")
+        save_figure(plot_model_explorer(annealing.load_guidance_model(args.upstream)), IMAGES / "upstream-explorer.png")
         print(f"wrote {IMAGES / 'upstream-explorer.png'}")
     else:
         print(f"skipped upstream-explorer.png: {args.upstream} not found")

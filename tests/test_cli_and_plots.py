@@ -103,8 +103,8 @@ def test_explorer_image_is_rgb_in_unit_range(make_guidance_model):
 
 def test_explorer_rows_share_their_y_range(make_guidance_model):
     fig = plot_model_explorer(make_guidance_model(), lambdas=[0.0, 1.0], dpi=40)
-    omega_axes = [ax for ax in fig.axes if ax.get_title().startswith("omega")]
-    w_axes = [ax for ax in fig.axes if ax.get_title().startswith("w, ")]
+    omega_axes = [ax for ax in fig.axes if ax.get_title().startswith("ω at")]
+    w_axes = [ax for ax in fig.axes if ax.get_title().startswith("w at ‖δ‖")]
     assert len(omega_axes) == len(w_axes) == 4
     for axes in (omega_axes, w_axes):
         assert len({ax.get_ylim() for ax in axes}) == 1

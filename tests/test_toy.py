@@ -13,7 +13,7 @@ import annealing
 from annealing import AnnealingGuidance, AnnealingOptions
 from annealing.training_grid import VPGrid
 from training.algorithm import CADSConfig, SamplingGrid, annealing_loss
-from training.toy import docs as toy_docs
+from training.toy import checked_docs as toy_docs
 from training.toy.__main__ import build_config, main, parse_args
 from training.toy.metrics import Evaluator, manifold_threshold, sliced_wasserstein
 from training.toy.problem import ExactRingDenoiser, RingProblem
@@ -381,6 +381,21 @@ def test_a_sentence_the_results_contradict_stops_the_generator():
             r["metrics"]["off"]["mean"] = 0.004
     with pytest.raises(toy_docs.StaleClaim, match="over-guides"):
         toy_docs.reading(main_run)
+
+
+def test_the_docs_say_which_regime_the_benchmark_tests_and_check_it():
+    """The page says plainly that annealing over-guides here, with the scale it applies against CFG's best; a run where
+    it did not would stop the generator."""
+    main_run = toy_docs.load_runs()["main"]
+    text = " ".join(toy_docs.regime(main_run).split())
+    omega = min(s["omega_mean_first"] for s in main_run["annealing_w"]["per_lambda"].values())
+    assert "over-guides" in text and f"ω ≈ {omega:.0f} at the first step" in text
+    assert f"w = {toy_docs.best(main_run, 'CFG')['param']:g}" in text
+    assert "<!-- toy-regime:start" in (toy_docs.ROOT / toy_docs.DOC).read_text()
+    for stats in main_run["annealing_w"]["per_lambda"].values():  # pretend annealing learned CFG's scale
+        stats["omega_mean_first"] = 3.0
+    with pytest.raises(toy_docs.StaleClaim, match="over-guides"):
+        toy_docs.regime(main_run)
 
 
 def test_import_copies_a_run_into_the_docs(quick_run, tmp_path):

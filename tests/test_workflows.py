@@ -114,3 +114,53 @@ def test_files_match_their_generator():
         workflow = build()
         assert load(WORKFLOWS / f"{name}.json") == json.loads(json.dumps(workflow.ui())), f"{name}.json is stale: run workflows/build_workflows.py"
         assert load(WORKFLOWS / f"{name}.api.json") == json.loads(json.dumps(workflow.api())), f"{name}.api.json is stale"
+
+
+#: What the newest frontend (1.58) may draw at most, per node, as this test estimates it independently of the builder: a
+#: 34 px title bar above the position, rows of 30 px for sockets (inputs beside outputs) and widgets, 7 px a title character.
+DRAWN_TITLE, DRAWN_ROW, DRAWN_CHAR, CLEARANCE = 34, 30, 7, 40
+PREVIEW_NODES = {"SaveImage", "AnnealingSchedulePlot", "AnnealingModelExplorer"}  # show an image in their body
+
+
+def drawn_box(node: dict) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) the node may cover: the larger of its stored size and the estimate above."""
+    widgets = [i for i in node["inputs"] if "widget" in i]
+    sockets = [i for i in node["inputs"] if "widget" not in i]
+    rows = max(len(sockets), len(node["outputs"])) + len(widgets) + sum(i["name"].endswith("seed") for i in widgets)
+    height = 40 + DRAWN_ROW * rows + (300 if node["type"] in PREVIEW_NODES else 0)
+    width = max(320, DRAWN_CHAR * len(node.get("title") or node["type"]) + 60)
+    x, y = node["pos"]
+    return x, y - DRAWN_TITLE, x + max(width, node["size"][0]), y + max(height, node["size"][1])
+
+
+@pytest.mark.parametrize("ui_path", UI_FILES, ids=lambda p: p.stem)
+def test_no_node_is_drawn_over_another_with_room_to_spare(ui_path):
+    """Newer frontends draw nodes larger than the sizes stored in the file (in 1.58.1 the Stage-wise Guidance node covered a
+    KSampler): every node, at the larger of its stored size and a generous estimate, keeps 40 px from every other, and
+    its stored size is at least that estimate (so the file, not the frontend, decides the room)."""
+    nodes = load(ui_path)["nodes"]
+    boxes = {node["id"]: drawn_box(node) for node in nodes}
+    for node in nodes:
+        x0, y0, x1, y1 = boxes[node["id"]]
+        assert node["size"][0] >= x1 - x0 and node["size"][1] >= y1 - y0 - DRAWN_TITLE, f"{ui_path.name}: node {node['id']} is stored too small"
+    ids = sorted(boxes)
+    for i, a in enumerate(ids):
+        for b in ids[i + 1:]:
+            ax0, ay0, ax1, ay1 = boxes[a]
+            bx0, by0, bx1, by1 = boxes[b]
+            apart = ax1 + CLEARANCE <= bx0 or bx1 + CLEARANCE <= ax0 or ay1 + CLEARANCE <= by0 or by1 + CLEARANCE <= ay0
+            assert apart, f"{ui_path.name}: nodes {a} and {b} come within {CLEARANCE} px of each other"
+
+
+@pytest.mark.parametrize("ui_path", UI_FILES, ids=lambda p: p.stem)
+def test_the_opening_view_shows_the_schedule_plot_at_a_readable_scale(ui_path):
+    """The view a workflow opens with (extra.ds) shows its Schedule Plot node (the frontend only draws, and only loads
+    the image of, nodes in view) in a 1600 x 1000 window, at a scale the frontend still draws text at (0.6 and up)."""
+    ui = load(ui_path)
+    view = ui["extra"]["ds"]
+    scale, (dx, dy) = view["scale"], view["offset"]
+    assert 0.6 <= scale <= 1.0
+    for node in ui["nodes"]:
+        if node["type"] == "AnnealingSchedulePlot":
+            x, y = (node["pos"][0] + dx) * scale, (node["pos"][1] + dy) * scale
+            assert 50 <= x <= 1500 and 0 <= y <= 900, f"{ui_path.name}: the plot opens at ({x:.0f}, {y:.0f}), out of view"

@@ -81,22 +81,42 @@ SD3_ANNEALING = "annealing_sd3_my_training.safetensors"
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed, dramatic lighting"
 
 
-#: Layout: the frontend draws a node's title bar above its position and its body at the size given here (wider where its
-#: text needs it); nodes are placed in columns, each below or beside the last, so none is drawn over another.
-TITLE_HEIGHT = 30
-GAP = 50
-WIDTHS = {"CLIPTextEncode": 400, "StageWiseGuidance": 420}
-COLUMNS = (0, 400, 880, 1300, 1700, 2100)  # x of each column: loaders, prompts, guidance, sampling, decode/plots, saves
+#: Layout. The frontend draws a node's title bar above its position and its body at least at the size stored here; newer
+#: frontends (1.58) draw taller widget rows and wider nodes than 1.27 did, so every size below is generous (a row of 36 px
+#: where 1.27 needs 26, a width that fits the node's title at 8 px a character) and the gaps leave room besides: no node
+#: may reach another however the frontend of the day sizes it. Nodes stand in columns (a position is (column, y)); each
+#: column is as wide as its widest node, and the next starts COLUMN_GAP to its right.
+TITLE_HEIGHT = 40
+ROW = 36
+BODY_PADDING = 64
+GAP = 80
+COLUMN_GAP = 100
+MAX_NODE_WIDTH = 540
+#: The view a workflow opens with: the whole graph where it fits this canvas (a 1600 x 1000 window less the frontend's
+#: bars) at a scale the frontend still draws text at, else that scale from the top left, where the pipeline starts.
+CANVAS = (1500, 900)
+SCALES = (0.6, 0.8)
+#: Extra height of nodes whose body holds more than widget rows: a multiline prompt, an image preview.
+EXTRA_HEIGHT = {"CLIPTextEncode": 140, "SaveImage": 380, "AnnealingSchedulePlot": 380, "AnnealingModelExplorer": 380}
+WIDTHS = {"CLIPTextEncode": 480, "StageWiseGuidance": 480, "AnnealingGuider": 440, "SaveImage": 480, "AnnealingSchedulePlot": 480,
+          "AnnealingModelExplorer": 480}
+TITLE_CHAR_PX = 8
 
 
-def node_size(node_type: str) -> list[int]:
+def node_size(node_type: str, title: str | None = None) -> list[int]:
+    """A generous size: a row per widget (the seed's control-after-generate widget too) and per socket row (inputs on the
+    left beside outputs on the right), the extra body of a prompt or image node, and a width that fits the title."""
     sockets, widgets, outputs = NODE_DEFS[node_type]
-    return [WIDTHS.get(node_type, 320), 60 + 26 * (len(sockets) + len(widgets) + len(outputs))]
+    rows = max(len(sockets), len(outputs)) + len(widgets) + sum((node_type, w) in SEED_WIDGETS for w in widgets)
+    width = max(WIDTHS.get(node_type, 400), TITLE_CHAR_PX * len(title or node_type) + 80)
+    if width > MAX_NODE_WIDTH:
+        raise ValueError(f"{node_type}: a {width} px node is wider than {MAX_NODE_WIDTH} px (shorten its title {title!r})")
+    return [width, BODY_PADDING + ROW * rows + EXTRA_HEIGHT.get(node_type, 0)]
 
 
 class Workflow:
     def __init__(self):
-        self.nodes = []  # dicts: id, type, title, widgets, pos
+        self.nodes = []  # dicts: id, type, title, widgets, column, y
         self.links = []  # (id, src, src_slot, dst, dst_input_name, type)
 
     def add(self, node_type, pos, title=None, **widgets):
@@ -104,17 +124,37 @@ class Workflow:
         missing = set(NODE_DEFS[node_type][1]) - set(widgets)
         if missing:
             raise ValueError(f"{node_type}: missing widget values {sorted(missing)}")
-        self.nodes.append(dict(id=node_id, type=node_type, title=title, widgets=widgets, pos=list(pos), inputs={}, size=node_size(node_type)))
+        column, y = pos
+        self.nodes.append(dict(id=node_id, type=node_type, title=title, widgets=widgets, column=column, y=y, inputs={},
+                               size=node_size(node_type, title)))
         return node_id
 
     def below(self, node_id, gap=GAP):
         """The position under a node (its title bar and body), in the same column."""
         node = self.nodes[node_id - 1]
-        return (node["pos"][0], node["pos"][1] + node["size"][1] + TITLE_HEIGHT + gap)
+        return (node["column"], node["y"] + node["size"][1] + TITLE_HEIGHT + gap)
 
-    def right_of(self, node_id, gap=GAP):
-        node = self.nodes[node_id - 1]
-        return (node["pos"][0] + node["size"][0] + gap, node["pos"][1])
+    def positions(self) -> dict[int, list[int]]:
+        """Canvas position of every node: its column's x (the columns before it, each as wide as its widest node, then
+        COLUMN_GAP) and its y."""
+        widths: dict[int, int] = {}
+        for node in self.nodes:
+            widths[node["column"]] = max(widths.get(node["column"], 0), node["size"][0])
+        x, xs = 0, {}
+        for column in sorted(widths):
+            xs[column] = x
+            x += widths[column] + COLUMN_GAP
+        return {node["id"]: [xs[node["column"]], node["y"]] for node in self.nodes}
+
+    def view(self) -> dict:
+        """The canvas offset and scale the workflow opens with (see CANVAS, SCALES)."""
+        positions = self.positions()
+        right = max(positions[n["id"]][0] + n["size"][0] for n in self.nodes)
+        bottom = max(n["y"] + n["size"][1] for n in self.nodes)
+        top = min(n["y"] for n in self.nodes) - TITLE_HEIGHT
+        fit = min(CANVAS[0] / (right + 110), CANVAS[1] / (bottom - top + 40))
+        scale = round(min(max(fit, SCALES[0]), SCALES[1]), 2)
+        return {"scale": scale, "offset": [90, 20 - top]}  # clear of the frontend's side bar
 
     def connect(self, src, src_slot, dst, input_name):
         src_type = NODE_DEFS[self.nodes[src - 1]["type"]][2][src_slot][1]
@@ -135,6 +175,7 @@ class Workflow:
         return prompt
 
     def ui(self) -> dict:
+        positions = self.positions()
         nodes = []
         for order, node in enumerate(self.nodes):
             sockets, widgets, outputs = NODE_DEFS[node["type"]]
@@ -156,7 +197,7 @@ class Workflow:
             for slot, (name, kind) in enumerate(outputs):
                 out.append({"name": name, "type": kind, "links": [lk[0] for lk in self.links if lk[1] == node["id"] and lk[2] == slot],
                             "slot_index": slot})
-            entry = {"id": node["id"], "type": node["type"], "pos": node["pos"], "size": list(node["size"]),
+            entry = {"id": node["id"], "type": node["type"], "pos": positions[node["id"]], "size": list(node["size"]),
                      "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": out,
                      "properties": {"Node name for S&R": node["type"]}, "widgets_values": values}
             if node["title"]:
@@ -167,11 +208,11 @@ class Workflow:
             dst_slot = [i["name"] for i in nodes[dst - 1]["inputs"]].index(input_name)
             links.append([link_id, src, src_slot, dst, dst_slot, kind])
         return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": nodes, "links": links, "groups": [],
-                "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+                "config": {}, "extra": {"ds": self.view()}, "version": 0.4}
 
 
-def _text_encoders(wf, loader, prompt, x=COLUMNS[1]):
-    positive = wf.add("CLIPTextEncode", (x, 80), title="Positive prompt", text=prompt)
+def _text_encoders(wf, loader, prompt, column=1):
+    positive = wf.add("CLIPTextEncode", (column, 80), title="Positive prompt", text=prompt)
     negative = wf.add("CLIPTextEncode", wf.below(positive), title="Negative prompt (empty: what the MLP was trained with)", text="")
     wf.connect(loader, 1, positive, "clip")
     wf.connect(loader, 1, negative, "clip")
@@ -180,7 +221,7 @@ def _text_encoders(wf, loader, prompt, x=COLUMNS[1]):
 
 def _guided_sampling(wf, ckpt, model, positive, negative, annealing, *, fallback_cfg, scheduler, steps, latent_type, prefix):
     """Annealing Guider -> SamplerCustomAdvanced -> decode/save, plus the schedule plot fed by the sampler's output."""
-    guider = wf.add("AnnealingGuider", (COLUMNS[2], 80), **ANNEALING_DEFAULTS, fallback_cfg=fallback_cfg)
+    guider = wf.add("AnnealingGuider", (2, 80), **ANNEALING_DEFAULTS, fallback_cfg=fallback_cfg)
     wf.connect(model, 0, guider, "model")
     wf.connect(positive, 0, guider, "positive")
     wf.connect(negative, 0, guider, "negative")
@@ -190,13 +231,13 @@ def _guided_sampling(wf, ckpt, model, positive, negative, annealing, *, fallback
     sigmas = wf.add("BasicScheduler", wf.below(sampler), scheduler=scheduler, steps=steps, denoise=1.0)
     wf.connect(model, 0, sigmas, "model")
     latent = wf.add(latent_type, wf.below(negative), width=1024, height=1024, batch_size=1)
-    sample = wf.add("SamplerCustomAdvanced", (COLUMNS[3], 80))
+    sample = wf.add("SamplerCustomAdvanced", (3, 80))
     wf.connect(noise, 0, sample, "noise")
     wf.connect(guider, 0, sample, "guider")
     wf.connect(sampler, 0, sample, "sampler")
     wf.connect(sigmas, 0, sample, "sigmas")
     wf.connect(latent, 0, sample, "latent_image")
-    decode = _decode_and_save(wf, sample, ckpt, (COLUMNS[4], 80), prefix)
+    decode, _ = _decode_and_save(wf, sample, ckpt, (4, 80), prefix)
     plot = wf.add("AnnealingSchedulePlot", wf.below(decode))
     wf.connect(sample, 0, plot, "samples")
     wf.connect(guider, 0, plot, "guider")
@@ -217,7 +258,7 @@ def _sdxl_patched(wf, y=80, title=None):
     ckpt = wf.add("CheckpointLoaderSimple", (0, 80), ckpt_name=SDXL_CHECKPOINT)
     positive, negative = _text_encoders(wf, ckpt, PROMPT)
     annealing = wf.add("LoadAnnealingGuidanceModel", wf.below(ckpt), model_name=SDXL_ANNEALING)
-    patch = wf.add("ApplyAnnealingGuidance", (COLUMNS[2], y), title=title, **ANNEALING_DEFAULTS)
+    patch = wf.add("ApplyAnnealingGuidance", (2, y), title=title, **ANNEALING_DEFAULTS)
     wf.connect(ckpt, 0, patch, "model")
     wf.connect(annealing, 0, patch, "annealing_model")
     latent = wf.add("EmptyLatentImage", wf.below(negative), width=1024, height=1024, batch_size=1)
@@ -234,19 +275,20 @@ def _ksampler(wf, model, model_slot, positive, negative, latent, pos, title, cfg
 
 
 def _decode_and_save(wf, sampler, ckpt, pos, prefix):
+    """VAEDecode at ``pos`` and a SaveImage in the last column beside it; returns the decode's id and the save's."""
     decode = wf.add("VAEDecode", pos)
     wf.connect(sampler, 0, decode, "samples")
     wf.connect(ckpt, 2, decode, "vae")
-    save = wf.add("SaveImage", wf.right_of(decode), filename_prefix=prefix)
+    save = wf.add("SaveImage", (5, pos[1]), filename_prefix=prefix)  # its own column: a plot may stand under the decode
     wf.connect(decode, 0, save, "images")
-    return decode
+    return decode, save
 
 
 def sdxl_ksampler() -> Workflow:
     wf = Workflow()
     ckpt, positive, negative, patch, latent = _sdxl_patched(wf)
-    sampler = _ksampler(wf, patch, 0, positive, negative, latent, (COLUMNS[3], 80), "KSampler (cfg only used outside the active range)", 5.0)
-    decode = _decode_and_save(wf, sampler, ckpt, (COLUMNS[4], 80), "annealing_guidance")
+    sampler = _ksampler(wf, patch, 0, positive, negative, latent, (3, 80), "KSampler (cfg only used outside the active range)", 5.0)
+    decode, _ = _decode_and_save(wf, sampler, ckpt, (4, 80), "annealing_guidance")
     plot = wf.add("AnnealingSchedulePlot", wf.below(decode))
     wf.connect(sampler, 0, plot, "samples")
     wf.connect(patch, 0, plot, "model")
@@ -256,10 +298,11 @@ def sdxl_ksampler() -> Workflow:
 def sdxl_side_by_side() -> Workflow:
     wf = Workflow()
     ckpt, positive, negative, patch, latent = _sdxl_patched(wf)
-    plain = _ksampler(wf, ckpt, 0, positive, negative, latent, (COLUMNS[3], 80), "Plain CFG 7.5", 7.5)
-    annealed = _ksampler(wf, patch, 0, positive, negative, latent, wf.below(plain), "Annealing guidance, lambda 0.4 (same seed)", 7.5)
-    _decode_and_save(wf, plain, ckpt, (COLUMNS[4], 80), "compare/cfg_7.5")
-    decode = _decode_and_save(wf, annealed, ckpt, (COLUMNS[4], wf.nodes[annealed - 1]["pos"][1]), "compare/annealing_lambda_0.4")
+    plain = _ksampler(wf, ckpt, 0, positive, negative, latent, (3, 80), "Plain CFG 7.5", 7.5)
+    _, save = _decode_and_save(wf, plain, ckpt, (4, 80), "compare/cfg_7.5")
+    row = (3, max(wf.below(plain)[1], wf.below(save)[1]))  # the second row under everything in the first
+    annealed = _ksampler(wf, patch, 0, positive, negative, latent, row, "Annealing guidance, lambda 0.4 (same seed)", 7.5)
+    decode, _ = _decode_and_save(wf, annealed, ckpt, (4, row[1]), "compare/annealing_lambda_0.4")
     plot = wf.add("AnnealingSchedulePlot", wf.below(decode))
     wf.connect(annealed, 0, plot, "samples")
     wf.connect(patch, 0, plot, "model")
@@ -282,18 +325,20 @@ def sdxl_guidance_comparison() -> Workflow:
     ]
     y = 80
     for column, (model, title, prefix) in enumerate(rows):
-        sampler = _ksampler(wf, model, 0, positive, negative, latent, (COLUMNS[3], y), title, 7.0)
-        decode = wf.add("VAEDecode", (COLUMNS[4], y))
+        sampler = _ksampler(wf, model, 0, positive, negative, latent, (3, y), title, 7.0)
+        decode = wf.add("VAEDecode", (4, y))
         wf.connect(sampler, 0, decode, "samples")
         wf.connect(ckpt, 2, decode, "vae")
         # the four images side by side in one row, left to right in the order of the samplers
-        save = wf.add("SaveImage", (COLUMNS[5] + 420 * column, 80), title=title.split(" (")[0], filename_prefix=prefix)
+        save = wf.add("SaveImage", (5 + column, 80), title=title.split(" (")[0], filename_prefix=prefix)
         wf.connect(decode, 0, save, "images")
+        lowest = decode
         if model == patch:  # annealing's schedule along the run, for reading its image against the others
             plot = wf.add("AnnealingSchedulePlot", wf.below(decode))
             wf.connect(sampler, 0, plot, "samples")
             wf.connect(patch, 0, plot, "model")
-        y = wf.below(sampler)[1]
+            lowest = plot
+        y = max(wf.below(sampler)[1], wf.below(lowest)[1])  # the next row starts under everything in this one
     return wf
 
 
