@@ -9,15 +9,9 @@ Host-agnostic (torch, safetensors and numpy only); the ComfyUI nodes and the tra
     >>> d_guided = guide.guide(sigma, d_cond, d_uncond, sampling="eps")         # inside any sampler
 """
 
-from .checkpoint import (
-    FORMAT_VERSION,
-    CheckpointMetadata,
-    convert_checkpoint,
-    load_guidance_model,
-    read_checkpoint,
-    save_guidance_model,
-    upstream_metadata,
-)
+from .checkpoint_format import FORMAT_VERSION, CheckpointMetadata, upstream_metadata
+from .checkpoint_reader import load_guidance_model, read_checkpoint
+from .checkpoint_writer import convert_checkpoint, save_guidance_model
 from .errors import AnnealingError, CheckpointError
 from .guidance import (
     AnnealingGuidance,

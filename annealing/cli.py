@@ -14,7 +14,9 @@ import json
 import os
 import sys
 
-from .checkpoint import PREDICTION_SPACES, TIMESTEP_CONVENTIONS, convert_checkpoint, load_guidance_model
+from .checkpoint_format import PREDICTION_SPACES, TIMESTEP_CONVENTIONS
+from .checkpoint_reader import load_guidance_model
+from .checkpoint_writer import convert_checkpoint
 from .errors import AnnealingError
 from .plots import DELTA_NORM_MULTIPLES, omega_profile, parse_lambdas
 

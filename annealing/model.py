@@ -122,7 +122,7 @@ class GuidanceScaleModel(nn.Module):
         delta_norm: per-sample L2 norm of eps_uncond - eps_cond over the whole latent.
         lam:        the user's trade-off in [0, 1]; higher follows the prompt more, lower keeps quality.
 
-    ``metadata`` (a :class:`annealing.checkpoint.CheckpointMetadata` or None) says how the checkpoint must be used.
+    ``metadata`` (a :class:`annealing.checkpoint_format.CheckpointMetadata` or None) says how the checkpoint must be used.
     """
 
     def __init__(self, config: GuidanceModelConfig | None = None, metadata=None):

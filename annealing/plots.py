@@ -67,7 +67,7 @@ def figure_to_tensor(fig) -> torch.Tensor:
 
 def save_figure(fig, path: str | os.PathLike) -> None:
     """Write a PNG through a temporary file, so an interrupted run leaves no half-written image."""
-    from .checkpoint import atomic_write
+    from .atomic_write import atomic_write
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 

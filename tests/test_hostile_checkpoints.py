@@ -281,7 +281,7 @@ def test_tensors_that_are_not_plain_weights(tmp_path):
 
 def test_second_line_of_defence_checks_each_tensor(tmp_path):
     """What the pickle scan already refuses, _validate_state_dict refuses too (a future torch may build these otherwise)."""
-    from annealing.checkpoint import _validate_state_dict
+    from annealing.checkpoint_reader import _validate_state_dict
 
     config = annealing.GuidanceModelConfig(hidden_size=8, n_layers=1)
     weight = hf.small_state()["combined_head.0.weight"]

@@ -95,7 +95,7 @@ def _save(fig, bottom, image: Path, plt) -> Path:
     """Integer step ticks on the shared x axis, then write the PNG to a temporary file and rename it into place."""
     from matplotlib.ticker import MaxNLocator
 
-    from annealing.checkpoint import atomic_write
+    from annealing.atomic_write import atomic_write
 
     bottom.set_xlabel("optimizer step")
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))

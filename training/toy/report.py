@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from annealing.checkpoint import atomic_write  # noqa: E402
+from annealing.atomic_write import atomic_write  # noqa: E402
 
 from .metrics import HIGHER_IS_BETTER, METRICS  # noqa: E402
 from .problem import RingProblem  # noqa: E402
