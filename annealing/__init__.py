@@ -21,7 +21,6 @@ from .guidance import (
     delta_norm_scale,
     guided_ddim_step,
     per_sample_norm,
-    prediction_delta,
 )
 from .learn_to_guide import LearnToGuideConfig, LearnToGuideNet, prompt_embedding
 from .model import GuidanceModelConfig, GuidanceScaleModel
@@ -62,7 +61,6 @@ __all__ = [
     "load_guidance_model",
     "locate_on_schedule",
     "per_sample_norm",
-    "prediction_delta",
     "prompt_embedding",
     "read_checkpoint",
     "renoise_factor",

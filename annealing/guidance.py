@@ -33,23 +33,8 @@ MAX_DELTA_NORM_MULTIPLE = 1e4
 # --------------------------------------------------------------------------------------------------------- pure functions
 
 
-def prediction_delta(sigma: torch.Tensor, d_cond: torch.Tensor, d_uncond: torch.Tensor, sampling: str, space: str) -> torch.Tensor:
-    """uncond - cond prediction difference, in ``space`` ("epsilon" or "velocity"), float32, from x0-predictions.
-
-    sigma: (B,) per sample. See the module docstring for the formulas; the sign does not matter (only the norm is used).
-    """
-    sigma = as_batch(sigma, d_cond.shape[0], d_cond.device)
-    diff = (d_cond.to(torch.float32) - d_uncond.to(torch.float32)) / batch_view(sigma, d_cond)
-    if space == "epsilon":
-        return diff * batch_view(signal_scale(sigma, sampling), diff)
-    if space == "velocity":
-        check_sampling(sampling)
-        return diff
-    raise ValueError(f"space must be 'epsilon' or 'velocity', got {space!r}")
-
-
 def delta_norm_from_difference(sigma: torch.Tensor, difference_norm: torch.Tensor, sampling: str, space: str) -> torch.Tensor:
-    """||delta|| in ``space`` from ||D_c - D_u|| (per sample): the norm of :func:`prediction_delta` without building delta.
+    """||delta|| in ``space`` from ||D_c - D_u|| (per sample): the norm of delta without building it.
 
     epsilon: alpha * ||D_c - D_u|| / sigma;  velocity: ||D_c - D_u|| / sigma.
     """
@@ -324,5 +309,4 @@ __all__ = [
     "delta_norm_from_difference",
     "delta_norm_scale",
     "per_sample_norm",
-    "prediction_delta",
 ]

@@ -62,11 +62,6 @@ def renoises_with_uncond(sampler_name: str | None) -> bool:
     return bool(sampler_name) and sampler_name.endswith(CFG_PP_SUFFIX)
 
 
-def takes_w_as_is(sampler_name: str | None) -> bool:
-    """True where w must be applied unchanged: ``*_cfg_pp`` samplers, and samplers that use only the x0-prediction (lcm)."""
-    return renoises_with_uncond(sampler_name) or sampler_name in X0_ONLY_SAMPLERS
-
-
 def is_ancestral(sampler_name: str | None) -> bool:
     """True for the ancestral samplers in :data:`ANCESTRAL_SAMPLERS` and their ``_cfg_pp`` twins."""
     if renoises_with_uncond(sampler_name):
