@@ -1,6 +1,6 @@
 """Annealing guidance math, host-agnostic: pure functions on tensors, the user's options, and the guide.
 
-Conventions (ComfyUI's, spec section 2): x-space x = alpha * x0 + sigma * eps, with alpha = 1 for EPS and V-prediction
+Conventions (ComfyUI's; docs/design.md, section 1): x-space x = alpha * x0 + sigma * eps, with alpha = 1 for EPS and V-prediction
 models and alpha = 1 - sigma for CONST (flow) models. A sampler hook has sigma per sample and the x0-predictions D_c (cond)
 and D_u (uncond). From these:
 

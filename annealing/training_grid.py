@@ -1,9 +1,10 @@
-"""The sampling grid a checkpoint was trained on, and what it makes of the learned w at any noise level.
+"""The sampling grid a checkpoint was trained on, and what it makes of the learned w at any noise level (the reasoning:
+docs/design.md, sections 3 to 5).
 
 The MLP's w is in CFG++ units on its training grid: one trained CFG++ step from grid point sigma_i to sigma_{i+1} moves the
 guided x0 by w * (D_c - D_u), which is an ordinary CFG step with scale w * k_i, where
 
-    k_i = sigma_i * alpha_{i+1} / (sigma_i * alpha_{i+1} - sigma_{i+1} * alpha_i)        (annealing.guidance.renoise_factor)
+    k_i = sigma_i * alpha_{i+1} / (sigma_i * alpha_{i+1} - sigma_{i+1} * alpha_i)        (annealing.schedules.renoise_factor)
 
 Anchoring k to the grid gives one CFG scale per noise level, whatever sampler or step count integrates it:
 

@@ -64,11 +64,11 @@ def delta_from_predictions(x, sigma, d_c, d_u, sampling, space):
     return (eps_u - d_u) - (eps_c - d_c)
 
 
-def test_delta_spaces_match_the_spec():
+def test_delta_spaces_match_their_definitions():
     d_c, d_u, x = torch.randn(SHAPE, dtype=torch.float64), torch.randn(SHAPE, dtype=torch.float64), torch.randn(SHAPE, dtype=torch.float64)
     sigma = torch.tensor([0.5, 2.0], dtype=torch.float64)
     eps = delta_from_predictions(x, sigma, d_c, d_u, "eps", "epsilon")
-    torch.testing.assert_close(eps, (d_c - d_u) / sigma.view(-1, 1, 1, 1))  # the spec: delta_eps = (D_c - D_u) / sigma
+    torch.testing.assert_close(eps, (d_c - d_u) / sigma.view(-1, 1, 1, 1))  # docs/design.md: delta_eps = (D_c - D_u) / sigma
     flow_sigma = torch.tensor([0.25, 0.75], dtype=torch.float64)
     v = delta_from_predictions(x, flow_sigma, d_c, d_u, "const", "velocity")
     e = delta_from_predictions(x, flow_sigma, d_c, d_u, "const", "epsilon")
@@ -298,7 +298,7 @@ def test_guide_copies_nothing_from_the_host_after_its_first_call(make_guidance_m
 
 
 def ddim_cfgpp_loop(model, den, steps, start, lam):
-    """The spec's upstream sampler in DDPM z-space on diffusers' DDIM grid: eps_hat = eps_u + w (eps_c - eps_u),
+    """The paper's upstream sampler (docs/design.md, section 2) in DDPM z-space on diffusers' DDIM grid: eps_hat = eps_u + w (eps_c - eps_u),
     z0 = (z - sqrt(1 - abar) eps_hat) / sqrt(abar), z' = sqrt(abar') z0 + sqrt(1 - abar') eps_u (abar' = 1 after the last step)."""
     abar = sd_abar()
     ts = torch.arange(steps - 1, -1, -1) * (1000 // steps)

@@ -1,6 +1,6 @@
 """The nodes inside a real ComfyUI, sampling tiny models (EPS, V-prediction and CONST) on CPU.
 
-References are written here from the spec (sections 1 and 2 of the spec document), not taken from the code under test:
+References are written here from the formulas (docs/design.md, sections 1 to 3), not taken from the code under test:
 an upstream-style DDIM loop that renoises with eps_uncond (EPS), and its flow-matching twin (CONST). The default (anchored)
 mode equals them on the checkpoint's training grid; per_step mode equals them at any grid; and anchored sampling
 converges with the step count for every sampler and scheduler.
