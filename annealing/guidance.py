@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .broadcast import as_batch, batch_view
+from .lambda_rule import check_lambda
 from .recorder import GuidanceRecorder
 from .samplers import SamplerInfo, sampler_step_end
 from .scale_rule import MODES, check_mode, evaluation_scale
@@ -155,8 +156,7 @@ class AnnealingOptions:
     fallback_cfg: float | None = None
 
     def __post_init__(self):
-        if not _is_number(self.lam) or not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"lambda must be a number in [0, 1], got {self.lam!r}")
+        object.__setattr__(self, "lam", check_lambda(self.lam))  # checked once, here: the guide's hot path does not again
         check_mode(self.mode)
         for name in ("w_min", "w_max"):
             value = getattr(self, name)

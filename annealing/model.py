@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import show
+from .lambda_rule import check_lambda
 
 TensorLike = torch.Tensor | float | int
 
@@ -100,14 +101,6 @@ class GuidanceModelConfig:
         return shapes
 
 
-def _check_lambda(lam) -> None:
-    if torch.is_tensor(lam):
-        if lam.device.type == "cpu" and lam.numel() and bool(((lam < 0) | (lam > 1) | lam.isnan()).any()):
-            raise ValueError(f"lam must lie in [0, 1], got values from {float(lam.min()):g} to {float(lam.max()):g}")
-    elif not 0.0 <= float(lam) <= 1.0:
-        raise ValueError(f"lam must lie in [0, 1], got {lam!r}")
-
-
 def embed_scalar(value: torch.Tensor, dim: int) -> torch.Tensor:
     """(B,) -> (B, dim): [v, cos(v), cos(2v), ..., cos((dim-1) v)]."""
     freqs = torch.arange(1, dim, device=value.device, dtype=value.dtype)
@@ -152,13 +145,13 @@ class GuidanceScaleModel(nn.Module):
         if (torch.is_tensor(timestep) and torch.is_tensor(delta_norm) and isinstance(lam, float) and timestep.dim() == delta_norm.dim() == 1
                 and timestep.shape == delta_norm.shape and timestep.dtype == delta_norm.dtype == torch.float32
                 and timestep.device == delta_norm.device == self.device):  # the guidance step's case, every step: the short way
-            _check_lambda(lam)
+            check_lambda(lam)
             return torch.stack([timestep, delta_norm, torch.full_like(timestep, lam)], dim=-1)
         named = {"timestep": timestep, "delta_norm": delta_norm, "lam": lam}
         for name, value in named.items():
             if not torch.is_tensor(value) and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-        _check_lambda(lam)
+        check_lambda(lam)
         # Python numbers become a fill on the device: torch.as_tensor(0.4).to("cuda") would be a host copy that synchronises.
         values = [v.to(device=self.device, dtype=torch.float32) if torch.is_tensor(v) else torch.full((), float(v), device=self.device)
                   for v in named.values()]

@@ -88,11 +88,32 @@ def test_plot_writes_a_png_and_refuses_to_overwrite(checkpoint, tmp_path, capsys
 
 def test_lambda_lists_are_parsed_once_for_the_cli_and_the_nodes(checkpoint, tmp_path):
     assert parse_lambdas("0.1, 0.4 0.8") == (0.1, 0.4, 0.8)
-    for bad, word in (("", "at least one"), ("0.5, x", "not a number"), ("0.5, 2", "in \\[0, 1\\]"), (",".join(["0.1"] * 13), "at most 12")):
+    for bad, word in (("", "at least one"), ("0.5, x", "lambda must be a number in \\[0, 1\\], got 'x'"),
+                      ("0.5, 2", "lambda must be a number in \\[0, 1\\], got 2$"), ("0.5, nan", "got nan"), (",".join(["0.1"] * 13), "at most 12")):
         with pytest.raises(ValueError, match=word):
             parse_lambdas(bad)
     with pytest.raises(SystemExit):
         main(["plot", str(checkpoint), "--out", str(tmp_path / "x.png"), "--lambdas", "0.5,1.5"])
+
+
+def test_one_lambda_rule_one_message(checkpoint, tmp_path, capsys, make_guidance_model):
+    """The options, the model's forward and the plots' lists refuse a lambda with the same line; the CLI does not repeat
+    the option's name in it (argparse already says 'argument --lambdas:')."""
+    expected = "lambda must be a number in [0, 1], got 1.5"
+    messages = []
+    for refuse in (lambda: AnnealingOptions(lam=1.5), lambda: make_guidance_model()(500.0, 5.0, 1.5), lambda: parse_lambdas("0.2 1.5"),
+                   lambda: make_guidance_model()(500.0, 5.0, torch.tensor([1.5]))):
+        with pytest.raises(ValueError) as excinfo:
+            refuse()
+        messages.append(str(excinfo.value))
+    assert messages == [expected] * 4
+    with pytest.raises(SystemExit):
+        main(["plot", str(checkpoint), "--out", str(tmp_path / "x.png"), "--lambdas", "0.5,1.5"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"argument --lambdas: {expected}") and err.count("lambda") == 2, err
+    for bad in (float("nan"), 10**400, True, "0.4", None):
+        with pytest.raises(ValueError, match=r"^lambda must be a number in \[0, 1\], got "):
+            AnnealingOptions(lam=bad)
 
 
 def test_explorer_image_is_rgb_in_unit_range(make_guidance_model):
