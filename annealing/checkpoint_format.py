@@ -211,6 +211,9 @@ def parse_metadata(path: str | os.PathLike, meta: dict[str, str]) -> tuple[Guida
             grid, method = grid_from_dict(raw_grid), meta.get("method", "")
         else:
             grid, method = _version1_grid(meta["timestep_convention"], steps, training), "annealing"
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(path, f"invalid training_grid: {exc}") from None
+    try:
         metadata = CheckpointMetadata(
             model_family=meta["model_family"],
             prediction_space=meta["prediction_space"],

@@ -23,6 +23,7 @@ import torch
 
 from . import untrusted
 from .checkpoint_format import ARCHITECTURES, CheckpointMetadata, GuidanceNetwork, parse_architecture, parse_metadata, upstream_metadata
+from .domain_check import check_domain
 from .errors import CheckpointError, printable, show
 from .model import GuidanceModelConfig
 
@@ -168,11 +169,8 @@ def _read_safetensors(path: Path, handle, size: int) -> tuple[dict, GuidanceMode
     return state, config, metadata
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], GuidanceModelConfig, CheckpointMetadata, str]:
-    """Read and validate a checkpoint: (float32 CPU state dict, config, metadata, 'safetensors' | 'torch').
-
-    Any problem with the file, however odd, raises :class:`CheckpointError` (one line naming the file and the problem)."""
-    path = _as_path(path)
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], GuidanceModelConfig, CheckpointMetadata, str]:
+    """Read and validate a checkpoint's file: (float32 CPU state dict, config, metadata, 'safetensors' | 'torch')."""
     handle, size = untrusted.open_checkpoint(path)
     try:
         with handle:
@@ -188,6 +186,32 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], G
         raise CheckpointError(path, f"could not read the file: {exc.strerror or type(exc).__name__}") from None
     except Exception as exc:  # a case the checks above did not foresee: still one line, never a traceback in the UI
         raise CheckpointError(path, f"could not be read as a guidance checkpoint ({untrusted.short_reason(exc)})") from None
+
+
+def _network(path: Path) -> tuple[GuidanceNetwork, dict[str, torch.Tensor], str]:
+    """The network a file holds, in eval mode on the CPU, after the domain check; with its state dict and format."""
+    state, config, metadata, kind = _read(path)
+    model = ARCHITECTURES[metadata.method][1](config, metadata)
+    model.load_state_dict(state)
+    model.requires_grad_(False).eval()
+    try:
+        check_domain(model, path)  # finite, bounded w (or omega) wherever a sampler can take it
+    except CheckpointError:
+        raise
+    except Exception as exc:  # the network failed to evaluate at all: still one line
+        raise CheckpointError(path, f"could not be evaluated over its domain ({untrusted.short_reason(exc)})") from None
+    model.source_path = os.fspath(path)
+    model.source_format = kind
+    return model, state, kind
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], GuidanceModelConfig, CheckpointMetadata, str]:
+    """Read and validate a checkpoint: (float32 CPU state dict, config, metadata, 'safetensors' | 'torch').
+
+    Any problem with the file, however odd, raises :class:`CheckpointError` (one line naming the file and the problem);
+    so does a network that is not finite and bounded over its domain (:mod:`annealing.domain_check`)."""
+    model, state, kind = _network(_as_path(path))
+    return state, model.config, model.metadata, kind
 
 
 def _legacy_problem(path: Path, handle, size: int) -> str:
@@ -209,12 +233,8 @@ def load_guidance_model(path: str | os.PathLike, device: str | torch.device = "c
     :class:`GuidanceScaleModel` (annealing) or a :class:`LearnToGuideNet` (learn_to_guide): ``model.metadata.method`` says which.
 
     The model carries its :class:`CheckpointMetadata` as ``model.metadata`` and its source as ``model.source_path``.
-    Raises :class:`CheckpointError` for anything wrong with the file.
+    Raises :class:`CheckpointError` for anything wrong with the file, and for a network whose scale is not finite and
+    within :data:`annealing.model.W_LIMIT` wherever a sampler can take it (:mod:`annealing.domain_check`).
     """
-    state, config, metadata, kind = read_checkpoint(path)
-    model = ARCHITECTURES[metadata.method][1](config, metadata)
-    model.load_state_dict(state)
-    model.source_path = os.fspath(_as_path(path))
-    model.source_format = kind
-    model.requires_grad_(False)
-    return model.to(device).eval()
+    model, _, _ = _network(_as_path(path))
+    return model.to(device)

@@ -1,0 +1,155 @@
+"""Whether a guidance network gives a finite, bounded scale over its whole domain, decided once, when it is loaded.
+
+A checkpoint whose weights or scalars are huge but finite loads cleanly and then overflows at sampling time; one whose
+inputs are degenerate gives NaN at every step. Both are caught here, before any sampling, by evaluating the network where
+a sampler can take it (docs/design.md, section 6) and refusing it with one :class:`CheckpointError` line that names the
+file, the value and the point where |w| exceeds :data:`annealing.model.W_LIMIT` or is not finite.
+
+The points, in float32 exactly as the guide computes them:
+
+* annealing, w(t, ||delta||, lambda): t is what the training grid's lookup gives at every grid sigma, at the geometric
+  midpoint of each two neighbours and at the two ends a sampler can reach (VP: DDPM timesteps 0 and T - 1; flow: sigma 1
+  and 1e-4); ||delta|| is 0 and 10^-3, 10^-2, ..., 10^3 times the checkpoint's delta normalisation (the guide clamps
+  above 10^3: MAX_DELTA_NORM_MULTIPLE); lambda is 0, 0.5 and 1. The released checkpoint: 101 x 8 x 3 = 2,424 points.
+* learn_to_guide, omega(t, s, prompt): t at the same sigmas; s at the training grid's next point (anchored mode), at
+  clean data, and at up to 8 later grid points spread evenly (per_step mode takes s from the sampler, anywhere below t);
+  the prompt embedding is zero (what the explorer draws without a prompt), a seeded standard-normal vector (a text
+  encoder's embeddings have per-element magnitudes about 1) and 4 times that vector.
+
+The evaluation is capped at :data:`MAX_CHECK_MACS` multiply-adds: for a network so large that the full set would cost
+more, timesteps are thinned evenly (the grid's ends are always kept). The released checkpoint's check takes about 3-5 ms.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .errors import CheckpointError
+from .model import W_LIMIT
+from .training_grid import VP_CLEAN_TIMESTEP, GridLookup, VPGrid
+
+#: The guide never hands the MLP a normalised delta norm above this many times its normalisation: training sees 1 to 8,
+#: the pack's tests with random tiny models at most 190; beyond it a ReLU MLP only extrapolates linearly.
+MAX_DELTA_NORM_MULTIPLE = 1e3
+#: ||delta|| of the check, in units of the delta normalisation: 0, then one point per decade up to the guide's clamp.
+DELTA_MULTIPLES = (0.0, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, MAX_DELTA_NORM_MULTIPLE)
+CHECK_LAMBDAS = (0.0, 0.5, 1.0)
+#: Later grid points each Learn to Guide timestep is paired with (besides the next one and clean data).
+LATER_POINTS = 8
+PROMPT_SCALES = (0.0, 1.0, 4.0)
+#: Work cap of one check (multiply-adds): ~0.1 s on a slow CPU core; the released checkpoint needs 1.4e8.
+MAX_CHECK_MACS = 2e9
+#: Rows evaluated at once (bounds the activations' memory for the widest allowed network: 4096 x 4096 floats, 64 MiB).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def probe_sigmas(grid) -> torch.Tensor:
+    """The sigmas the check evaluates at, noisiest first (float64): every grid point, the geometric midpoint of each two,
+    and the ends a sampler can reach."""
+    sigmas = grid.sigmas()[:-1]
+    between = (sigmas[:-1] * sigmas[1:]).sqrt()
+    points = torch.stack([sigmas[:-1], between], dim=1).reshape(-1) if sigmas.shape[0] > 1 else sigmas[:0]
+    if isinstance(grid, VPGrid):
+        schedule = grid.schedule_sigmas()
+        ends = (schedule[-1:], schedule[:1])  # DDPM timesteps T - 1 and 0: the lookup clamps everything to them
+    else:
+        ends = (torch.ones(1, dtype=torch.float64), torch.full((1,), 1e-4, dtype=torch.float64))  # flow sigmas lie in (0, 1]
+    return torch.cat([ends[0], points, sigmas[-1:], ends[1]])
+
+
+def _thin(count: int, keep: int) -> torch.Tensor:
+    """Indices of ``keep`` of ``count`` items, evenly spread, both ends included."""
+    if count <= keep:
+        return torch.arange(count)
+    return torch.linspace(0, count - 1, max(keep, 2), dtype=torch.float64).round().long().unique()
+
+
+def _parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _first_bad(values: torch.Tensor) -> int | None:
+    """Index of the worst value (a NaN or inf first, then the largest magnitude beyond W_LIMIT), or None when all are fine."""
+    bad = ~(values.abs() <= W_LIMIT)  # NaN fails the comparison
+    if not bool(bad.any()):
+        return None
+    nonfinite = ~torch.isfinite(values)
+    if bool(nonfinite.any()):
+        return int(nonfinite.nonzero()[0])
+    return int(values.abs().argmax())
+
+
+def _refuse(path, what: str, value: float, where: str) -> CheckpointError:
+    shown = f"{value:g}" if math.isfinite(value) else str(value)
+    return CheckpointError(path, f"{what} is {shown} at {where}: a checkpoint must give a finite {what} of magnitude at most "
+                                 f"{W_LIMIT:g} over its whole domain (docs/design.md, section 6)")
+
+
+@torch.no_grad()
+def check_annealing_domain(model, path: str | os.PathLike | None = None) -> None:
+    """Refuse (CheckpointError) an annealing network whose w is not finite or beyond W_LIMIT anywhere in its domain."""
+    meta, config = model.metadata, model.config
+    lookup = GridLookup(meta.training_grid, meta.timestep_convention)
+    timesteps = lookup(probe_sigmas(meta.training_grid).to(torch.float32))[0]
+    deltas = torch.tensor(DELTA_MULTIPLES, dtype=torch.float32) * config.delta_embed_normalization
+    lambdas = torch.tensor(CHECK_LAMBDAS, dtype=torch.float32)
+    per_timestep = deltas.shape[0] * lambdas.shape[0]
+    timesteps = timesteps[_thin(timesteps.shape[0], int(MAX_CHECK_MACS // max(_parameters(model) * per_timestep, 1)))]
+    t, d, lam = (v.reshape(-1) for v in torch.meshgrid(timesteps, deltas, lambdas, indexing="ij"))
+    rows = max(1, CHUNK_ELEMENTS // max(config.hidden_size, config.input_size))
+    for start in range(0, t.shape[0], rows):
+        part = slice(start, start + rows)
+        w = model(*(v[part].to(model.device) for v in (t, d, lam))).cpu()
+        i = _first_bad(w)
+        if i is not None:
+            j = start + i
+            raise _refuse(path, "w", float(w[i]), f"timestep {float(t[j]):g}, ||delta|| {float(d[j]):g}, lambda {float(lam[j]):g}")
+
+
+@torch.no_grad()
+def check_learned_domain(model, path: str | os.PathLike | None = None) -> None:
+    """Refuse (CheckpointError) a Learn to Guide network whose omega is not finite or beyond W_LIMIT for any of the
+    (t, s, prompt) of the module docstring."""
+    meta, config = model.metadata, model.config
+    grid = meta.training_grid
+    lookup = GridLookup(grid, meta.timestep_convention)
+    probes = probe_sigmas(grid).to(torch.float32)
+    timesteps, _, anchored_next = lookup(probes)
+    grid_sigmas = grid.sigmas().to(torch.float32)  # ends with 0: clean data
+    grid_steps = lookup.timestep(grid_sigmas)
+    clean = VP_CLEAN_TIMESTEP if meta.timestep_convention == "ddpm_index" else 0.0
+    pairs_t, pairs_s = [], []
+    for i in range(probes.shape[0]):
+        later = (grid_sigmas < probes[i]).nonzero().reshape(-1)[:-1]  # grid points below this sigma, clean data left out
+        chosen = grid_steps[later[_thin(later.shape[0], LATER_POINTS)]] if later.numel() else grid_steps[:0]
+        s = torch.cat([anchored_next[i : i + 1], torch.tensor([clean]), chosen])
+        pairs_t.append(timesteps[i].expand(s.shape[0]))
+        pairs_s.append(s)
+    t, s = torch.cat(pairs_t), torch.cat(pairs_s)
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(config.prompt_dim, generator=generator)
+    prompts = torch.stack([scale * direction for scale in PROMPT_SCALES])
+    keep = int(MAX_CHECK_MACS // max(_parameters(model) * prompts.shape[0], 1))
+    index = _thin(t.shape[0], keep)
+    t, s = t[index], s[index]
+    rows = max(1, CHUNK_ELEMENTS // max(config.hidden_size, config.prompt_dim))
+    for p, prompt in enumerate(prompts):
+        for start in range(0, t.shape[0], rows):
+            part = slice(start, start + rows)
+            omega = model(t[part].to(model.device), s[part].to(model.device), prompt.to(model.device)).cpu()
+            i = _first_bad(omega)
+            if i is not None:
+                j = start + i
+                which = "the zero prompt embedding" if PROMPT_SCALES[p] == 0 else f"a random prompt embedding of norm {float(prompt.norm()):.3g}"
+                raise _refuse(path, "omega", float(omega[i]), f"t {float(t[j]):g}, s {float(s[j]):g} with {which}")
+
+
+def check_domain(model, path: str | os.PathLike | None = None) -> None:
+    """The check of the network's method (``model.metadata.method``)."""
+    if model.metadata.method == "learn_to_guide":
+        check_learned_domain(model, path)
+    else:
+        check_annealing_domain(model, path)
