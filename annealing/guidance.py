@@ -15,21 +15,21 @@ training grid's k, so w * k_train is one CFG scale per noise level; per_step: th
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
 import torch
 
 from .broadcast import as_batch, batch_view
+from .domain_check import MAX_DELTA_NORM_MULTIPLE
 from .lambda_rule import check_lambda
+from .model import W_LIMIT
 from .recorder import GuidanceRecorder
 from .samplers import SamplerInfo, sampler_step_end
 from .scale_rule import MODES, check_mode, evaluation_scale
 from .schedules import check_sampling, locate_on_schedule, signal_scale
 from .training_grid import GridLookup
-
-#: The MLP never sees a delta norm above this many times its normalisation (training sees about 1 to 8 times).
-MAX_DELTA_NORM_MULTIPLE = 1e4
 
 # --------------------------------------------------------------------------------------------------------- pure functions
 
@@ -127,7 +127,19 @@ def guided_ddim_step(z, pred_uncond, pred_cond, scale, alpha, sigma, alpha_next,
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value.bit_length() <= 1000  # float() of a 400-digit integer raises OverflowError
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _check_device(name: str, value, device: torch.device) -> None:
+    """A tensor on the meta device has no values: accepted only when the predictions are there too (a dry run)."""
+    if torch.is_tensor(value) and value.device.type == "meta" and device.type != "meta":
+        raise ValueError(f"{name} is a tensor on the meta device (a shape without values) while the predictions are on {device}")
 
 
 @dataclass(frozen=True)
@@ -203,6 +215,33 @@ class AnnealingGuidance:
             raise ValueError("mode as_is applies to annealing's CFG++ units; a learn_to_guide checkpoint gives a CFG scale: use "
                              "anchored or per_step")
         self.lookup = GridLookup(metadata.training_grid, metadata.timestep_convention)
+        # the guide's own copies on other devices (shared by all of them, so each is made once), see to()
+        self._ready = all(p.dtype == torch.float32 for p in model.parameters())  # float32 already: usable where it is
+        self._copies: dict[str, AnnealingGuidance] = {str(self.model.device): self} if self._ready else {}
+
+    @property
+    def device(self) -> torch.device:
+        """Where the guide's network computes."""
+        return self.model.device
+
+    def to(self, device: str | torch.device) -> AnnealingGuidance:
+        """This guide on ``device``: the same options and grid lookup, with the network as a float32 copy on that device.
+
+        Like ``Tensor.to`` it returns the guide itself when its network is float32 on ``device`` already, and it never moves
+        the network it was built with (a loaded model may serve other nodes). Each device's copy is made on the first call
+        and kept, so calling ``guide.to(d_cond.device)`` on every evaluation costs one dictionary lookup. :meth:`guide` does
+        it by itself when its predictions are on another device."""
+        device = torch.device(device)
+        if self._ready and _same_device(self.model.device, device):
+            return self
+        key = str(device)
+        found = self._copies.get(key)
+        if found is None:
+            found = copy.copy(self)  # options, lookup (it keeps a table per device) and the shared _copies
+            found.model = copy.deepcopy(self.model).to(device=device, dtype=torch.float32).requires_grad_(False)
+            found._ready = True
+            self._copies[key] = found
+        return found
 
     def guide(
         self,
@@ -233,16 +272,27 @@ class AnnealingGuidance:
         fp16's range before the cast back.
         """
         check_sampling(sampling)
+        if not (torch.is_tensor(d_cond) and torch.is_tensor(d_uncond)):
+            raise ValueError(f"d_cond and d_uncond must be tensors, got {type(d_cond).__name__} and {type(d_uncond).__name__}")
         if d_cond.shape != d_uncond.shape:
             raise ValueError(f"d_cond and d_uncond must have the same shape, got {tuple(d_cond.shape)} and {tuple(d_uncond.shape)}")
         if d_cond.dim() < 1 or d_cond.shape[0] == 0 or d_cond.numel() == 0:
             raise ValueError(f"an empty batch cannot be guided (predictions of shape {tuple(d_cond.shape)})")
         if not (d_cond.is_floating_point() and d_uncond.is_floating_point()):
             raise ValueError(f"predictions must be floating point, got {d_cond.dtype} and {d_uncond.dtype}")
+        device = d_cond.device
+        for name, value in (("d_uncond", d_uncond), ("sigma", sigma), ("sample_sigmas", sample_sigmas), ("prompt", prompt)):
+            _check_device(name, value, device)
+        if not (self._ready and _same_device(self.model.device, device)):  # the network computes where the predictions are
+            return self.to(device).guide(sigma, d_cond, d_uncond, sampling=sampling, sampler=sampler, sample_sigmas=sample_sigmas,
+                                         host_cfg=host_cfg, prompt=prompt, recorder=recorder)
         meta, opts = self.model.metadata, self.options
+        fallback_scale = host_cfg if opts.fallback_cfg is None else opts.fallback_cfg
+        if opts.fallback_cfg is None and not _is_number(host_cfg):  # used outside the active range and where w falls back
+            raise ValueError(f"cfg (the sampler's CFG scale, the fallback of annealing guidance) must be a finite number, got {host_cfg!r}")
         sampler = sampler or SamplerInfo()
         batch = d_cond.shape[0]
-        sigma = as_batch(sigma, batch, d_cond.device)
+        sigma = as_batch(sigma, batch, device, name="sigma")
         positive = sigma > 0  # sigma 0: D_c = D_u = x, nothing to guide (and delta would divide by zero)
 
         # D_c - D_u once: its norm gives ||delta|| and it is reused for the guided prediction (the hot path runs every step).
@@ -253,38 +303,40 @@ class AnnealingGuidance:
         if self.method == "learn_to_guide":
             w, k_train, timestep = self._learned_scale(sigma, prompt, sampling, sampler, sample_sigmas)
             mlp_norm = norm  # recorded for the plot; the network does not read it
-            mode = "anchored"  # w is a CFG scale already: only *_cfg_pp samplers need it converted
+            mode, limit = "anchored", W_LIMIT + 1.0  # w = 1 + omega is a CFG scale already: only *_cfg_pp samplers convert it
         else:
             # Far outside anything seen in training the MLP's output is meaningless and can overflow: its input is bounded.
             bound = MAX_DELTA_NORM_MULTIPLE * self.model.config.delta_embed_normalization
             factor = delta_norm_scale(difference.numel() // batch, meta.trained_latent_numel) if opts.normalize_delta_norm else 1.0
             mlp_norm = (norm * factor).clamp(max=bound)
             timestep, k_train, _ = self.lookup(sigma)
-            w, mode = self.model(timestep, mlp_norm, opts.lam), opts.mode
+            w, mode, limit = self.model.forward_trusted(timestep, mlp_norm, opts.lam), opts.mode, W_LIMIT  # lambda checked by the options
         if opts.w_min is not None or opts.w_max is not None:
             w = w.clamp(min=opts.w_min, max=opts.w_max)
+        in_domain = w.abs() <= limit  # False for NaN: such a w is never applied (docs/design.md, section 6)
 
         rule = evaluation_scale(mode, sigma, k_train, sampling=sampling, sampler=sampler, sample_sigmas=sample_sigmas)
         scale = w if rule.factor is None else w * rule.factor
         omega = scale if rule.cfg_factor is rule.factor else (w if rule.cfg_factor is None else w * rule.cfg_factor)
-        active = None
+        use_w, active = in_domain, None
         if not opts.full_range:
             if sample_sigmas is None:
                 raise ValueError("an active range needs the sampler's schedule: pass sample_sigmas")
             step = locate_on_schedule(sigma, sample_sigmas)[0]
             progress = step.to(torch.float32) / max(sample_sigmas.shape[0] - 1, 1)
             active = (progress >= opts.active_start) & ((progress < opts.active_end) | (opts.active_end >= 1.0))
-            fallback = host_cfg if opts.fallback_cfg is None else opts.fallback_cfg
-            plain = fallback if rule.sampler_units is None else fallback * rule.sampler_units  # ordinary CFG, in the sampler's units
-            scale = torch.where(active, scale, plain)
-            omega = torch.where(active, omega, fallback)
-        scale = torch.where(positive, scale.nan_to_num(nan=1.0), 1.0)
+            use_w = active & in_domain
+        # plain CFG outside the active range, and where w is not finite or beyond the limit (recorded as a fallback)
+        plain = fallback_scale if rule.sampler_units is None else fallback_scale * rule.sampler_units  # in the sampler's units
+        scale = torch.where(positive, torch.where(use_w, scale, plain), 1.0)
+        omega = torch.where(positive, torch.where(use_w, omega, fallback_scale), 1.0)
 
         guided = torch.addcmul(d_uncond32, difference, scale.view(-1, *([1] * (difference.dim() - 1))))
         if d_cond.dtype == torch.float16:  # keep an fp16 model's result finite
             guided = guided.clamp(torch.finfo(torch.float16).min, torch.finfo(torch.float16).max)
         if recorder is not None:
-            recorder.record(sigma, timestep, norm, mlp_norm, w, scale, torch.where(positive, omega, 1.0), active, sample_sigmas)
+            fell_back = positive & ~in_domain if active is None else positive & active & ~in_domain
+            recorder.record(sigma, timestep, norm, mlp_norm, w, scale, omega, active, sample_sigmas, fallback=fell_back)
         return guided.to(d_cond.dtype)
 
     def _learned_scale(self, sigma, prompt, sampling, sampler, sample_sigmas):
