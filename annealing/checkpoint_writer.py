@@ -32,9 +32,12 @@ def save_guidance_model(model: GuidanceNetwork, path: str | os.PathLike, metadat
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, **metadata_changes) -> CheckpointMetadata:
-    """Convert any readable checkpoint (upstream ``.pt`` included) to our ``.safetensors``; returns the metadata written."""
+    """Convert any readable checkpoint (upstream ``.pt`` included) to our ``.safetensors`` (``dst`` must have that suffix);
+    returns the metadata written."""
     if Path(src).resolve() == Path(dst).resolve():
         raise CheckpointError(dst, "the output must differ from the input")
+    if not os.fspath(dst).lower().endswith(".safetensors"):  # what is written is safetensors: a .pt name would mislead every other tool
+        raise CheckpointError(dst, "the converted checkpoint is a .safetensors file; give the output that suffix")
     model = load_guidance_model(src)
     try:
         metadata = model.metadata.replace(**metadata_changes)

@@ -146,3 +146,37 @@ def test_trace_plot_for_a_recorded_run_an_empty_one_and_a_mismatched_one(make_gu
     for ax in fig.axes[:2]:  # integer step ticks
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert all(float(t).is_integer() for t in ticks)
+
+
+def test_outputs_are_checked_before_any_work(checkpoint, tmp_path, capsys):
+    """A folder, a missing folder, a suffix the command cannot write: one line each, before the checkpoint is even read
+    (the input given here does not exist, so any work would fail differently)."""
+    missing = str(tmp_path / "missing.safetensors")
+    cases = [
+        (["convert", missing, str(tmp_path / "out.pt")], "convert writes a .safetensors file"),
+        (["convert", missing, str(tmp_path)], "is a directory"),
+        (["convert", missing, str(tmp_path), "--force"], "is a directory"),
+        (["convert", missing, str(tmp_path / "no" / "out.safetensors")], "does not exist"),
+        (["plot", missing, "--out", str(tmp_path)], "is a directory"),
+        (["plot", missing, "--out", str(tmp_path), "--force"], "is a directory"),
+        (["plot", missing, "--out", str(tmp_path / "w.xyz")], "cannot write a .xyz file"),
+        (["plot", missing, "--out", str(tmp_path / "w")], "cannot write a file without a suffix"),
+        (["plot", missing, "--out", str(tmp_path / "w.pgf")], "cannot write a .pgf file"),
+        (["plot", missing, "--out", str(tmp_path / "no" / "w.png")], "does not exist"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and words in err, (argv, err)
+        assert "missing.safetensors: not found" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["random.safetensors"]  # nothing written
+    with pytest.raises(annealing.CheckpointError, match="give the output that suffix"):
+        annealing.convert_checkpoint(checkpoint, tmp_path / "out.pt")  # the library says the same
+    assert main(["convert", str(checkpoint), str(tmp_path / "out.SafeTensors")]) == 0
+
+
+@pytest.mark.parametrize("suffix, magic", [(".jpg", b"\xff\xd8\xff"), (".pdf", b"%PDF")])
+def test_plot_writes_the_format_its_suffix_names(checkpoint, tmp_path, suffix, magic):
+    out = tmp_path / f"w{suffix}"
+    assert main(["plot", str(checkpoint), "--out", str(out), "--lambdas", "0.4", "--dpi", "30"]) == 0
+    assert out.read_bytes().startswith(magic)

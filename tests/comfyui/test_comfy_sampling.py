@@ -457,7 +457,7 @@ def test_e_plot_nodes_return_images(comfy_host, anchored_on_grid, node, upstream
     other = node("AnnealingSchedulePlot", samples={"samples": torch.ones_like(runs["euler"])}, guider=runs["guider_euler"]).args[0]
     assert other.shape == image.shape and not torch.allclose(other, image)
     cls = comfy_host.nodes.NODE_CLASS_MAPPINGS["AnnealingModelExplorer"]
-    assert "lambdas" in cls.validate_inputs(lambdas="0.5, 2")
+    assert cls.validate_inputs(lambdas="0.5, 2") == "lambda must be a number in [0, 1], got 2"  # ComfyUI prefixes "lambdas - "
 
 
 # ---------------------------------------------------------------------------------------------------- (f) bad inputs
