@@ -202,6 +202,11 @@ class AnnealingGuidance:
     * annealing: w = MLP(t, ||delta||, lambda) in CFG++ units, turned into the sampler's scale by the mode's rule;
     * learn_to_guide: the CFG scale 1 + omega(t, s, prompt) of a step from t to s (s: the training grid's next point in
       anchored mode, the sampler's own next noise level in per_step mode); it needs the prompt embedding.
+
+    Build it once per user setting (the options are checked when they are built, lambda included, and not again per
+    evaluation) and move it with :meth:`to`; :meth:`guide` computes where its predictions are, moving itself there once if
+    needed. Where w is not finite or beyond :data:`annealing.model.W_LIMIT` the evaluation gets plain CFG at the fallback
+    scale for that sample, recorded by the recorder (``trace["fallback"]``; docs/design.md, section 6).
     """
 
     def __init__(self, model, options: AnnealingOptions | None = None):
@@ -269,7 +274,10 @@ class AnnealingGuidance:
         recorder:       optional :class:`annealing.GuidanceRecorder`.
 
         At sigma <= 0 the two predictions coincide and no guidance is applied (scale 1). fp16 results are clamped to
-        fp16's range before the cast back.
+        fp16's range before the cast back. Outside the active range, and where w is not finite or beyond W_LIMIT, the
+        scale is plain CFG at ``options.fallback_cfg`` or else ``host_cfg``, which must then be a finite number.
+        Tensors on the meta device (shapes without values) are a dry run when the predictions are there too, and a
+        ValueError otherwise; every bad input is one ValueError naming it.
         """
         check_sampling(sampling)
         if not (torch.is_tensor(d_cond) and torch.is_tensor(d_uncond)):
@@ -326,17 +334,16 @@ class AnnealingGuidance:
             progress = step.to(torch.float32) / max(sample_sigmas.shape[0] - 1, 1)
             active = (progress >= opts.active_start) & ((progress < opts.active_end) | (opts.active_end >= 1.0))
             use_w = active & in_domain
-        # plain CFG outside the active range, and where w is not finite or beyond the limit (recorded as a fallback)
+        # plain CFG outside the active range, and where w is not finite or beyond the limit (a fallback, recorded)
         plain = fallback_scale if rule.sampler_units is None else fallback_scale * rule.sampler_units  # in the sampler's units
         scale = torch.where(positive, torch.where(use_w, scale, plain), 1.0)
-        omega = torch.where(positive, torch.where(use_w, omega, fallback_scale), 1.0)
 
         guided = torch.addcmul(d_uncond32, difference, scale.view(-1, *([1] * (difference.dim() - 1))))
         if d_cond.dtype == torch.float16:  # keep an fp16 model's result finite
             guided = guided.clamp(torch.finfo(torch.float16).min, torch.finfo(torch.float16).max)
-        if recorder is not None:
-            fell_back = positive & ~in_domain if active is None else positive & active & ~in_domain
-            recorder.record(sigma, timestep, norm, mlp_norm, w, scale, omega, active, sample_sigmas, fallback=fell_back)
+        if recorder is not None:  # the recorder works out where it fell back from in_domain, active and sigma, at the end
+            omega = torch.where(positive, torch.where(use_w, omega, fallback_scale), 1.0)
+            recorder.record(sigma, timestep, norm, mlp_norm, w, scale, omega, active, sample_sigmas, in_domain=in_domain)
         return guided.to(d_cond.dtype)
 
     def _learned_scale(self, sigma, prompt, sampling, sampler, sample_sigmas):

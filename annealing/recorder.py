@@ -11,11 +11,13 @@ from .schedules import locate_on_schedule
 
 #: Per-sample values of one guidance evaluation, as recorded. w: the MLP's output (CFG++ units); scale: the scale applied to
 #: D_c - D_u; omega: the CFG-equivalent scale in ordinary CFG units, whatever the sampler; active: inside the active range;
-#: fallback: w was not finite or beyond W_LIMIT there, so plain CFG at the fallback scale was applied instead.
-RECORD_FIELDS = ("sigma", "timestep", "delta_norm", "mlp_delta_norm", "w", "scale", "omega", "active", "fallback")
-#: Added by :meth:`GuidanceRecorder.trace`: k = scale / w (the factor the scale rule applied, where active), and each row's
-#: place on the sampler's schedule (step, and whether the evaluation was made exactly on that step's sigma).
-TRACE_FIELDS = ("k", "step", "on_schedule")
+#: in_domain: w was finite and within W_LIMIT.
+RECORD_FIELDS = ("sigma", "timestep", "delta_norm", "mlp_delta_norm", "w", "scale", "omega", "active", "in_domain")
+#: Added by :meth:`GuidanceRecorder.trace`: k = scale / w (the factor the scale rule applied, where active), each row's
+#: place on the sampler's schedule (step, and whether the evaluation was made exactly on that step's sigma), and fallback:
+#: w was not finite or beyond W_LIMIT where it would have applied (active, sigma > 0), so plain CFG at the fallback scale
+#: was applied instead.
+TRACE_FIELDS = ("k", "step", "on_schedule", "fallback")
 
 
 @dataclass
@@ -68,10 +70,10 @@ class GuidanceRecorder:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def record(self, sigma, timestep, delta_norm, mlp_delta_norm, w, scale, omega, active=None, schedule=None, fallback=None) -> None:
-        """One evaluation: (B,) float tensors (``active`` None = all active; ``fallback`` None = none fell back, else a (B,)
-        bool tensor); ``schedule`` is the sampler's sigmas, if known. Stacked on the device: no host synchronisation."""
-        flags = [torch.ones_like(w) if active is None else active.to(w.dtype), torch.zeros_like(w) if fallback is None else fallback.to(w.dtype)]
+    def record(self, sigma, timestep, delta_norm, mlp_delta_norm, w, scale, omega, active=None, schedule=None, in_domain=None) -> None:
+        """One evaluation: (B,) float tensors, and (B,) bool tensors ``active`` and ``in_domain`` (None: all True);
+        ``schedule`` is the sampler's sigmas, if known. Stacked on the device: no host synchronisation."""
+        flags = [torch.ones_like(w) if flag is None else flag.to(w.dtype) for flag in (active, in_domain)]
         values = [sigma, timestep, delta_norm, mlp_delta_norm, w, scale, omega, *flags]
         self._rows.append(torch.stack(values).detach())
         if schedule is not None:
@@ -84,7 +86,8 @@ class GuidanceRecorder:
             return GuidanceTrace(steps=[], values={}, evaluations=0)
         stacked = torch.stack(self._rows).to(device="cpu", dtype=torch.float32)  # (evaluations, fields, B)
         index = {name: i for i, name in enumerate(RECORD_FIELDS)}
-        fell = stacked[:, index["fallback"]] > 0.5  # (evaluations, B): counted over every evaluation, not only the rows kept
+        # (evaluations, B): where w would have applied and could not; counted over every evaluation, not only the rows kept
+        fell = (stacked[:, index["active"]] > 0.5) & (stacked[:, index["sigma"]] > 0) & (stacked[:, index["in_domain"]] < 0.5)
         fell_rows = fell.any(dim=1)
         first = fell.to(torch.uint8).argmax(dim=1)  # the first sample that fell back, in each evaluation
         fallback_sigmas = stacked[:, index["sigma"]].gather(1, first[:, None])[fell_rows, 0].tolist()
@@ -102,7 +105,8 @@ class GuidanceRecorder:
         picked = stacked[rows]
         values = {name: picked[:, i].numpy() for name, i in index.items()}
         values["active"] = values["active"] > 0.5
-        values["fallback"] = values["fallback"] > 0.5
+        values["in_domain"] = values["in_domain"] > 0.5
+        values["fallback"] = fell[rows].numpy()
         with torch.no_grad():
             w = picked[:, index["w"]]
             values["k"] = (picked[:, index["scale"]] / torch.where(w == 0, torch.ones_like(w), w)).numpy()
