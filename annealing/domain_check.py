@@ -89,9 +89,8 @@ def _refuse(path, what: str, value: float, where: str) -> CheckpointError:
                                  f"{W_LIMIT:g} over its whole domain (docs/design.md, section 6)")
 
 
-@torch.no_grad()
-def check_annealing_domain(model, path: str | os.PathLike | None = None) -> None:
-    """Refuse (CheckpointError) an annealing network whose w is not finite or beyond W_LIMIT anywhere in its domain."""
+def annealing_domain_points(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (timestep, ||delta||, lambda) the check evaluates an annealing network at, each (N,) float32 (module docstring)."""
     meta, config = model.metadata, model.config
     lookup = GridLookup(meta.training_grid, meta.timestep_convention)
     timesteps = lookup(probe_sigmas(meta.training_grid).to(torch.float32))[0]
@@ -99,7 +98,14 @@ def check_annealing_domain(model, path: str | os.PathLike | None = None) -> None
     lambdas = torch.tensor(CHECK_LAMBDAS, dtype=torch.float32)
     per_timestep = deltas.shape[0] * lambdas.shape[0]
     timesteps = timesteps[_thin(timesteps.shape[0], int(MAX_CHECK_MACS // max(_parameters(model) * per_timestep, 1)))]
-    t, d, lam = (v.reshape(-1) for v in torch.meshgrid(timesteps, deltas, lambdas, indexing="ij"))
+    return tuple(v.reshape(-1) for v in torch.meshgrid(timesteps, deltas, lambdas, indexing="ij"))
+
+
+@torch.no_grad()
+def check_annealing_domain(model, path: str | os.PathLike | None = None) -> None:
+    """Refuse (CheckpointError) an annealing network whose w is not finite or beyond W_LIMIT anywhere in its domain."""
+    config = model.config
+    t, d, lam = annealing_domain_points(model)
     rows = max(1, CHUNK_ELEMENTS // max(config.hidden_size, config.input_size))
     for start in range(0, t.shape[0], rows):
         part = slice(start, start + rows)
