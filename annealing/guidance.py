@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -127,9 +128,12 @@ def guided_ddim_step(z, pred_uncond, pred_cond, scale, alpha, sigma, alpha_next,
 
 
 def _is_number(value) -> bool:
-    if isinstance(value, int) and not isinstance(value, bool):
+    """A finite real number (Python or NumPy; not a bool, not a tensor)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    if isinstance(value, int):
         return value.bit_length() <= 1000  # float() of a 400-digit integer raises OverflowError
-    return isinstance(value, float) and math.isfinite(value)
+    return math.isfinite(float(value))
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
