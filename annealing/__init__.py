@@ -9,15 +9,9 @@ Host-agnostic (torch, safetensors and numpy only); the ComfyUI nodes and the tra
     >>> d_guided = guide.guide(sigma, d_cond, d_uncond, sampling="eps")         # inside any sampler
 """
 
-from .checkpoint import (
-    FORMAT_VERSION,
-    CheckpointMetadata,
-    convert_checkpoint,
-    load_guidance_model,
-    read_checkpoint,
-    save_guidance_model,
-    upstream_metadata,
-)
+from .checkpoint_format import FORMAT_VERSION, CheckpointMetadata, upstream_metadata
+from .checkpoint_reader import load_guidance_model, read_checkpoint
+from .checkpoint_writer import convert_checkpoint, save_guidance_model
 from .errors import AnnealingError, CheckpointError
 from .guidance import (
     AnnealingGuidance,
@@ -27,7 +21,6 @@ from .guidance import (
     delta_norm_scale,
     guided_ddim_step,
     per_sample_norm,
-    prediction_delta,
 )
 from .learn_to_guide import LearnToGuideConfig, LearnToGuideNet, prompt_embedding
 from .model import GuidanceModelConfig, GuidanceScaleModel
@@ -68,7 +61,6 @@ __all__ = [
     "load_guidance_model",
     "locate_on_schedule",
     "per_sample_norm",
-    "prediction_delta",
     "prompt_embedding",
     "read_checkpoint",
     "renoise_factor",

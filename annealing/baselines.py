@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .broadcast import batch_view
-from .schedules import renoise_factor
 
 # --------------------------------------------------------------------------------------------------------------- helpers
 
@@ -30,7 +29,8 @@ def _flat_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).reshape(a.shape[0], -1).sum(dim=1).reshape(-1, *([1] * (a.dim() - 1)))
 
 
-# -------------------------------------------------------------------------------------------------------------- CFG, CFG++
+# ---------------------------------------------------------------------------------------------------------------------- CFG
+# (CFG++, which renoises with the unconditional prediction, is a sampler step: annealing.cfgpp_step.)
 
 
 def cfg(d_cond: torch.Tensor, d_uncond: torch.Tensor, scale) -> torch.Tensor:
@@ -40,23 +40,6 @@ def cfg(d_cond: torch.Tensor, d_uncond: torch.Tensor, scale) -> torch.Tensor:
     model alone, w = 0 the unconditional one; typical image values 3..15 (SDXL default 7.5).
     """
     return d_uncond + batch_view(scale, d_cond) * (d_cond - d_uncond)
-
-
-def cfgpp_equivalent_scale(scale, sigma: torch.Tensor, sigma_next: torch.Tensor, sampling: str = "eps") -> torch.Tensor:
-    """The CFG scale that makes a plain first-order (Euler/DDIM) step sigma -> sigma_next land where CFG++ lands.
-
-    CFG++ (Chung et al.) renoises with the unconditional prediction:  x0_hat = D_u + w (D_c - D_u), then
-    x_next = alpha_next x0_hat + sigma_next eps_u. Feeding a plain sampler D = D_u + w k (D_c - D_u) with
-
-        k = sigma alpha_next / (sigma alpha_next - sigma_next alpha)      (EPS: sigma / (sigma - sigma_next); 1 at the last step)
-
-    gives the same step (see :func:`annealing.renoise_factor`). Returns w * k per sample. ``scale`` w is in CFG++ units,
-    typically in [0, 1] (lambda of the CFG++ paper; 0.6 to 0.8 on SDXL); w = 1 is the conditional model alone.
-    For the step itself in DDPM z-space use :func:`annealing.cfgpp_step`.
-    """
-    sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)
-    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32).reshape(-1)
-    return torch.as_tensor(scale, dtype=torch.float32) * renoise_factor(sigma, sigma_next.expand_as(sigma), sampling)
 
 
 # ---------------------------------------------------------------------------------------------------------------------- APG

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import torch
 
+from .errors import show
 
-def as_batch(value, batch: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+
+def as_batch(value, batch: int, device: torch.device, dtype: torch.dtype = torch.float32, name: str = "value") -> torch.Tensor:
     """A Python number, a 0-d or a (B,) tensor as a (B,) tensor on ``device`` (numbers become a device fill: no host copy).
 
-    A tensor of any other size is a ValueError naming the expected batch.
+    Anything else (a tensor of another size, a number float() cannot hold, not a number at all) is a ValueError naming
+    ``name``.
     """
     if not torch.is_tensor(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+        if isinstance(value, int) and value.bit_length() > 1000:  # float() would raise OverflowError
+            raise ValueError(f"{name} must be a finite number, got {show(value)}")
         return torch.full((batch,), float(value), device=device, dtype=dtype)
     tensor = value.to(device=device, dtype=dtype).reshape(-1)
     if tensor.numel() == 1:

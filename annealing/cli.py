@@ -4,7 +4,8 @@
     python -m annealing convert IN OUT [options]     upstream .pt (or any readable checkpoint) -> our .safetensors
     python -m annealing plot CKPT --out FILE.png     omega and w against timestep, heatmaps over (timestep, delta norm)
 
-Writing commands refuse an existing output unless --force is given.
+Writing commands check their output before any work: a folder, a missing folder or a suffix they cannot write is refused,
+and an existing file unless --force is given.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import json
 import os
 import sys
 
-from .checkpoint import PREDICTION_SPACES, TIMESTEP_CONVENTIONS, convert_checkpoint, load_guidance_model
+from .atomic_write import atomic_write
+from .checkpoint_format import PREDICTION_SPACES, TIMESTEP_CONVENTIONS
+from .checkpoint_reader import load_guidance_model
+from .checkpoint_writer import convert_checkpoint
 from .errors import AnnealingError
 from .plots import DELTA_NORM_MULTIPLES, DELTA_NORMS_HELP, omega_profile, parse_lambdas
 
@@ -119,9 +123,36 @@ def omega_table(model, delta_norms, lambdas=TABLE_LAMBDAS) -> str:
     return "\n".join(lines)
 
 
+def _output_problem(path: str, force: bool) -> str | None:
+    """Why ``path`` cannot be written, checked before any work: a folder, a missing folder, or an existing file without --force."""
+    if os.path.isdir(path):
+        return f"{path}: is a directory; give the path of a file to write"
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        return f"{path}: the folder {folder} does not exist"
+    if os.path.exists(path) and not force:
+        return f"{path}: already exists (use --force to overwrite)"
+    return None
+
+
+def image_format(path: str) -> str:
+    """The image format ``path``'s suffix names (png, jpg, pdf, svg, ...: whatever matplotlib writes); ValueError otherwise."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"}  # pgf needs a LaTeX installation
+    suffix = os.path.splitext(path)[1].lower().lstrip(".")
+    if suffix not in formats:
+        named = f"a .{suffix} file" if suffix else "a file without a suffix"
+        raise ValueError(f"{path}: matplotlib cannot write {named}; name it .{', .'.join(sorted(formats))}")
+    return suffix
+
+
 def cmd_convert(args) -> int:
-    if os.path.exists(args.output) and not args.force:
-        print(f"error: {args.output}: already exists (use --force to overwrite)", file=sys.stderr)
+    problem = _output_problem(args.output, args.force)
+    if problem is None and not args.output.lower().endswith(".safetensors"):
+        problem = f"{args.output}: convert writes a .safetensors file; give the output that suffix"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     changes = {}
     for name in ("model_family", "prediction_space", "timestep_convention", "trained_latent_numel", "sampling_steps"):
@@ -135,14 +166,16 @@ def cmd_convert(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .plots import plot_model_explorer, save_figure
+    from .plots import plot_model_explorer
 
-    if os.path.exists(args.out) and not args.force:
-        print(f"error: {args.out}: already exists (use --force to overwrite)", file=sys.stderr)
+    problem = _output_problem(args.out, args.force)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
+    kind = image_format(args.out)  # before the file is read or anything drawn
     model = load_guidance_model(args.checkpoint)
     fig = plot_model_explorer(model, lambdas=args.lambdas, delta_norms=args.delta_norms, dpi=args.dpi)
-    save_figure(fig, args.out)
+    atomic_write(args.out, lambda tmp: fig.savefig(tmp, format=kind))
     print(f"wrote {args.out}")
     return 0
 
@@ -170,13 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("plot", help="plot w over timestep, delta norm and lambda to a PNG", description="Draw how a checkpoint behaves: "
+    p = sub.add_parser("plot", help="plot w over timestep, delta norm and lambda to an image", description="Draw how a checkpoint behaves: "
                        "w against timestep for several lambdas at a few delta norms, and heatmaps of w over (timestep, delta norm).")
     p.add_argument("checkpoint", help="an upstream .pt or one of our .safetensors files")
-    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--out", required=True, help="image file to write, in the format its suffix names (.png, .jpg, .pdf, .svg, ...)")
     p.add_argument("--lambdas", type=_lambda_list, default=list(TABLE_LAMBDAS), help="comma-separated lambdas (default 0,0.2,...,1)")
     p.add_argument("--delta-norms", type=_float_list, default=None, help=DELTA_NORMS_HELP)
-    p.add_argument("--dpi", type=int, default=100, choices=range(30, 401), metavar="{30..400}", help="resolution of the PNG (default 100)")
+    p.add_argument("--dpi", type=int, default=100, choices=range(30, 401), metavar="{30..400}", help="resolution of the image (default 100)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.set_defaults(func=cmd_plot)
     return parser

@@ -135,7 +135,7 @@ def legend_below(fig, handles, labels, ncol: int | None = None, **kwargs):
 
 def save_png(fig, path: str | os.PathLike) -> None:
     """Write a PNG through a temporary file, so an interrupted run leaves no half-written image."""
-    from .checkpoint import atomic_write
+    from .atomic_write import atomic_write
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=fig.dpi))
 

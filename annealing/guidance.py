@@ -1,6 +1,6 @@
 """Annealing guidance math, host-agnostic: pure functions on tensors, the user's options, and the guide.
 
-Conventions (ComfyUI's, spec section 2): x-space x = alpha * x0 + sigma * eps, with alpha = 1 for EPS and V-prediction
+Conventions (ComfyUI's; docs/design.md, section 1): x-space x = alpha * x0 + sigma * eps, with alpha = 1 for EPS and V-prediction
 models and alpha = 1 - sigma for CONST (flow) models. A sampler hook has sigma per sample and the x0-predictions D_c (cond)
 and D_u (uncond). From these:
 
@@ -17,40 +17,26 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 from .broadcast import as_batch, batch_view
+from .domain_check import MAX_DELTA_NORM_MULTIPLE
+from .lambda_rule import check_lambda
+from .model import W_LIMIT
 from .recorder import GuidanceRecorder
 from .samplers import SamplerInfo, sampler_step_end
 from .scale_rule import MODES, check_mode, evaluation_scale
 from .schedules import check_sampling, locate_on_schedule, signal_scale
 from .training_grid import GridLookup
 
-#: The MLP never sees a delta norm above this many times its normalisation (training sees about 1 to 8 times).
-MAX_DELTA_NORM_MULTIPLE = 1e4
-
 # --------------------------------------------------------------------------------------------------------- pure functions
 
 
-def prediction_delta(sigma: torch.Tensor, d_cond: torch.Tensor, d_uncond: torch.Tensor, sampling: str, space: str) -> torch.Tensor:
-    """uncond - cond prediction difference, in ``space`` ("epsilon" or "velocity"), float32, from x0-predictions.
-
-    sigma: (B,) per sample. See the module docstring for the formulas; the sign does not matter (only the norm is used).
-    """
-    sigma = as_batch(sigma, d_cond.shape[0], d_cond.device)
-    diff = (d_cond.to(torch.float32) - d_uncond.to(torch.float32)) / batch_view(sigma, d_cond)
-    if space == "epsilon":
-        return diff * batch_view(signal_scale(sigma, sampling), diff)
-    if space == "velocity":
-        check_sampling(sampling)
-        return diff
-    raise ValueError(f"space must be 'epsilon' or 'velocity', got {space!r}")
-
-
 def delta_norm_from_difference(sigma: torch.Tensor, difference_norm: torch.Tensor, sampling: str, space: str) -> torch.Tensor:
-    """||delta|| in ``space`` from ||D_c - D_u|| (per sample): the norm of :func:`prediction_delta` without building delta.
+    """||delta|| in ``space`` from ||D_c - D_u|| (per sample): the norm of delta without building it.
 
     epsilon: alpha * ||D_c - D_u|| / sigma;  velocity: ||D_c - D_u|| / sigma.
     """
@@ -147,7 +133,22 @@ def _float32(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite real number (Python or NumPy; not a bool, not a tensor)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    if isinstance(value, int):
+        return value.bit_length() <= 1000  # float() of a 400-digit integer raises OverflowError
+    return math.isfinite(float(value))
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _check_device(name: str, value, device: torch.device) -> None:
+    """A tensor on the meta device has no values: accepted only when the predictions are there too (a dry run)."""
+    if torch.is_tensor(value) and value.device.type == "meta" and device.type != "meta":
+        raise ValueError(f"{name} is a tensor on the meta device (a shape without values) while the predictions are on {device}")
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,7 @@ class AnnealingOptions:
     fallback_cfg: float | None = None
 
     def __post_init__(self):
-        if not _is_number(self.lam) or not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"lambda must be a number in [0, 1], got {self.lam!r}")
+        object.__setattr__(self, "lam", check_lambda(self.lam))  # checked once, here: the guide's hot path does not again
         check_mode(self.mode)
         for name in ("w_min", "w_max"):
             value = getattr(self, name)
@@ -211,6 +211,11 @@ class AnnealingGuidance:
     * annealing: w = MLP(t, ||delta||, lambda) in CFG++ units, turned into the sampler's scale by the mode's rule;
     * learn_to_guide: the CFG scale 1 + omega(t, s, prompt) of a step from t to s (s: the training grid's next point in
       anchored mode, the sampler's own next noise level in per_step mode); it needs the prompt embedding.
+
+    Build it once per user setting (the options are checked when they are built, lambda included, and not again per
+    evaluation) and move it with :meth:`to`; :meth:`guide` computes where its predictions are, moving itself there once if
+    needed. Where w is not finite or beyond :data:`annealing.model.W_LIMIT` the evaluation gets plain CFG at the fallback
+    scale for that sample, recorded by the recorder (``trace["fallback"]``; docs/design.md, section 6).
     """
 
     def __init__(self, model, options: AnnealingOptions | None = None):
@@ -224,17 +229,33 @@ class AnnealingGuidance:
             raise ValueError("mode as_is applies to annealing's CFG++ units; a learn_to_guide checkpoint gives a CFG scale: use "
                              "anchored or per_step")
         self.lookup = GridLookup(metadata.training_grid, metadata.timestep_convention)
+        # the guide's own copies on other devices (shared by all of them, so each is made once), see to()
+        self._ready = all(p.dtype == torch.float32 for p in model.parameters())  # float32 already: usable where it is
+        self._copies: dict[str, AnnealingGuidance] = {str(self.model.device): self} if self._ready else {}
 
-    def to(self, device) -> AnnealingGuidance:
-        """This guide with its network in float32 on ``device``: itself when it is there already, else a copy that shares
-        the options and the grid lookup (the network is copied, never moved: a loaded model may serve other guides)."""
+    @property
+    def device(self) -> torch.device:
+        """Where the guide's network computes."""
+        return self.model.device
+
+    def to(self, device: str | torch.device) -> AnnealingGuidance:
+        """This guide on ``device``: the same options and grid lookup, with the network as a float32 copy on that device.
+
+        Like ``Tensor.to`` it returns the guide itself when its network is float32 on ``device`` already, and it never moves
+        the network it was built with (a loaded model may serve other nodes). Each device's copy is made on the first call
+        and kept, so calling ``guide.to(d_cond.device)`` on every evaluation costs one dictionary lookup. :meth:`guide` does
+        it by itself when its predictions are on another device."""
         device = torch.device(device)
-        weight = next(self.model.parameters(), None)
-        if weight is None or (weight.device == device and weight.dtype == torch.float32):
+        if self._ready and _same_device(self.model.device, device):
             return self
-        moved = copy.copy(self)
-        moved.model = copy.deepcopy(self.model).to(device=device, dtype=torch.float32)
-        return moved
+        key = str(device)
+        found = self._copies.get(key)
+        if found is None:
+            found = copy.copy(self)  # options, lookup (it keeps a table per device) and the shared _copies
+            found.model = copy.deepcopy(self.model).to(device=device, dtype=torch.float32).requires_grad_(False)
+            found._ready = True
+            self._copies[key] = found
+        return found
 
     def guide(
         self,
@@ -262,19 +283,33 @@ class AnnealingGuidance:
         recorder:       optional :class:`annealing.GuidanceRecorder`.
 
         At sigma <= 0 the two predictions coincide and no guidance is applied (scale 1). fp16 results are clamped to
-        fp16's range before the cast back.
+        fp16's range before the cast back. Outside the active range, and where w is not finite or beyond W_LIMIT, the
+        scale is plain CFG at ``options.fallback_cfg`` or else ``host_cfg``, which must then be a finite number.
+        Tensors on the meta device (shapes without values) are a dry run when the predictions are there too, and a
+        ValueError otherwise; every bad input is one ValueError naming it.
         """
         check_sampling(sampling)
+        if not (torch.is_tensor(d_cond) and torch.is_tensor(d_uncond)):
+            raise ValueError(f"d_cond and d_uncond must be tensors, got {type(d_cond).__name__} and {type(d_uncond).__name__}")
         if d_cond.shape != d_uncond.shape:
             raise ValueError(f"d_cond and d_uncond must have the same shape, got {tuple(d_cond.shape)} and {tuple(d_uncond.shape)}")
         if d_cond.dim() < 1 or d_cond.shape[0] == 0 or d_cond.numel() == 0:
             raise ValueError(f"an empty batch cannot be guided (predictions of shape {tuple(d_cond.shape)})")
         if not (d_cond.is_floating_point() and d_uncond.is_floating_point()):
             raise ValueError(f"predictions must be floating point, got {d_cond.dtype} and {d_uncond.dtype}")
+        device = d_cond.device
+        for name, value in (("d_uncond", d_uncond), ("sigma", sigma), ("sample_sigmas", sample_sigmas), ("prompt", prompt)):
+            _check_device(name, value, device)
+        if not (self._ready and _same_device(self.model.device, device)):  # the network computes where the predictions are
+            return self.to(device).guide(sigma, d_cond, d_uncond, sampling=sampling, sampler=sampler, sample_sigmas=sample_sigmas,
+                                         host_cfg=host_cfg, prompt=prompt, recorder=recorder)
         meta, opts = self.model.metadata, self.options
+        fallback_scale = host_cfg if opts.fallback_cfg is None else opts.fallback_cfg
+        if opts.fallback_cfg is None and not _is_number(host_cfg):  # used outside the active range and where w falls back
+            raise ValueError(f"cfg (the sampler's CFG scale, the fallback of annealing guidance) must be a finite number, got {host_cfg!r}")
         sampler = sampler or SamplerInfo()
         batch = d_cond.shape[0]
-        sigma = as_batch(sigma, batch, d_cond.device)
+        sigma = as_batch(sigma, batch, device, name="sigma")
         positive = sigma > 0  # sigma 0: D_c = D_u = x, nothing to guide (and delta would divide by zero)
 
         # D_c - D_u once: its norm gives ||delta|| and it is reused for the guided prediction (the hot path runs every step).
@@ -285,38 +320,39 @@ class AnnealingGuidance:
         if self.method == "learn_to_guide":
             w, k_train, timestep = self._learned_scale(sigma, prompt, sampling, sampler, sample_sigmas)
             mlp_norm = norm  # recorded for the plot; the network does not read it
-            mode = "anchored"  # w is a CFG scale already: only *_cfg_pp samplers need it converted
+            mode, limit = "anchored", W_LIMIT + 1.0  # w = 1 + omega is a CFG scale already: only *_cfg_pp samplers convert it
         else:
             # Far outside anything seen in training the MLP's output is meaningless and can overflow: its input is bounded.
             bound = MAX_DELTA_NORM_MULTIPLE * self.model.config.delta_embed_normalization
             factor = delta_norm_scale(difference.numel() // batch, meta.trained_latent_numel) if opts.normalize_delta_norm else 1.0
             mlp_norm = (norm * factor).clamp(max=bound)
             timestep, k_train, _ = self.lookup(sigma)
-            w, mode = self.model(timestep, mlp_norm, opts.lam), opts.mode
+            w, mode, limit = self.model.forward_trusted(timestep, mlp_norm, opts.lam), opts.mode, W_LIMIT  # lambda checked by the options
         if opts.w_min is not None or opts.w_max is not None:
             w = w.clamp(min=opts.w_min, max=opts.w_max)
+        in_domain = w.abs() <= limit  # False for NaN: such a w is never applied (docs/design.md, section 6)
 
         rule = evaluation_scale(mode, sigma, k_train, sampling=sampling, sampler=sampler, sample_sigmas=sample_sigmas)
         scale = w if rule.factor is None else w * rule.factor
         omega = scale if rule.cfg_factor is rule.factor else (w if rule.cfg_factor is None else w * rule.cfg_factor)
-        active = None
+        use_w, active = in_domain, None
         if not opts.full_range:
             if sample_sigmas is None:
                 raise ValueError("an active range needs the sampler's schedule: pass sample_sigmas")
             step = locate_on_schedule(sigma, sample_sigmas)[0]
             progress = step.to(torch.float32) / max(sample_sigmas.shape[0] - 1, 1)
             active = (progress >= opts.active_start) & ((progress < opts.active_end) | (opts.active_end >= 1.0))
-            fallback = host_cfg if opts.fallback_cfg is None else opts.fallback_cfg
-            plain = fallback if rule.sampler_units is None else fallback * rule.sampler_units  # ordinary CFG, in the sampler's units
-            scale = torch.where(active, scale, plain)
-            omega = torch.where(active, omega, fallback)
-        scale = torch.where(positive, scale.nan_to_num(nan=1.0), 1.0)
+            use_w = active & in_domain
+        # plain CFG outside the active range, and where w is not finite or beyond the limit (a fallback, recorded)
+        plain = fallback_scale if rule.sampler_units is None else fallback_scale * rule.sampler_units  # in the sampler's units
+        scale = torch.where(positive, torch.where(use_w, scale, plain), 1.0)
 
         guided = torch.addcmul(d_uncond32, difference, scale.view(-1, *([1] * (difference.dim() - 1))))
         if d_cond.dtype == torch.float16:  # keep an fp16 model's result finite
             guided = guided.clamp(torch.finfo(torch.float16).min, torch.finfo(torch.float16).max)
-        if recorder is not None:
-            recorder.record(sigma, timestep, norm, mlp_norm, w, scale, torch.where(positive, omega, 1.0), active, sample_sigmas)
+        if recorder is not None:  # the recorder works out where it fell back from in_domain, active and sigma, at the end
+            omega = torch.where(positive, torch.where(use_w, omega, fallback_scale), 1.0)
+            recorder.record(sigma, timestep, norm, mlp_norm, w, scale, omega, active, sample_sigmas, in_domain=in_domain)
         return guided if d_cond.dtype == torch.float32 else guided.to(d_cond.dtype)
 
     def _learned_scale(self, sigma, prompt, sampling, sampler, sample_sigmas):
@@ -341,5 +377,4 @@ __all__ = [
     "delta_norm_from_difference",
     "delta_norm_scale",
     "per_sample_norm",
-    "prediction_delta",
 ]

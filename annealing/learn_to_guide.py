@@ -21,7 +21,17 @@ import torch
 from torch import nn
 
 from .errors import show
-from .model import MAX_EMBED_DIM, MAX_HIDDEN_SIZE, MAX_LAYERS, MAX_PARAMETERS, embed_scalar
+from .model import (
+    MAX_EMBED_DIM,
+    MAX_HIDDEN_SIZE,
+    MAX_LAYERS,
+    MAX_NORMALIZATION,
+    MAX_PARAMETERS,
+    MIN_SCALE,
+    check_input,
+    check_scalar,
+    embed_scalar,
+)
 
 PROMPT_EMBEDDINGS = ("pooled", "mean_tokens")
 #: A prompt embedding wider than this is not a text encoder's (T5-XXL is 4096 wide).
@@ -56,9 +66,7 @@ class LearnToGuideConfig:
                 raise ValueError(f"{name} must be an integer from {low} to {high}, got {show(value)}")
         if self.prompt_embedding not in PROMPT_EMBEDDINGS:
             raise ValueError(f"prompt_embedding must be one of {', '.join(PROMPT_EMBEDDINGS)}; got {show(self.prompt_embedding)}")
-        value = self.t_embed_normalization
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
-            raise ValueError(f"t_embed_normalization must be a finite non-zero number, got {show(value)}")
+        check_scalar("t_embed_normalization", self.t_embed_normalization, MIN_SCALE, MAX_NORMALIZATION)
         if self.num_parameters > MAX_PARAMETERS:
             raise ValueError(f"the architecture has {self.num_parameters:,} parameters, more than the {MAX_PARAMETERS:,} a guidance "
                              "network may have")
@@ -120,6 +128,7 @@ class LearnToGuideNet(nn.Module):
         return self.head[0].weight.device
 
     def _time(self, name: str, value, batch: int) -> torch.Tensor:
+        check_input(name, value, self.device)
         tensor = value.to(device=self.device, dtype=torch.float32) if torch.is_tensor(value) else torch.full((), float(value), device=self.device)
         if tensor.dim() > 1 or (tensor.dim() == 1 and tensor.shape[0] not in (1, batch)):
             raise ValueError(f"{name} must be a scalar or of shape ({batch},), got shape {tuple(tensor.shape)}")
@@ -130,8 +139,9 @@ class LearnToGuideNet(nn.Module):
         if not torch.is_tensor(prompt) or prompt.shape[-1] != cfg.prompt_dim or prompt.dim() > 2:
             shape = tuple(prompt.shape) if torch.is_tensor(prompt) else type(prompt).__name__
             raise ValueError(f"the prompt embedding must be of shape (B, {cfg.prompt_dim}) ({cfg.prompt_embedding}), got {shape}")
+        check_input("prompt", prompt, self.device)
         prompt = prompt.to(device=self.device, dtype=torch.float32).reshape(-1, cfg.prompt_dim)
-        batch = max(prompt.shape[0], *(v.shape[0] for v in (t, s) if torch.is_tensor(v) and v.dim() == 1))
+        batch = max([prompt.shape[0], *(v.shape[0] for v in (t, s) if torch.is_tensor(v) and v.dim() == 1)])
         prompt = prompt.expand(batch, -1)
         times = [embed_scalar(self._time(name, value, batch) / cfg.t_embed_normalization, cfg.time_embed_dim) for name, value in (("t", t), ("s", s))]
         features = torch.cat([*times, self.prompt_projection(prompt)], dim=-1)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import show
+from .lambda_rule import check_lambda
 
 TensorLike = torch.Tensor | float | int
 
@@ -28,13 +29,34 @@ MAX_LAYERS = 64
 MAX_EMBED_DIM = 1024
 MAX_PARAMETERS = 1 << 25  # 33.5 million: 128 MiB in float32, 650x the released MLP
 
+#: The largest |w| (CFG++ units) a checkpoint may give anywhere in its domain, and the most the guide ever applies
+#: (docs/design.md, section 6). Where trained, the released SDXL checkpoint gives 0.7 to 1.5 and the 2D benchmark's about 3;
+#: at the far edge of the domain (||delta|| 1000 times the normalisation, 100 times beyond training) the released one gives
+#: 3 and the 2D benchmark's 288. Ten thousand is a thousand times any useful scale, and far from float32's overflow.
+W_LIMIT = 1e4
+#: Bounds on the architecture's scalars: w_scale and w_bias within W_LIMIT (else one output unit alone could exceed it),
+#: w_scale and the normalisations no smaller than this in magnitude (1e-300 turns every input into 0 or inf) ...
+MIN_SCALE = 1e-6
+#: ... and the normalisations no larger than this (the timestep or delta norm would vanish from the input).
+MAX_NORMALIZATION = 1e6
+
+
+def check_scalar(name: str, value, low: float, high: float) -> None:
+    """A finite number whose magnitude lies in [low, high]; ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {show(value)}")
+    if not low <= abs(value) <= high:
+        span = f"from {low:g} to {high:g}" if low else f"at most {high:g}"
+        raise ValueError(f"{name} must be a finite number of magnitude {span}, got {value:g}")
+
 
 @dataclass(frozen=True)
 class GuidanceModelConfig:
     """Architecture of a :class:`GuidanceScaleModel` (serialised into checkpoint metadata).
 
     Defaults are the released SDXL checkpoint's: 128 hidden units, 3 hidden layers, 4-dim embeddings,
-    timestep divided by 1000, delta norm divided by 5, w = out + 1.
+    timestep divided by 1000, delta norm divided by 5, w = out + 1. Sizes are bounded by the MAX_* constants; the
+    normalisations' magnitudes lie in [MIN_SCALE, MAX_NORMALIZATION], w_scale's in [MIN_SCALE, W_LIMIT], |w_bias| <= W_LIMIT.
     """
 
     hidden_size: int = 128
@@ -53,13 +75,9 @@ class GuidanceModelConfig:
             value, low = getattr(self, name), 0 if name == "n_layers" else 1
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise ValueError(f"{name} must be an integer from {low} to {high}, got {show(value)}")
-        for name in ("t_embed_normalization", "delta_embed_normalization", "w_scale", "w_bias"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {show(value)}")
-        for name in ("t_embed_normalization", "delta_embed_normalization"):
-            if getattr(self, name) == 0:
-                raise ValueError(f"{name} must not be zero")
+        for name, low, high in (("t_embed_normalization", MIN_SCALE, MAX_NORMALIZATION), ("delta_embed_normalization", MIN_SCALE, MAX_NORMALIZATION),
+                                ("w_scale", MIN_SCALE, W_LIMIT), ("w_bias", 0.0, W_LIMIT)):
+            check_scalar(name, getattr(self, name), low, high)
         if self.num_parameters > MAX_PARAMETERS:
             raise ValueError(f"the architecture has {self.num_parameters:,} parameters, more than the {MAX_PARAMETERS:,} a guidance MLP "
                              f"may have (hidden_size {self.hidden_size}, n_layers {self.n_layers})")
@@ -100,12 +118,19 @@ class GuidanceModelConfig:
         return shapes
 
 
-def _check_lambda(lam) -> None:
-    if torch.is_tensor(lam):
-        if lam.device.type == "cpu" and lam.numel() and bool(((lam < 0) | (lam > 1) | lam.isnan()).any()):
-            raise ValueError(f"lam must lie in [0, 1], got values from {float(lam.min()):g} to {float(lam.max()):g}")
-    elif not 0.0 <= float(lam) <= 1.0:
-        raise ValueError(f"lam must lie in [0, 1], got {lam!r}")
+def check_input(name: str, value, device: torch.device) -> None:
+    """One input of a guidance network's public forward: a finite Python number, or a tensor that holds values (not on the
+    meta device unless the network is there too) and at least one element. ValueError naming ``name`` otherwise."""
+    if torch.is_tensor(value):
+        if value.device.type == "meta" and device.type != "meta":
+            raise ValueError(f"{name} is a tensor on the meta device (a shape without values); the network on {device} needs real values")
+        if value.numel() == 0:
+            raise ValueError(f"{name} has no elements (shape {tuple(value.shape)}): an empty batch cannot be evaluated")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+    if (isinstance(value, int) and value.bit_length() > 1000) or not math.isfinite(value):  # float() would raise OverflowError
+        raise ValueError(f"{name} must be a finite number, got {show(value)}")
 
 
 def embed_scalar(value: torch.Tensor, dim: int) -> torch.Tensor:
@@ -122,7 +147,7 @@ class GuidanceScaleModel(nn.Module):
         delta_norm: per-sample L2 norm of eps_uncond - eps_cond over the whole latent.
         lam:        the user's trade-off in [0, 1]; higher follows the prompt more, lower keeps quality.
 
-    ``metadata`` (a :class:`annealing.checkpoint.CheckpointMetadata` or None) says how the checkpoint must be used.
+    ``metadata`` (a :class:`annealing.checkpoint_format.CheckpointMetadata` or None) says how the checkpoint must be used.
     """
 
     def __init__(self, config: GuidanceModelConfig | None = None, metadata=None):
@@ -148,17 +173,11 @@ class GuidanceScaleModel(nn.Module):
         return self._freqs.device  # a buffer: cheaper to reach than a layer's weight, and it moves with the model
 
     def _inputs(self, timestep: TensorLike, delta_norm: TensorLike, lam: TensorLike) -> torch.Tensor:
-        """(B, 3) float32 on the model's device: timestep, delta norm, lambda; scalars broadcast to the batch."""
-        if (torch.is_tensor(timestep) and torch.is_tensor(delta_norm) and isinstance(lam, float) and timestep.dim() == delta_norm.dim() == 1
-                and timestep.shape == delta_norm.shape and timestep.dtype == delta_norm.dtype == torch.float32
-                and timestep.device == delta_norm.device == self.device):  # the guidance step's case, every step: the short way
-            _check_lambda(lam)
-            return torch.stack([timestep, delta_norm, torch.full_like(timestep, lam)], dim=-1)
+        """(B, 3) float32 on the model's device: timestep, delta norm, lambda, each checked; scalars broadcast to the batch."""
+        check_lambda(lam)
         named = {"timestep": timestep, "delta_norm": delta_norm, "lam": lam}
         for name, value in named.items():
-            if not torch.is_tensor(value) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ValueError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-        _check_lambda(lam)
+            check_input(name, value, self.device)
         # Python numbers become a fill on the device: torch.as_tensor(0.4).to("cuda") would be a host copy that synchronises.
         values = [v.to(device=self.device, dtype=torch.float32) if torch.is_tensor(v) else torch.full((), float(v), device=self.device)
                   for v in named.values()]
@@ -168,9 +187,9 @@ class GuidanceScaleModel(nn.Module):
                 raise ValueError(f"{name} must be a scalar or of shape ({batch},), got shape {tuple(value.shape)}")
         return torch.stack([v.expand(batch) for v in values], dim=-1)
 
-    def features(self, timestep: TensorLike, delta_norm: TensorLike, lam: TensorLike) -> torch.Tensor:
-        """The (B, input_size) float32 input of the MLP; scalar inputs broadcast to the batch."""
-        scaled = self._inputs(timestep, delta_norm, lam) * self._input_scale
+    def _embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, 3) raw inputs -> (B, input_size) features."""
+        scaled = inputs * self._input_scale
         if self._shared_width is not None:
             waves = torch.cos(scaled.unsqueeze(-1) * self._freqs)  # (B, 3, D); column 0 is cos(0), replaced by v itself
             return torch.cat([scaled.unsqueeze(-1), waves[..., 1:]], dim=-1).reshape(scaled.shape[0], -1)
@@ -178,10 +197,8 @@ class GuidanceScaleModel(nn.Module):
         dims = (cfg.t_embed_dim, cfg.delta_embed_dim, cfg.lambda_embed_dim)
         return torch.cat([embed_scalar(scaled[:, i], dim) for i, dim in enumerate(dims)], dim=-1)
 
-    def forward(self, timestep: TensorLike, delta_norm: TensorLike, lam: TensorLike) -> torch.Tensor:
-        """w per sample (B,). ``lam`` must lie in [0, 1] (checked for numbers and CPU tensors; a tensor on an accelerator
-        is not read back, which would synchronise the device)."""
-        x = self.features(timestep, delta_norm, lam)
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, input_size) features -> w (B,)."""
         # The layers of combined_head called directly from a plain list: a module call, or indexing the Sequential, costs more
         # than the tiny matmul it wraps, every sampling step.
         *hidden, last = self._linears
@@ -190,6 +207,22 @@ class GuidanceScaleModel(nn.Module):
         out = nn.functional.linear(x, last.weight, last.bias).squeeze(-1)
         scale, bias = self.config.w_scale, self.config.w_bias
         return (out if scale == 1.0 else scale * out) + bias
+
+    def features(self, timestep: TensorLike, delta_norm: TensorLike, lam: TensorLike) -> torch.Tensor:
+        """The (B, input_size) float32 input of the MLP; scalar inputs broadcast to the batch."""
+        return self._embed(self._inputs(timestep, delta_norm, lam))
+
+    def forward(self, timestep: TensorLike, delta_norm: TensorLike, lam: TensorLike) -> torch.Tensor:
+        """w per sample (B,). Every input is checked: ``lam`` must lie in [0, 1] (numbers and CPU tensors; a tensor on an
+        accelerator is not read back, which would synchronise the device), Python numbers must be finite, tensors must hold
+        values (not the meta device, unless the model is there too) and at least one element. A ValueError says which."""
+        return self._head(self.features(timestep, delta_norm, lam))
+
+    def forward_trusted(self, timestep: torch.Tensor, delta_norm: torch.Tensor, lam: float) -> torch.Tensor:
+        """w per sample (B,) without any check: the guide's per-evaluation path (:class:`annealing.AnnealingGuidance`).
+        ``timestep`` and ``delta_norm`` are (B,) float32 tensors on the model's device, ``lam`` a float in [0, 1] checked
+        once, when :class:`annealing.AnnealingOptions` was built. Anything else: call the model itself."""
+        return self._head(self._embed(torch.stack([timestep, delta_norm, torch.full_like(timestep, lam)], dim=-1)))
 
     def extra_repr(self) -> str:
         meta = self.metadata

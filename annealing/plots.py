@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import figure_style as style
+from .lambda_rule import check_lambda
 from .recorder import GuidanceTrace
 from .training_grid import GridLookup, VPGrid, k_train
 
@@ -34,18 +35,16 @@ def parse_lambdas(text) -> tuple[float, ...]:
     """'0.1, 0.4 0.8' -> (0.1, 0.4, 0.8): commas or spaces, every value in [0, 1], 1 to 12 values; ValueError naming the bad one."""
     parts = [p for p in str(text).replace(",", " ").split() if p]
     if not parts:
-        raise ValueError("lambdas: give at least one value in [0, 1], e.g. 0.2, 0.4, 0.8")
+        raise ValueError("give at least one lambda in [0, 1], e.g. 0.2, 0.4, 0.8")
     values = []
     for part in parts:
         try:
             value = float(part)
         except ValueError:
-            raise ValueError(f"lambdas: {part[:20]!r} is not a number") from None
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"lambdas: every value must be in [0, 1], got {part[:20]}")
-        values.append(value)
+            value = part[:20]  # the rule refuses it, in its own words
+        values.append(check_lambda(value))
     if len(values) > MAX_LAMBDAS:
-        raise ValueError(f"lambdas: at most {MAX_LAMBDAS} values, got {len(values)}")
+        raise ValueError(f"at most {MAX_LAMBDAS} lambdas, got {len(values)}")
     return tuple(values)
 
 

@@ -2,7 +2,7 @@
 which take an ancestral step, where that step ends (sigma_down), and so the k of the sampler's own step. Host-agnostic:
 sampler names are plain strings (ComfyUI's names, which follow k-diffusion's ``sample_<name>`` functions).
 
-Why it matters (spec section 2): a sampler that renoises with the unconditional prediction (``*_cfg_pp``) takes
+Why it matters (docs/design.md, section 3): a sampler that renoises with the unconditional prediction (``*_cfg_pp``) takes
 D = D_u + s (D_c - D_u) with s in CFG++ units; a step of it equals an ordinary step with CFG scale s * k_step, where
 k_step = renoise_factor(sigma, sigma_end) and sigma_end is where the step's Euler move ends: sigma_next for plain
 first-order samplers, sigma_down for ancestral ones (the noise added afterwards does not depend on D).

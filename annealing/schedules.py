@@ -55,6 +55,9 @@ def locate_on_schedule(sigma: torch.Tensor, sample_sigmas: torch.Tensor, rtol: f
     * above the first point: step 0 with sigma_next = sigmas[1]; at or below the last point: sigma_next = 0.
     No host synchronisation: everything stays on the device.
     """
+    if not torch.is_tensor(sample_sigmas) or sample_sigmas.numel() == 0:
+        shown = f"shape {tuple(sample_sigmas.shape)}" if torch.is_tensor(sample_sigmas) else type(sample_sigmas).__name__
+        raise ValueError(f"sample_sigmas (the sampler's schedule) must be a tensor of at least one sigma, got {shown}")
     sigmas = sample_sigmas.to(device=sigma.device, dtype=torch.float32).reshape(-1)
     sig = sigma.to(torch.float32).reshape(-1, 1)
     gaps = (sigmas[:-1] - sigmas[1:]).abs()

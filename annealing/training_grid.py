@@ -1,9 +1,10 @@
-"""The sampling grid a checkpoint was trained on, and what it makes of the learned w at any noise level.
+"""The sampling grid a checkpoint was trained on, and what it makes of the learned w at any noise level (the reasoning:
+docs/design.md, sections 3 to 5).
 
 The MLP's w is in CFG++ units on its training grid: one trained CFG++ step from grid point sigma_i to sigma_{i+1} moves the
 guided x0 by w * (D_c - D_u), which is an ordinary CFG step with scale w * k_i, where
 
-    k_i = sigma_i * alpha_{i+1} / (sigma_i * alpha_{i+1} - sigma_{i+1} * alpha_i)        (annealing.guidance.renoise_factor)
+    k_i = sigma_i * alpha_{i+1} / (sigma_i * alpha_{i+1} - sigma_{i+1} * alpha_i)        (annealing.schedules.renoise_factor)
 
 Anchoring k to the grid gives one CFG scale per noise level, whatever sampler or step count integrates it:
 
@@ -60,6 +61,25 @@ def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
+def _check_noise_levels(grid, name: str, label: str, sigmas: torch.Tensor, decreasing: bool) -> None:
+    """``sigmas`` (float64) must be finite, positive and strictly monotone in float32, the precision of the lookup table
+    (:class:`GridLookup`): betas or a shift that make them infinite, zero or equal describe no schedule. ``label`` names
+    an index (timestep, grid step) in the message."""
+    values = sigmas.to(torch.float32)
+    bad = ~(torch.isfinite(values) & (values > 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        what = " or ".join(kind for kind, found in (("inf", torch.isinf(values).any()), ("0", (values == 0).any())) if found) or "NaN"
+        raise ValueError(f"{grid.describe()}: {'every' if bool(bad.all()) else 'some'} {name} is {what} ({label} {i}: {float(sigmas[i]):g}); "
+                         "a schedule needs finite, positive noise levels")
+    steps = values[1:] - values[:-1]
+    flat = (steps >= 0) if decreasing else (steps <= 0)
+    if bool(flat.any()):
+        i = int(flat.nonzero()[0])
+        raise ValueError(f"{grid.describe()}: its {name}s are not strictly {'decreasing' if decreasing else 'increasing'} "
+                         f"({label}s {i} and {i + 1}: {float(values[i]):g} and {float(values[i + 1]):g} in float32)")
+
+
 @dataclass(frozen=True)
 class VPGrid:
     """A DDIM grid on a discrete DDPM schedule (defaults: upstream's SDXL grid). See the module docstring."""
@@ -90,6 +110,7 @@ class VPGrid:
             raise ValueError(f"beta_end ({self.beta_end}) must not be below beta_start ({self.beta_start})")
         if self.spacing == "leading" and self.timesteps_raw()[0] >= self.num_train_timesteps:
             raise ValueError(f"steps_offset {self.steps_offset} puts the first timestep beyond {self.num_train_timesteps - 1}")
+        _check_noise_levels(self, "sigma", "timestep", self.schedule_sigmas(), decreasing=False)  # the grid's are among them
 
     def alphas_cumprod(self) -> torch.Tensor:
         """abar_t of the whole DDPM schedule, float64, length num_train_timesteps."""
@@ -160,6 +181,7 @@ class FlowGrid:
         _check_float("shift", self.shift, 0.0, 100.0)
         _check_choice("spacing", self.spacing, FLOW_SPACINGS)
         _check_int("num_train_timesteps", self.num_train_timesteps, 2, MAX_TRAIN_TIMESTEPS)
+        _check_noise_levels(self, "sigma", "grid step", self.sigmas()[:-1], decreasing=True)
 
     def shifted(self, u: torch.Tensor) -> torch.Tensor:
         return self.shift * u / (1 + (self.shift - 1) * u)

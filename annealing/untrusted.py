@@ -1,6 +1,6 @@
 """Reading checkpoint files from strangers: every size, count and depth is checked before anything is allocated or parsed.
 
-Used by :mod:`annealing.checkpoint`; docs/security.md explains the limits. Nothing here unpickles:
+Used by :mod:`annealing.checkpoint_reader`; docs/security.md explains the limits. Nothing here unpickles:
 
 * a torch zip is inspected first (its central directory, every entry's local header, then its pickle, walked opcode by
   opcode: what it names, calls and builds) and only then handed to ``torch.load(weights_only=True)``; entries must be

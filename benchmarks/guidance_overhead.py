@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import annealing  # noqa: E402
 from annealing import AnnealingGuidance, AnnealingOptions, GuidanceRecorder  # noqa: E402
-from annealing.checkpoint import upstream_metadata  # noqa: E402
+from annealing.checkpoint_format import upstream_metadata  # noqa: E402
 
 DEFAULT_CKPT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "annealing_sdxl_upstream.pt"
 

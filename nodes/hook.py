@@ -142,6 +142,9 @@ class AnnealingHook:
             fingerprint=samples_fingerprint(samples) if isinstance(samples, torch.Tensor) and samples.dim() >= 1 else None,
         )
         self.runs.append(run)
+        fallback = run.trace.fallback_summary()  # never silent: where w was unusable, plain CFG ran instead
+        if fallback:
+            warn_once(f"{self.source}: {fallback}")
         return run
 
     def find_run(self, samples: torch.Tensor | None) -> tuple[SamplingRun | None, bool]:

@@ -335,3 +335,25 @@ def measure_loads(python: str, package_root: Path, warm_file: Path, paths: list[
 
 def current_python() -> str:
     return sys.executable
+
+
+# -------------------------------------------------------------------------------------- files that load but break the image
+
+
+def state_with(value: float, key: str = "combined_head.4.weight", seed: int = 0) -> dict[str, torch.Tensor]:
+    """The small architecture's weights with every value of ``key`` set to ``value`` (3e38: huge but finite in float32)."""
+    state = small_state(seed)
+    state[key] = torch.full_like(state[key], value)
+    return state
+
+
+def write_with_architecture(path: Path, **arch) -> None:
+    """A valid small safetensors file whose architecture metadata also says ``arch`` (w_scale, normalisations, ...)."""
+    write_safetensors(path, small_state(), our_metadata(architecture=json.dumps(dict(SMALL_ARCH, **arch))))
+
+
+def write_with_grid(path: Path, **grid) -> None:
+    """A valid small safetensors file whose training grid is ``grid`` (a VP grid unless ``kind`` says otherwise)."""
+    kind = grid.pop("kind", "vp")
+    changes = {"timestep_convention": "sigma_x1000", "prediction_space": "velocity", "model_family": "sd3"} if kind == "flow" else {}
+    write_safetensors(path, small_state(), our_metadata(training_grid=json.dumps({"kind": kind, **grid}), **changes))

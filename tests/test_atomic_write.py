@@ -1,4 +1,4 @@
-"""annealing.checkpoint.atomic_write on a full disk: one line that says so, whatever form the writer reported it in,
+"""annealing.atomic_write on a full disk: one line that says so, whatever form the writer reported it in,
 and the previous file untouched with no temporary file left behind."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from annealing.checkpoint import atomic_write
+from annealing.atomic_write import atomic_write
 from annealing.errors import CheckpointError
 
 

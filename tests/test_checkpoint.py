@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import annealing
 from annealing import CheckpointError, CheckpointMetadata, GuidanceModelConfig, GuidanceScaleModel
-from annealing.checkpoint import FORMAT_VERSION
+from annealing.checkpoint_format import FORMAT_VERSION
 
 
 def small_model(seed=0, **config) -> GuidanceScaleModel:

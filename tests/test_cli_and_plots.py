@@ -88,11 +88,32 @@ def test_plot_writes_a_png_and_refuses_to_overwrite(checkpoint, tmp_path, capsys
 
 def test_lambda_lists_are_parsed_once_for_the_cli_and_the_nodes(checkpoint, tmp_path):
     assert parse_lambdas("0.1, 0.4 0.8") == (0.1, 0.4, 0.8)
-    for bad, word in (("", "at least one"), ("0.5, x", "not a number"), ("0.5, 2", "in \\[0, 1\\]"), (",".join(["0.1"] * 13), "at most 12")):
+    for bad, word in (("", "at least one"), ("0.5, x", "lambda must be a number in \\[0, 1\\], got 'x'"),
+                      ("0.5, 2", "lambda must be a number in \\[0, 1\\], got 2$"), ("0.5, nan", "got nan"), (",".join(["0.1"] * 13), "at most 12")):
         with pytest.raises(ValueError, match=word):
             parse_lambdas(bad)
     with pytest.raises(SystemExit):
         main(["plot", str(checkpoint), "--out", str(tmp_path / "x.png"), "--lambdas", "0.5,1.5"])
+
+
+def test_one_lambda_rule_one_message(checkpoint, tmp_path, capsys, make_guidance_model):
+    """The options, the model's forward and the plots' lists refuse a lambda with the same line; the CLI does not repeat
+    the option's name in it (argparse already says 'argument --lambdas:')."""
+    expected = "lambda must be a number in [0, 1], got 1.5"
+    messages = []
+    for refuse in (lambda: AnnealingOptions(lam=1.5), lambda: make_guidance_model()(500.0, 5.0, 1.5), lambda: parse_lambdas("0.2 1.5"),
+                   lambda: make_guidance_model()(500.0, 5.0, torch.tensor([1.5]))):
+        with pytest.raises(ValueError) as excinfo:
+            refuse()
+        messages.append(str(excinfo.value))
+    assert messages == [expected] * 4
+    with pytest.raises(SystemExit):
+        main(["plot", str(checkpoint), "--out", str(tmp_path / "x.png"), "--lambdas", "0.5,1.5"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"argument --lambdas: {expected}") and err.count("lambda") == 2, err
+    for bad in (float("nan"), 10**400, True, "0.4", None):
+        with pytest.raises(ValueError, match=r"^lambda must be a number in \[0, 1\], got "):
+            AnnealingOptions(lam=bad)
 
 
 def test_explorer_image_is_rgb_in_unit_range(make_guidance_model):
@@ -125,3 +146,37 @@ def test_trace_plot_for_a_recorded_run_an_empty_one_and_a_mismatched_one(make_gu
     for ax in fig.axes[:2]:  # integer step ticks
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert all(float(t).is_integer() for t in ticks)
+
+
+def test_outputs_are_checked_before_any_work(checkpoint, tmp_path, capsys):
+    """A folder, a missing folder, a suffix the command cannot write: one line each, before the checkpoint is even read
+    (the input given here does not exist, so any work would fail differently)."""
+    missing = str(tmp_path / "missing.safetensors")
+    cases = [
+        (["convert", missing, str(tmp_path / "out.pt")], "convert writes a .safetensors file"),
+        (["convert", missing, str(tmp_path)], "is a directory"),
+        (["convert", missing, str(tmp_path), "--force"], "is a directory"),
+        (["convert", missing, str(tmp_path / "no" / "out.safetensors")], "does not exist"),
+        (["plot", missing, "--out", str(tmp_path)], "is a directory"),
+        (["plot", missing, "--out", str(tmp_path), "--force"], "is a directory"),
+        (["plot", missing, "--out", str(tmp_path / "w.xyz")], "cannot write a .xyz file"),
+        (["plot", missing, "--out", str(tmp_path / "w")], "cannot write a file without a suffix"),
+        (["plot", missing, "--out", str(tmp_path / "w.pgf")], "cannot write a .pgf file"),
+        (["plot", missing, "--out", str(tmp_path / "no" / "w.png")], "does not exist"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and words in err, (argv, err)
+        assert "missing.safetensors: not found" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["random.safetensors"]  # nothing written
+    with pytest.raises(annealing.CheckpointError, match="give the output that suffix"):
+        annealing.convert_checkpoint(checkpoint, tmp_path / "out.pt")  # the library says the same
+    assert main(["convert", str(checkpoint), str(tmp_path / "out.SafeTensors")]) == 0
+
+
+@pytest.mark.parametrize("suffix, magic", [(".jpg", b"\xff\xd8\xff"), (".pdf", b"%PDF")])
+def test_plot_writes_the_format_its_suffix_names(checkpoint, tmp_path, suffix, magic):
+    out = tmp_path / f"w{suffix}"
+    assert main(["plot", str(checkpoint), "--out", str(out), "--lambdas", "0.4", "--dpi", "30"]) == 0
+    assert out.read_bytes().startswith(magic)

@@ -12,7 +12,6 @@ import torch
 
 import annealing
 from annealing import AnnealingGuidance, AnnealingOptions, GuidanceRecorder, SamplerInfo, locate_on_schedule, renoise_factor
-from annealing.guidance import prediction_delta
 from annealing.training_grid import FlowGrid, VPGrid, k_train
 
 SHAPE = (2, 4, 8, 8)
@@ -53,28 +52,37 @@ class GaussianDenoiser:
 # ----------------------------------------------------------------------------------------------------------- pieces
 
 
-def test_delta_spaces_match_the_spec():
-    sigma = torch.tensor([0.5, 2.0])
-    d_c, d_u = torch.randn(SHAPE), torch.randn(SHAPE)
-    eps = prediction_delta(sigma, d_c, d_u, "eps", "epsilon")
-    torch.testing.assert_close(eps, (d_c - d_u) / sigma.view(-1, 1, 1, 1))
-    flow_sigma = torch.tensor([0.25, 0.75])
-    v = prediction_delta(flow_sigma, d_c, d_u, "const", "velocity")
-    e = prediction_delta(flow_sigma, d_c, d_u, "const", "epsilon")
-    torch.testing.assert_close(v, (d_c - d_u) / flow_sigma.view(-1, 1, 1, 1))
-    torch.testing.assert_close(e, (1 - flow_sigma).view(-1, 1, 1, 1) * v)
-    x = torch.randn(SHAPE)
-    s = flow_sigma.view(-1, 1, 1, 1)
-    torch.testing.assert_close(e, (x - (1 - s) * d_u) / s - (x - (1 - s) * d_c) / s, atol=1e-5, rtol=1e-5)
+def delta_from_predictions(x, sigma, d_c, d_u, sampling, space):
+    """eps_u - eps_c (or v_u - v_c) from x0-predictions, written from the definitions: x = alpha x0 + sigma eps with
+    alpha = 1 (EPS, V-prediction) or 1 - sigma (CONST), so eps = (x - alpha D) / sigma."""
+    s = sigma.view(-1, 1, 1, 1)
+    flow = sampling == "const"
+    alpha = 1 - s if flow else torch.ones_like(s)
+    eps_c, eps_u = (x - alpha * d_c) / s, (x - alpha * d_u) / s
+    if space == "epsilon" or not flow:  # velocity v = dx/dsigma: eps where alpha = 1, eps - x0 for flow
+        return eps_u - eps_c
+    return (eps_u - d_u) - (eps_c - d_c)
+
+
+def test_delta_spaces_match_their_definitions():
+    d_c, d_u, x = torch.randn(SHAPE, dtype=torch.float64), torch.randn(SHAPE, dtype=torch.float64), torch.randn(SHAPE, dtype=torch.float64)
+    sigma = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    eps = delta_from_predictions(x, sigma, d_c, d_u, "eps", "epsilon")
+    torch.testing.assert_close(eps, (d_c - d_u) / sigma.view(-1, 1, 1, 1))  # docs/design.md: delta_eps = (D_c - D_u) / sigma
+    flow_sigma = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    v = delta_from_predictions(x, flow_sigma, d_c, d_u, "const", "velocity")
+    e = delta_from_predictions(x, flow_sigma, d_c, d_u, "const", "epsilon")
+    torch.testing.assert_close(v, (d_c - d_u) / flow_sigma.view(-1, 1, 1, 1))  # delta_v = (D_c - D_u) / sigma
+    torch.testing.assert_close(e, (1 - flow_sigma).view(-1, 1, 1, 1) * v)  # delta_eps = (1 - sigma) (D_c - D_u) / sigma
 
 
 @pytest.mark.parametrize("sampling, space", [("eps", "epsilon"), ("v_prediction", "velocity"), ("const", "epsilon"), ("const", "velocity")])
 def test_norm_shortcut_equals_the_norm_of_the_full_delta(sampling, space):
     sigma = torch.tensor([0.3, 0.9])
-    d_c, d_u = torch.randn(SHAPE), torch.randn(SHAPE)
-    full = annealing.per_sample_norm(prediction_delta(sigma, d_c, d_u, sampling, space))
+    d_c, d_u, x = torch.randn(SHAPE), torch.randn(SHAPE), torch.randn(SHAPE)
+    full = delta_from_predictions(x.double(), sigma.double(), d_c.double(), d_u.double(), sampling, space).flatten(1).norm(dim=1)
     short = annealing.delta_norm_from_difference(sigma, annealing.per_sample_norm(d_c - d_u), sampling, space)
-    torch.testing.assert_close(short, full)
+    torch.testing.assert_close(short.double(), full, rtol=1e-5, atol=1e-5)
 
 
 def test_renoise_factor():
@@ -290,7 +298,7 @@ def test_guide_copies_nothing_from_the_host_after_its_first_call(make_guidance_m
 
 
 def ddim_cfgpp_loop(model, den, steps, start, lam):
-    """The spec's upstream sampler in DDPM z-space on diffusers' DDIM grid: eps_hat = eps_u + w (eps_c - eps_u),
+    """The paper's upstream sampler (docs/design.md, section 2) in DDPM z-space on diffusers' DDIM grid: eps_hat = eps_u + w (eps_c - eps_u),
     z0 = (z - sqrt(1 - abar) eps_hat) / sqrt(abar), z' = sqrt(abar') z0 + sqrt(1 - abar') eps_u (abar' = 1 after the last step)."""
     abar = sd_abar()
     ts = torch.arange(steps - 1, -1, -1) * (1000 // steps)

@@ -281,7 +281,7 @@ def test_tensors_that_are_not_plain_weights(tmp_path):
 
 def test_second_line_of_defence_checks_each_tensor(tmp_path):
     """What the pickle scan already refuses, _validate_state_dict refuses too (a future torch may build these otherwise)."""
-    from annealing.checkpoint import _validate_state_dict
+    from annealing.checkpoint_reader import _validate_state_dict
 
     config = annealing.GuidanceModelConfig(hidden_size=8, n_layers=1)
     weight = hf.small_state()["combined_head.0.weight"]
@@ -476,3 +476,65 @@ def test_the_largest_real_layouts_still_load(tmp_path):
     wide = annealing.GuidanceScaleModel(annealing.GuidanceModelConfig(hidden_size=4096, n_layers=0), annealing.CheckpointMetadata())
     annealing.save_guidance_model(wide, tmp_path / "wide.safetensors")
     assert annealing.load_guidance_model(tmp_path / "wide.safetensors").config.hidden_size == 4096
+
+
+# -------------------------------------------------------------------------- files that load but would break the image (issue 22)
+
+# Each of these loaded before the load-time domain check: then w was inf (the guided prediction +-inf) or NaN at every step
+# (silently replaced by scale 1: no guidance at all). Now each is refused with one line naming the file and the problem.
+DOMAIN_CASES = [
+    ("weights_3e38_last.safetensors", lambda p: hf.write_safetensors(p, hf.state_with(3e38), hf.our_metadata()), ["w is inf", "timestep"]),
+    ("weights_3e38_first.safetensors", lambda p: hf.write_safetensors(p, hf.state_with(3e38, "combined_head.0.weight"), hf.our_metadata()),
+     ["w is nan", "||delta||", "lambda"]),
+    ("bias_2e4.safetensors", lambda p: hf.write_safetensors(p, hf.state_with(2e4, "combined_head.4.bias"), hf.our_metadata()),
+     ["w is 2", "at most 10000"]),
+    ("w_scale_1e308.safetensors", lambda p: hf.write_with_architecture(p, w_scale=1e308), ["w_scale", "magnitude", "1e+308"]),
+    ("w_scale_1e-300.safetensors", lambda p: hf.write_with_architecture(p, w_scale=1e-300), ["w_scale", "1e-300"]),
+    ("w_bias_1e308.safetensors", lambda p: hf.write_with_architecture(p, w_bias=1e308), ["w_bias"]),
+    ("t_norm_1e-300.safetensors", lambda p: hf.write_with_architecture(p, t_embed_normalization=1e-300), ["t_embed_normalization", "1e-300"]),
+    ("t_norm_1e300.safetensors", lambda p: hf.write_with_architecture(p, t_embed_normalization=1e300), ["t_embed_normalization"]),
+    ("delta_norm_1e-300.safetensors", lambda p: hf.write_with_architecture(p, delta_embed_normalization=1e-300), ["delta_embed_normalization"]),
+    ("betas_1.safetensors", lambda p: hf.write_with_grid(p, beta_start=1.0, beta_end=1.0), ["training_grid", "every sigma is inf"]),
+    ("betas_1e-300.safetensors", lambda p: hf.write_with_grid(p, beta_start=1e-300, beta_end=1e-300), ["every sigma is 0"]),
+    ("betas_to_1.safetensors", lambda p: hf.write_with_grid(p, beta_start=0.00085, beta_end=1.0), ["some sigma is inf"]),
+    ("shift_1e-300.safetensors", lambda p: hf.write_with_grid(p, kind="flow", shift=1e-300), ["flow grid", "sigma"]),
+    ("w_scale_1e308.pt", lambda p: hf.write_small_torch_checkpoint(p, config={"w_scale": 1e308}), ["w_scale", "magnitude"]),
+    ("t_norm_1e-300.pt", lambda p: hf.write_small_torch_checkpoint(p, config={"t_embed_normalization": 1e-300}), ["t_embed_normalization"]),
+]
+
+
+@pytest.mark.parametrize("name, build, words", DOMAIN_CASES, ids=[case[0] for case in DOMAIN_CASES])
+def test_files_that_would_break_the_image_are_refused(tmp_path, name, build, words):
+    path = tmp_path / name
+    build(path)
+    refuse(path, *words)
+
+
+def test_huge_weights_in_an_upstream_layout_file_are_refused(tmp_path):
+    path = tmp_path / "huge.pt"
+    state = hf.state_with(3e38)
+    torch.save({"config": {"guidance_scale_model": hf.SMALL_ARCH}, "guidance_scale_model": state}, path)
+    refuse(path, "w is inf")
+    path = tmp_path / "fine.pt"
+    torch.save({"config": {"guidance_scale_model": hf.SMALL_ARCH}, "guidance_scale_model": hf.small_state()}, path)
+    annealing.load_guidance_model(path)  # the same layout with ordinary weights loads
+
+
+def test_learn_to_guide_files_that_would_break_the_image_are_refused(tmp_path):
+    meta = annealing.CheckpointMetadata(method="learn_to_guide")
+    torch.manual_seed(0)
+    net = annealing.LearnToGuideNet(annealing.LearnToGuideConfig(prompt_dim=8, hidden_size=8), meta)
+    path = tmp_path / "l2g.safetensors"
+    annealing.save_guidance_model(net, path)
+    annealing.load_guidance_model(path)
+    with torch.no_grad():
+        net.head[-1].weight.fill_(3e38)
+        net.head[-1].bias.fill_(3e38)
+    annealing.save_guidance_model(net, path)  # finite weights: the writer takes them
+    refuse(path, "omega is inf", "prompt embedding")
+    for field, value in (("t_embed_normalization", 1e-300), ("t_embed_normalization", 1e300)):
+        path = tmp_path / f"{field}.safetensors"
+        config = dict(annealing.LearnToGuideConfig(prompt_dim=8, hidden_size=8).to_dict(), **{field: value})
+        state = {k: torch.zeros(shape) for k, shape in annealing.LearnToGuideConfig(prompt_dim=8, hidden_size=8).expected_shapes().items()}
+        hf.write_safetensors(path, state, hf.our_metadata(architecture=json.dumps(config), method="learn_to_guide"))
+        refuse(path, field)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -86,3 +88,20 @@ def test_architecture_bounds_accept_every_real_mlp_and_refuse_bombs():
 def test_public_api_names_are_stable():
     assert callable(annealing.load_guidance_model)
     assert issubclass(annealing.GuidanceScaleModel, torch.nn.Module)
+
+
+def test_output_scale_bias_and_normalisations_are_bounded_while_parsing():
+    """Huge, tiny or non-finite scalars make w inf or NaN at every step: refused with the architecture, naming the field."""
+    from annealing.model import W_LIMIT
+
+    for name, value in (("w_scale", 1e308), ("w_scale", 1e-300), ("w_scale", 0.0), ("w_scale", math.inf), ("w_bias", 1e308),
+                        ("w_bias", -2 * W_LIMIT), ("t_embed_normalization", 1e-300), ("t_embed_normalization", 1e300),
+                        ("delta_embed_normalization", 1e-7), ("delta_embed_normalization", -math.inf)):
+        with pytest.raises(ValueError, match=f"^{name} must be a finite number"):
+            GuidanceModelConfig(**{name: value})
+        with pytest.raises(ValueError, match=name):
+            GuidanceModelConfig.from_dict({name: value})
+    # at the bounds, and negative values of an allowed magnitude, are fine
+    GuidanceModelConfig(w_scale=-W_LIMIT, w_bias=W_LIMIT, t_embed_normalization=-1e6, delta_embed_normalization=1e-6)
+    with pytest.raises(ValueError, match="t_embed_normalization"):
+        annealing.LearnToGuideConfig(t_embed_normalization=1e-300)

@@ -109,3 +109,25 @@ def test_grid_from_dict_round_trip_and_bounds():
     for data, word in bad:
         with pytest.raises(ValueError, match=word):
             grid_from_dict(data)
+
+
+@pytest.mark.parametrize("grid, words", [
+    (dict(beta_start=1.0, beta_end=1.0), "every sigma is inf"),  # 1 - beta = 0: abar is 0 everywhere
+    (dict(beta_start=1e-300, beta_end=1e-300), "every sigma is 0"),  # 1 - beta rounds to 1: no noise anywhere
+    (dict(beta_start=0.00085, beta_end=1.0), "some sigma is inf"),
+    (dict(beta_start=1e-300, beta_end=0.012), "some sigma is 0"),
+])
+def test_betas_that_describe_no_schedule_are_refused(grid, words):
+    with pytest.raises(ValueError, match=words):
+        VPGrid(**grid)
+    with pytest.raises(ValueError, match=words):
+        grid_from_dict({"kind": "vp", **grid})
+
+
+def test_a_flow_shift_that_describes_no_schedule_is_refused():
+    for shift in (1e-300, 1e-30):
+        with pytest.raises(ValueError, match="sigma is inf"):
+            FlowGrid(shift=shift)
+    for shift in (1e-6, 0.1, 100.0):  # tiny and large shifts that still give finite, decreasing sigmas are fine
+        sigmas = FlowGrid(shift=shift, num_steps=1000).sigmas()[:-1]
+        assert bool((sigmas[1:] < sigmas[:-1]).all()) and bool((sigmas > 0).all())

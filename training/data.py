@@ -390,7 +390,7 @@ def write_embeddings(folder: Path, captions: list[str], encode, uncond: dict[str
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from annealing.checkpoint import atomic_write
+    from annealing.atomic_write import atomic_write
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ from types import SimpleNamespace
 import torch
 
 import annealing
-from annealing.checkpoint import atomic_write
+from annealing.atomic_write import atomic_write
 
 from . import memory
 from .algorithm import CADSConfig, LossTerms, RunningBalance, annealing_loss

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # the repository root, for annealing.checkpoint.atomic_write
+sys.path.insert(0, str(HERE.parent))  # the repository root, for annealing.atomic_write
 
 # type -> (socket inputs [(name, type, optional)], widgets [names], outputs [(name, type)])
 NODE_DEFS = {
@@ -367,7 +367,7 @@ WORKFLOWS = {
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from annealing.checkpoint import atomic_write
+    from annealing.atomic_write import atomic_write
 
     text = json.dumps(data, indent=2) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -1,6 +1,6 @@
 """The nodes inside a real ComfyUI, sampling tiny models (EPS, V-prediction and CONST) on CPU.
 
-References are written here from the spec (sections 1 and 2 of the spec document), not taken from the code under test:
+References are written here from the formulas (docs/design.md, sections 1 to 3), not taken from the code under test:
 an upstream-style DDIM loop that renoises with eps_uncond (EPS), and its flow-matching twin (CONST). The default (anchored)
 mode equals them on the checkpoint's training grid; per_step mode equals them at any grid; and anchored sampling
 converges with the step count for every sampler and scheduler.
@@ -458,7 +458,7 @@ def test_e_plot_nodes_return_images(comfy_host, anchored_on_grid, node, upstream
     other = node("AnnealingSchedulePlot", samples={"samples": torch.ones_like(runs["euler"])}, guider=runs["guider_euler"]).args[0]
     assert other.shape == image.shape and not torch.allclose(other, image)
     cls = comfy_host.nodes.NODE_CLASS_MAPPINGS["AnnealingModelExplorer"]
-    assert "lambdas" in cls.validate_inputs(lambdas="0.5, 2")
+    assert cls.validate_inputs(lambdas="0.5, 2") == "lambda must be a number in [0, 1], got 2"  # ComfyUI prefixes "lambdas - "
 
 
 # ---------------------------------------------------------------------------------------------------- (f) bad inputs

@@ -251,7 +251,7 @@ def reading(results: dict) -> list[str]:
         f"step the CFG-equivalent scale is w·k, and {k_sentence(results['config']['sampling_steps'])}. So \"the right "
         f"one-step w\" becomes a CFG scale w·k of ≈ {span(facts['omega_first'], 0)} at the first step, peaking at "
         f"≈ {span(facts['omega_peak'], 0)} mid-run (means over the samples; CFG's best is w = {cfg_best['param']:g}). On "
-        "SDXL the same mechanism gives w ≈ 0.7–1.5 in CFG++ units (the released checkpoint, spec section 1), a useful "
+        "SDXL the same mechanism gives w ≈ 0.7–1.5 in CFG++ units (the released checkpoint, docs/design.md), a useful "
         "strength for an image model; in a problem where the ground truth is known it is far too much.")
 
     stats = results["annealing_w"]["per_lambda"]
@@ -396,8 +396,8 @@ def doc_blocks(runs: dict[str, dict]) -> dict[str, str]:
     steps = main["step_study"]["training_steps"]
     settings = main["config"]["step_study_settings"]
     study_intro = (
-        f"The checkpoint's w is in CFG++ units on the {steps}-step grid it was trained on, and so is CFG++'s w (spec "
-        f"section 2). The step-count study samples CFG++ w = {settings['CFG++'][0]:g} and annealing at lambda "
+        f"The checkpoint's w is in CFG++ units on the {steps}-step grid it was trained on, and so is CFG++'s w "
+        f"(docs/design.md). The step-count study samples CFG++ w = {settings['CFG++'][0]:g} and annealing at lambda "
         f"{', '.join(f'{v:g}' for v in settings['annealing'])} with "
         "plain DDIM at other step counts, with the scale the pack's core gives an ordinary sampler "
         "(`annealing.evaluation_scale`; for annealing, `AnnealingGuidance.guide` itself): **anchored** = CFG scale "

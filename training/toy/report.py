@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from annealing import figure_style as style
-from annealing.checkpoint import atomic_write
+from annealing.atomic_write import atomic_write
 
 from .metrics import HIGHER_IS_BETTER, METRICS
 from .problem import RingProblem
