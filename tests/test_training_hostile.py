@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from training_fixtures import make_config, one_thread, same_weights, state_of, tiny_dataset
 
+import training.run_parts
 import training.trainer
 from training.cli import main as cli_main
 from training.config import FLOAT_BOUNDS, INT_BOUNDS, TrainConfig, TrainingError, config_fields, read_config_file
@@ -173,8 +174,9 @@ def test_a_config_that_is_a_fifo_or_not_utf8_is_one_line(tmp_path):
         ({"output_name": "sub\\x"}, "output_name must be a file name"),
         ({"output_name": ".hidden"}, "output_name must be a file name"),
         ({"output_name": "x" * 129}, "output_name must be a file name"),
-        ({"model_family": "SDXL"}, "model_family must be a short lower-case name.*got 'SDXL'"),
-        ({"model_family": "sd/xl"}, "model_family must be a short lower-case name"),
+        ({"model_family": "SDXL"}, "model_family must be one of sd15, sd2, sdxl, sd3; got 'SDXL'$"),
+        ({"model_family": "sdxxl"}, "model_family must be one of sd15, sd2, sdxl, sd3; got 'sdxxl'$"),
+        ({"model_family": "sd/xl"}, "model_family must be one of"),
         ({"caption_extension": ".png"}, "caption_extension must not be an image extension"),
         ({"caption_extension": "./../x"}, "caption_extension must be a dot and"),
         ({"precision": "fp8"}, "precision must be one of auto, fp32, bf16, fp16; got 'fp8'"),
@@ -211,9 +213,9 @@ def test_bad_settings_fail_before_any_model_loads_and_leave_no_output_folder(tmp
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(training.trainer, "load_backend", no_loading)
+    monkeypatch.setattr(training.run_parts, "load_backend", no_loading)
     out = tmp_path / "new" / "out"
-    for flags in (["--seed", str(2**70)], ["--output-name", "../x"], ["--model-family", "SDXL"], ["--mlp-hidden", str(10**6)],
+    for flags in (["--seed", str(2**70)], ["--output-name", "../x"], ["--model-family", "SDXL"], ["--model-family", "sdxxl"], ["--mlp-hidden", str(10**6)],
                   ["--cads-tau1", "nan"], ["--model", str(tmp_path / "missing")]):
         common = ["--model", str(tmp_path), "--dataset", str(tiny_dataset()), "--output", str(out), "--quiet"]
         assert cli_main(common + flags) == 2
