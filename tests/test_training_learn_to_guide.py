@@ -17,7 +17,6 @@ from training_fixtures import make_config, one_thread, pack_module, same_weights
 import annealing
 import training.learn_to_guide as l2g
 import training.toy.learn_to_guide as toy_l2g
-from training.backends import UNetBackend
 from training.cli import main as cli_main
 from training.config import TrainConfig, TrainingError
 from training.trainer import RESUME_FILE, Trainer, initial_l2g_network, train
@@ -342,15 +341,11 @@ def test_resume_refuses_another_method_or_architecture_and_reads_older_states_as
 
 
 def test_nan_losses_are_skipped_and_counted(tmp_path, monkeypatch):
-    real_predict, calls = UNetBackend.predict, {"n": 0}
+    from test_training_run import poison_images
 
-    def sometimes_nan(self, z, t, cond):
-        calls["n"] += 1
-        out = real_predict(self, z, t, cond)
-        return out * float("nan") if calls["n"] in (1, 4) else out  # one call per micro-batch
-
-    monkeypatch.setattr(UNetBackend, "predict", sometimes_nan)
-    result = train(l2g_config("sd15", tmp_path / "out", max_steps=3), progress=False)
+    config = l2g_config("sd15", tmp_path / "out", max_steps=3)
+    assert len(poison_images(monkeypatch, (0, 3), config)) == 2  # micro-batches 0 and 3: one in each of the first two steps
+    result = train(config, progress=False)
     assert result.nan_losses == 2 and result.steps == 3 and result.images_seen == 4 and result.skipped_steps == 0
     assert all(torch.isfinite(v).all() for v in state_of(result.checkpoint).values())
 

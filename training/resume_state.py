@@ -269,4 +269,9 @@ def resume_shape_problem(state: dict, network_config: annealing.GuidanceModelCon
 
 
 def _plain_tensor(value) -> bool:
-    return isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) and value.layout == torch.strided and not value.is_meta
+    """A dense tensor with no more values than its storage holds: a view that repeats its data (a zero stride) can claim
+    10^12 values in a 4-byte file, and checking them for NaN would allocate that much."""
+    if not (isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) and value.layout == torch.strided
+            and not value.is_meta):
+        return False
+    return value.numel() * value.element_size() <= value.untyped_storage().nbytes()
