@@ -60,10 +60,19 @@ def exit_on_ctrl_c(default_line: str) -> Iterator[None]:
         yield
     except KeyboardInterrupt as exc:
         line, show = (exc.line, exc.show) if isinstance(exc, Interrupted) else (default_line, True)
+        _close_progress_bars()
         if show:
             sys.stdout.flush()
             print(f"interrupted: {line}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_STATUS) from None
+
+
+def _close_progress_bars() -> None:
+    """Finish the lines of the tqdm bars Ctrl-C left open, so the one line stands on its own line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
 
 
 def _ctrl_c_is_ours() -> bool:
@@ -123,11 +132,12 @@ def is_empty_but_staging(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
+def staged_folder(out: Path, created: bool | None = None) -> Iterator[Path]:
     """Yield a staging folder for the results of ``out``; on success move every file in it into ``out`` (replacing files of
-    the same name), on any failure or Ctrl-C remove it, and ``out`` as well when this call created it."""
+    the same name), on any failure or Ctrl-C remove it, and ``out`` as well when the run created it (``created``; by
+    default: when ``out`` did not exist before this call)."""
     out = Path(out)
-    created = not out.exists()
+    created = not out.exists() if created is None else created
     out.mkdir(parents=True, exist_ok=True)
     for old in stale_staging(out):
         shutil.rmtree(old, ignore_errors=True)

@@ -170,12 +170,13 @@ class Trainer:
         bar = tqdm(total=total, initial=counters.step, desc=f"training {plan.family}", unit="step",
                    disable=not (self.progress and acc.is_local_main_process), dynamic_ncols=True)
         generator = torch.Generator(device=parts.device)
-        batches, micro, last_terms = iter(loader), counters.step * accumulation, {}
+        micro, last_terms = counters.step * accumulation, {}
         started, images_at_start = time.perf_counter(), counters.images_seen
         if parts.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(parts.device)
         parts.mlp.train()
         with contextlib.closing(bar), StopRequest(on_request=lambda: bar.set_description("stopping after this step (Ctrl-C: at once)")) as stop:
+            batches = iter(loader)  # after the handler: forked workers inherit it until their own ignores Ctrl-C
             while counters.step < total:
                 window = StepWindow(parts.device, plan.l2g)
                 for _ in range(accumulation):
