@@ -149,22 +149,14 @@ class Trainer:
             raise Interrupted(self._kept_line(), show=self.parts is None or self.accelerator.is_main_process) from None
 
     def _train(self) -> TrainResult:
-        plan, parts, cfg, acc, counters = self.plan, self.parts, self.plan.config, self.accelerator, self.counters
-        total, accumulation = parts.total_steps, cfg.gradient_accumulation
+        plan, parts, acc, counters = self.plan, self.parts, self.accelerator, self.counters
+        total, accumulation = parts.total_steps, plan.config.gradient_accumulation
         resumed_from = counters.step if plan.resume_state is not None else None
         if counters.step >= total:
             acc.print(f"nothing to do: the resume state is at step {counters.step} of {total}")
-        dataset = ImageCaptionDataset(plan.scan.samples, plan.resolution, plan.embeddings)
-        sampler = MicroBatchSampler(len(dataset), cfg.batch_size, cfg.seed, acc.process_index, parts.world, start=counters.step * accumulation)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-                                             persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None,
-                                             worker_init_fn=ignore_ctrl_c if cfg.num_workers else None)
-        log = StepLog(plan.folder.log_file, acc.is_main_process)
-        if plan.resume_state is not None:
-            log.truncate(counters.step)
-        log.start(world_size=parts.world, device=str(parts.device), from_step=counters.step, precision=str(parts.dtype).replace("torch.", ""),
-                  gradient_checkpointing=parts.gradient_checkpointing, memory=parts.memory_line, output_name=plan.output_name)
-        acc.print(self._training_line(len(dataset)))
+        loader = self._loader()
+        log = self._start_log()
+        acc.print(self._training_line(len(loader.dataset)))
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=counters.step, desc=f"training {plan.family}", unit="step",
@@ -184,33 +176,62 @@ class Trainer:
                     micro += 1
                 summary = window.reduce(acc, stop.requested)
                 last_terms = self._end_step(summary) or last_terms
-                if last_terms:  # before update(), which draws the bar: the postfix belongs to the step it counts
-                    bar.set_postfix(bar_postfix(last_terms, parts.balance is not None), refresh=False)
-                bar.update(1)
-                if counters.step % cfg.log_every == 0 or counters.step == total:
-                    log.step(step=counters.step, images=counters.images_seen, **last_terms, nan_losses=counters.nan_losses,
-                             skipped_images=len(counters.failed_paths), seconds=round(time.perf_counter() - started, 3))
-                if counters.images_seen == 0 and micro * parts.world >= sampler.per_epoch:
-                    raise TrainingError(f"{cfg.dataset}: none of the {len(dataset)} images could be read (e.g. {sorted(counters.failed_paths)[0]})")
-                if counters.step % cfg.checkpoint_every == 0 and counters.step < total:
+                self._show_step(last_terms, bar, log, time.perf_counter() - started)
+                if counters.images_seen == 0 and micro * parts.world >= loader.batch_sampler.per_epoch:
+                    raise TrainingError(f"{plan.config.dataset}: none of the {len(loader.dataset)} images could be read "
+                                        f"(e.g. {sorted(counters.failed_paths)[0]})")
+                if counters.step % plan.config.checkpoint_every == 0 and counters.step < total:
                     self._checkpoint(final=False)
                 if summary["stop"] and counters.step < total:
                     self._stop_after_this_step()
-            seconds = time.perf_counter() - started
-            self._gather_failed()
-            path = self._checkpoint(final=True)
-            result = TrainResult(
-                checkpoint=path, steps=counters.step, images_seen=counters.images_seen, skipped_images=sorted(counters.failed_paths),
-                skipped_image_events=counters.skipped_events, missing_captions=len(plan.scan.missing_captions), nan_losses=counters.nan_losses,
-                skipped_steps=counters.skipped_steps, seconds=seconds,
-                images_per_second=(counters.images_seen - images_at_start) / seconds if seconds > 0 else 0.0,
-                peak_memory_bytes=peak_memory_bytes(parts.device), resumed_from=resumed_from, last_terms=last_terms, world_size=parts.world,
-            )
-            if acc.is_main_process:
-                payload = json.dumps(result.to_dict(), indent=1)
-                atomic_write(plan.folder.report_file, lambda tmp: Path(tmp).write_text(payload, encoding="utf-8"))
-                acc.print(format_report(result))
-            acc.wait_for_everyone()
+            return self._finish(time.perf_counter() - started, counters.images_seen - images_at_start, resumed_from, last_terms)
+
+    def _loader(self) -> torch.utils.data.DataLoader:
+        """The micro-batches from the current step on, in the order every process count shares."""
+        plan, cfg, acc = self.plan, self.plan.config, self.accelerator
+        dataset = ImageCaptionDataset(plan.scan.samples, plan.resolution, plan.embeddings)
+        sampler = MicroBatchSampler(len(dataset), cfg.batch_size, cfg.seed, acc.process_index, self.parts.world,
+                                    start=self.counters.step * cfg.gradient_accumulation)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                                           persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None,
+                                           worker_init_fn=ignore_ctrl_c if cfg.num_workers else None)
+
+    def _start_log(self) -> StepLog:
+        """The log, cut back to the resumed step, with this start's record (one per start, naming the run)."""
+        plan, parts = self.plan, self.parts
+        log = StepLog(plan.folder.log_file, self.accelerator.is_main_process)
+        if plan.resume_state is not None:
+            log.truncate(self.counters.step)
+        log.start(world_size=parts.world, device=str(parts.device), from_step=self.counters.step, precision=str(parts.dtype).replace("torch.", ""),
+                  gradient_checkpointing=parts.gradient_checkpointing, memory=parts.memory_line, output_name=plan.output_name)
+        return log
+
+    def _show_step(self, terms: dict, bar, log: StepLog, seconds: float) -> None:
+        """The step's values on the progress bar and, every ``log_every`` steps and at the last, in the log."""
+        counters = self.counters
+        if terms:  # before update(), which draws the bar: the postfix belongs to the step it counts
+            bar.set_postfix(bar_postfix(terms, self.parts.balance is not None), refresh=False)
+        bar.update(1)
+        if counters.step % self.plan.config.log_every == 0 or counters.step == self.parts.total_steps:
+            log.step(step=counters.step, images=counters.images_seen, **terms, nan_losses=counters.nan_losses,
+                     skipped_images=len(counters.failed_paths), seconds=round(seconds, 3))
+
+    def _finish(self, seconds: float, images: int, resumed_from: int | None, last_terms: dict) -> TrainResult:
+        """The final checkpoint, the report file and the report's lines."""
+        plan, parts, acc, counters = self.plan, self.parts, self.accelerator, self.counters
+        self._gather_failed()
+        path = self._checkpoint(final=True)
+        result = TrainResult(
+            checkpoint=path, steps=counters.step, images_seen=counters.images_seen, skipped_images=sorted(counters.failed_paths),
+            skipped_image_events=counters.skipped_events, missing_captions=len(plan.scan.missing_captions), nan_losses=counters.nan_losses,
+            skipped_steps=counters.skipped_steps, seconds=seconds, images_per_second=images / seconds if seconds > 0 else 0.0,
+            peak_memory_bytes=peak_memory_bytes(parts.device), resumed_from=resumed_from, last_terms=last_terms, world_size=parts.world,
+        )
+        if acc.is_main_process:
+            payload = json.dumps(result.to_dict(), indent=1)
+            atomic_write(plan.folder.report_file, lambda tmp: Path(tmp).write_text(payload, encoding="utf-8"))
+            acc.print(format_report(result))
+        acc.wait_for_everyone()
         return result
 
     def _training_line(self, images: int) -> str:
