@@ -77,6 +77,32 @@ class RunCounters:
 # ------------------------------------------------------------------------------------------------------------ writing
 
 
+def recorded_settings(plan, parts) -> dict:
+    """What a resume state records of a run's settings: the locked ones (``plan.locked``) and those a resume warns about."""
+    cfg, extra = plan.config, {}
+    if plan.l2g:
+        extra = {"l2g_particles": cfg.l2g_particles, "l2g_objective": cfg.l2g_objective}
+    return dict(plan.locked, effective_batch=parts.effective_batch, seed=cfg.seed, **extra)
+
+
+def resume_state_of(plan, parts, counters: RunCounters) -> dict:
+    """The resume state of a run (a :class:`~training.run_plan.RunPlan` and its loaded :class:`~training.run_parts.RunParts`)
+    after ``counters.step`` steps."""
+    cfg = plan.config
+    return {
+        "format": RESUME_FORMAT,
+        "version": 1,
+        **counters.to_state(cfg.gradient_accumulation),
+        "seed": cfg.seed,
+        "mlp": {k: v.detach().cpu() for k, v in parts.accelerator.unwrap_model(parts.mlp).state_dict().items()},
+        "optimizer": to_cpu(parts.optimizer.state_dict()),
+        "balance_quality": None if parts.balance is None else parts.balance.quality,
+        "balance_alignment": None if parts.balance is None else parts.balance.alignment,
+        "locked": json.dumps(recorded_settings(plan, parts), sort_keys=True),
+        "config": cfg.to_json(),
+    }
+
+
 def write_resume_state(path: Path, state: dict) -> None:
     """Write ``state`` (see :func:`resume_state_problem` for its fields) through a temporary file."""
     atomic_write(path, lambda tmp: _torch_save(state, tmp))

@@ -7,7 +7,8 @@ A run is made of named parts, in the order it uses them:
   byte written (one frozen :class:`~training.run_plan.RunPlan`);
 * :mod:`training.run_folder`: the output folder, which files are this run's and which another's;
 * :mod:`training.run_parts`: what the plan loads (processes, the frozen model, the network and its optimizer);
-* this module: the loop, and the checkpoints and resume states it writes (:mod:`training.resume_state`);
+* this module: the loop, and the checkpoints (:mod:`training.checkpoint_record`) and resume states
+  (:mod:`training.resume_state`) it writes when they are due;
 * :mod:`training.step_log`: what each step did, in ``train_log.jsonl`` and on the progress bar;
 * :mod:`training.run_report`: the final report.
 
@@ -46,12 +47,13 @@ from annealing.checkpoint import atomic_write
 
 from .algorithm import LossTerms, annealing_loss
 from .backends import TextCondition
+from .checkpoint_record import checkpoint_metadata
 from .config import TrainConfig
 from .data import ImageCaptionDataset, MicroBatchSampler, collate
 from .errors import TrainingError
 from .interrupt import Interrupted, StopRequest, ignore_ctrl_c
 from .learn_to_guide import GuideTerms, learn_to_guide_loss
-from .resume_state import RESUME_FORMAT, RESUME_WARNED, RunCounters, to_cpu, write_resume_state
+from .resume_state import RESUME_WARNED, RunCounters, recorded_settings, resume_state_of, write_resume_state
 from .run_folder import RESUME_FILE  # noqa: F401 - part of this module's interface (tests, scripts)
 from .run_parts import RunParts, initial_l2g_network, load_parts, peak_memory_bytes, resolve_precision  # noqa: F401 - ditto
 from .run_plan import RunPlan, plan_run
@@ -100,7 +102,7 @@ class Trainer:
             if self.parts.balance is not None and state.get("balance_quality") is not None:
                 self.parts.balance.quality = float(state["balance_quality"])
                 self.parts.balance.alignment = float(state["balance_alignment"])
-            saved, now = json.loads(state["locked"]), self._resume_locked()
+            saved, now = json.loads(state["locked"]), recorded_settings(plan, self.parts)
             names = {"effective_batch": "batch size, accumulation or process count"}
             changed = [names.get(key, key) for key in RESUME_WARNED if key in now and saved.get(key) != now[key]]
             if changed:
@@ -328,59 +330,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ metadata and saving
     def metadata(self) -> annealing.CheckpointMetadata:
-        """The checkpoint's metadata: the run's record (what both methods share, then the method's own settings)."""
-        plan, parts, cfg, info = self.plan, self.parts, self.plan.config, self.plan.info
-        training = {"steps": self.counters.step, "images": self.counters.images_seen}
-        if plan.l2g:
-            training.update({
-                "method": "learn-to-guide (Galashov et al., arXiv 2510.00815)",
-                "particles": cfg.l2g_particles,
-                "objective": cfg.l2g_objective,
-                "step_to": "the training grid's next point (clean data after the last)",
-                "initial_scale": cfg.l2g_initial_scale,
-                "prompt_embedding": plan.prompt_kind,
-            })
-        else:
-            training.update({"lambda_min": cfg.lambda_min, "lambda_max": cfg.lambda_max})
-        training.update({
-            "base_model": info.base_model,
-            "base_prediction_type": info.prediction_type,
-            "resolution": plan.resolution,
-            "lr": cfg.lr,
-            "weight_decay": cfg.weight_decay,
-            "effective_batch": parts.effective_batch,
-            "grid_steps": cfg.grid_steps,
-        })
-        if not plan.l2g:
-            training.update({
-                "cads": {"enabled": cfg.cads, "noise_scale": cfg.cads_noise_scale, "tau1": cfg.cads_tau1, "tau2": cfg.cads_tau2,
-                         "psi": cfg.cads_psi},
-                "balance": parts.balance is not None,
-                "delta_weight": cfg.delta_weight,
-            })
-        training.update({
-            "uncond": parts.backend.uncond_mode,
-            "seed": cfg.seed,
-            "precision": str(parts.dtype).replace("torch.", ""),
-            "skipped_images": len(self.counters.failed_paths),
-            "nan_losses": self.counters.nan_losses,
-            "source": f"annealing-guidance-nodes training {annealing.__version__}",
-        })
-        if info.prediction_type == "flow":
-            training["flow_shift"] = float(info.scheduler_config.get("shift", 1.0))
-            training["flow_spacing"] = cfg.flow_spacing
-            training["sd3_t5"] = bool(info.has_t5 and cfg.sd3_t5)  # False: zero T5 tokens, as the pipeline without T5
-        if parts.balance is not None:
-            training["final_delta_weight"] = cfg.delta_weight * parts.balance.weight
-        return annealing.CheckpointMetadata(
-            model_family=plan.family,
-            prediction_space=info.prediction_space,
-            timestep_convention=parts.grid.timestep_convention,
-            trained_latent_numel=int(math.prod(plan.latent_shape)),
-            training_grid=parts.grid.training_grid,
-            training=training,
-            method="learn_to_guide" if plan.l2g else "annealing",
-        )
+        """The checkpoint's metadata as of the current step (:func:`training.checkpoint_record.checkpoint_metadata`)."""
+        return checkpoint_metadata(self.plan, self.parts, self.counters)
 
     def save(self, final: bool = False) -> Path:
         """Write the checkpoint (periodic or final) and then the resume state; main process only."""
@@ -398,28 +349,8 @@ class Trainer:
 
     def save_resume(self) -> None:
         """Write the resume state of the current step; main process only."""
-        cfg, parts = self.plan.config, self.parts
-        state = {
-            "format": RESUME_FORMAT,
-            "version": 1,
-            **self.counters.to_state(cfg.gradient_accumulation),
-            "seed": cfg.seed,
-            "mlp": {k: v.detach().cpu() for k, v in self.accelerator.unwrap_model(self.mlp).state_dict().items()},
-            "optimizer": to_cpu(parts.optimizer.state_dict()),
-            "balance_quality": None if parts.balance is None else parts.balance.quality,
-            "balance_alignment": None if parts.balance is None else parts.balance.alignment,
-            "locked": json.dumps(self._resume_locked(), sort_keys=True),
-            "config": cfg.to_json(),
-        }
-        write_resume_state(self.plan.folder.resume_file, state)
+        write_resume_state(self.plan.folder.resume_file, resume_state_of(self.plan, self.parts, self.counters))
         self.resume_step = self.counters.step
-
-    def _resume_locked(self) -> dict:
-        """What the resume state records of the run's settings: the locked ones and those a resume warns about."""
-        cfg, extra = self.plan.config, {}
-        if self.plan.l2g:
-            extra = {"l2g_particles": cfg.l2g_particles, "l2g_objective": cfg.l2g_objective}
-        return dict(self.plan.locked, effective_batch=self.parts.effective_batch, seed=cfg.seed, **extra)
 
     def _on_main(self, write) -> None:
         """``write()`` on the main process while the others wait."""
