@@ -189,3 +189,28 @@ def test_ctrl_c_in_a_benchmark_script(tmp_path):
     status, stderr = interrupt(tmp_path, command, ready=lambda: "batch" in (tmp_path / "child.out").read_text())
     assert status == 130
     assert the_line(stderr) == "interrupted: nothing was written: run it again for the numbers"
+
+
+def test_a_staged_folder_is_all_or_nothing(tmp_path, monkeypatch):
+    from training import interrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt), interrupt.staged_folder(out) as staging:
+        (staging / "a.txt").write_text("half")
+        raise KeyboardInterrupt
+    assert not out.exists()  # made by the run, removed by it
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / ".partial-killed").mkdir()  # what a killed run staged: removed by the next
+    moved = []
+    real_replace = os.replace
+    monkeypatch.setattr(interrupt.os, "replace", lambda a, b: (moved.append(Path(b).name), real_replace(a, b)))
+    with interrupt.staged_folder(out, last=("index.json",)) as staging:
+        for name in ("index.json", "shard-0.safetensors", "uncond.safetensors"):
+            (staging / name).write_text(name)
+    assert moved == ["shard-0.safetensors", "uncond.safetensors", "index.json"]  # the index of the others comes last
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "notes.txt", "shard-0.safetensors", "uncond.safetensors"]
+    with pytest.raises(ValueError), interrupt.staged_folder(out) as staging:
+        (staging / "index.json").write_text("a failed run's")
+        raise ValueError
+    assert (out / "index.json").read_text() == "index.json" and (out / "notes.txt").read_text() == "mine"  # a folder that was there stays

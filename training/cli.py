@@ -108,7 +108,8 @@ def run_embed(argv: list[str]) -> int:
         cond = backend.encode_text(captions)
         return {"embeds": cond.embeds} if cond.pooled is None else {"embeds": cond.embeds, "pooled": cond.pooled}
 
-    with staged_folder(output) as staging:  # all or nothing: Ctrl-C or a failure leaves the folder as it was
+    # all or nothing: Ctrl-C or a failure leaves the folder as it was; index.json, which names the shards, is moved last
+    with staged_folder(output, last=("index.json",)) as staging:
         index = write_embeddings(staging, [s.caption for s in scan.samples], encode, encode([""]), model_family=info.family,
                                  base_model=info.base_model, dtype=getattr(torch, args.dtype), shard_size=args.shard_size,
                                  batch_size=args.batch_size, progress=not args.quiet)

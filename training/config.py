@@ -72,8 +72,9 @@ HELP = {
     "checkpoint_every": "write a checkpoint and the resume state every N optimizer steps",
     "keep_checkpoints": "periodic checkpoints to keep (the final one is always kept)",
     "log_every": "write a line to train_log.jsonl every N optimizer steps",
-    "resume": "continue from the resume state in the output folder",
-    "overwrite": "start again in an output folder that holds a run, removing that run's files (checkpoints, resume state, log, report)",
+    "resume": "continue the run whose resume state is in the output folder (its output name too); Ctrl-C saves one",
+    "overwrite": "start again in an output folder that holds this run, removing its files (checkpoints, resume state, log, report); "
+                 "another run's files are never removed",
     "device": "auto|cpu|cuda (accelerate picks the device per process; cpu forces the CPU)",
     "l2g_particles": "learn-to-guide: particles per image, m (paper: 4); the frozen model runs on 2m latents per image",
     "l2g_objective": "learn-to-guide: energy|l2, the distance between the guided and the true particle sets (paper: energy, the "

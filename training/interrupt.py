@@ -132,10 +132,10 @@ def is_empty_but_staging(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def staged_folder(out: Path, created: bool | None = None) -> Iterator[Path]:
+def staged_folder(out: Path, created: bool | None = None, last: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a staging folder for the results of ``out``; on success move every file in it into ``out`` (replacing files of
-    the same name), on any failure or Ctrl-C remove it, and ``out`` as well when the run created it (``created``; by
-    default: when ``out`` did not exist before this call)."""
+    the same name; the names in ``last``, e.g. an index of the others, after the rest), on any failure or Ctrl-C remove
+    it, and ``out`` as well when the run created it (``created``; by default: when ``out`` did not exist before)."""
     out = Path(out)
     created = not out.exists() if created is None else created
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,7 @@ def staged_folder(out: Path, created: bool | None = None) -> Iterator[Path]:
             shutil.rmtree(out, ignore_errors=True)
         raise
     with ctrl_c_held():  # the work is done: a Ctrl-C now must not leave half of it moved
-        for path in sorted(staging.rglob("*")):
+        for path in sorted(staging.rglob("*"), key=lambda p: (p.name in last, p)):
             target = out / path.relative_to(staging)
             if path.is_dir():
                 target.mkdir(exist_ok=True)
