@@ -19,7 +19,8 @@ import pytest
 import torch
 from training_fixtures import RESOLUTION, make_config, one_thread, same_weights, state_of, tiny_dataset, tiny_model
 
-from training.trainer import RESUME_FILE, train
+from training.run_folder import RESUME_FILE
+from training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 #: A guard against a child that never gets ready (the suite must not hang), not a timing assertion.

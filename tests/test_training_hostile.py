@@ -26,7 +26,7 @@ import training.trainer
 from training.cli import main as cli_main
 from training.config import FLOAT_BOUNDS, INT_BOUNDS, TrainConfig, TrainingError, config_fields, read_config_file
 from training.data import ImageCaptionDataset, Sample, load_image, scan_dataset
-from training.trainer import RESUME_FILE
+from training.run_folder import RESUME_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 

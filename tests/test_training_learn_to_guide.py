@@ -19,7 +19,9 @@ import training.learn_to_guide as l2g
 import training.toy.learn_to_guide as toy_l2g
 from training.cli import main as cli_main
 from training.config import TrainConfig, TrainingError
-from training.trainer import RESUME_FILE, Trainer, initial_l2g_network, train
+from training.run_folder import RESUME_FILE
+from training.run_parts import initial_l2g_network
+from training.trainer import Trainer, train
 
 
 @pytest.fixture(autouse=True)

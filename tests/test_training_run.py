@@ -16,7 +16,8 @@ from annealing.training_grid import FlowGrid, VPGrid
 from training.cli import main as cli_main
 from training.config import TrainingError
 from training.data import write_embeddings
-from training.trainer import RESUME_FILE, Trainer, train
+from training.run_folder import RESUME_FILE
+from training.trainer import Trainer, train
 
 
 @pytest.fixture(autouse=True)
@@ -315,7 +316,7 @@ def test_progress_bar_shows_the_values_of_the_step_it_counts(tmp_path, monkeypat
 
 def test_fp16_frozen_model_trains_with_the_loss_scale(tmp_path):
     """The GPU default (float16 frozen network, static loss scale, float32 VAE and MLP) run on the CPU."""
-    from training.trainer import resolve_precision
+    from training.run_parts import resolve_precision
 
     assert resolve_precision("auto", torch.device("cuda")) == torch.float16 and resolve_precision("auto", torch.device("cpu")) == torch.float32
     trainer = Trainer(make_config("sdxl", tmp_path / "out", precision="fp16", max_steps=1), progress=False)

@@ -54,8 +54,7 @@ from .errors import TrainingError
 from .interrupt import Interrupted, StopRequest, ignore_ctrl_c
 from .learn_to_guide import GuideTerms, learn_to_guide_loss
 from .resume_state import RESUME_WARNED, RunCounters, recorded_settings, resume_state_of, write_resume_state
-from .run_folder import RESUME_FILE  # noqa: F401 - part of this module's interface (tests, scripts)
-from .run_parts import RunParts, initial_l2g_network, load_parts, peak_memory_bytes, resolve_precision  # noqa: F401 - ditto
+from .run_parts import RunParts, load_parts, peak_memory_bytes
 from .run_plan import RunPlan, plan_run
 from .run_report import TrainResult, format_report
 from .step_log import StepLog, StepWindow, bar_postfix, step_terms
