@@ -19,7 +19,7 @@ import torch
 import annealing
 
 from . import memory
-from .algorithm import CADSConfig, RunningBalance
+from .algorithm import CADSConfig, RunningBalance, SamplingGrid
 from .backends import FrozenDiffusionBackend, TextCondition, load_backend
 from .errors import TrainingError
 from .run_plan import RunPlan
@@ -36,7 +36,7 @@ class RunParts:
     dtype: torch.dtype  # the frozen network's
     loss_scale: float  # static fp16 loss scale (1 where none is needed)
     backend: FrozenDiffusionBackend
-    grid: object  # training.algorithm.SamplingGrid: the timesteps training draws from
+    grid: SamplingGrid  # the timesteps training draws from
     uncond: TextCondition
     gradient_checkpointing: bool
     memory_line: str  # the one line that explains the checkpointing decision
