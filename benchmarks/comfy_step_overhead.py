@@ -132,4 +132,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.append(str(REPO))  # last: ComfyUI's own 'nodes' module must stay first on the path
+    from training.interrupt import exit_on_ctrl_c
+
+    with exit_on_ctrl_c("nothing was written: run it again for the numbers"):
+        main()

@@ -113,4 +113,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from training.interrupt import exit_on_ctrl_c
+
+    with exit_on_ctrl_c("nothing was written: run it again for the numbers"):
+        main()

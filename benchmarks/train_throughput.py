@@ -192,7 +192,7 @@ def measure(name: str, backend, grid, batch: int, repeats: int, warmup: int, gen
     from training.algorithm import annealing_loss
     from training.backends import TextCondition
     from training.learn_to_guide import learn_to_guide_loss
-    from training.trainer import initial_l2g_network
+    from training.run_parts import initial_l2g_network
 
     device = backend.device
     pooled = backend.condition_width()[1]
@@ -346,7 +346,7 @@ def checkpointing_decision(backend, grid, batch: int, forced):
 
 def resolve_dtype(precision: str, device):
 
-    from training.trainer import resolve_precision
+    from training.run_parts import resolve_precision
 
     return resolve_precision(precision, device)
 
@@ -467,4 +467,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from training.interrupt import exit_on_ctrl_c
+
+    with exit_on_ctrl_c("nothing was written: run it again for the numbers"):
+        main()

@@ -180,6 +180,19 @@ def test_plot_command_draws_the_training_log(tmp_path):
     assert main(["plot", str(tmp_path / "missing")]) == 2  # one-line error, no traceback
 
 
+def test_plot_checks_its_paths_before_any_work(tmp_path, capsys):
+    from training.cli import main
+
+    assert main(["plot", str(tmp_path / "nonexistent")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nonexistent'}: no such folder or file\n"
+    assert main(["plot", str(tmp_path)]) == 2  # a folder without a log: that is what it says
+    assert "no training log" in capsys.readouterr().err
+    (tmp_path / "train_log.jsonl").write_text(json.dumps({"step": 1, "quality": 1.0, "alignment": 0.1, "w_mean": 1.0, "w_min": 1.0, "w_max": 1.0}) + "\n")
+    assert main(["plot", str(tmp_path), "--image", str(tmp_path / "w.jpg")]) == 2
+    assert capsys.readouterr().err == f"error: --image {tmp_path / 'w.jpg'}: the curves are written as PNG, give a file name ending in .png\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_log.jsonl"]
+
+
 def test_plot_shows_the_delta_weight_only_when_balancing_changed_it(tmp_path):
     """A constant delta weight (balance off) gets no panel of its own; a changing one (balance on) does. The image is
     written through a temporary file: nothing else is left in the folder."""

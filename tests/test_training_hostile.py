@@ -9,21 +9,24 @@ import dataclasses
 import json
 import math
 import os
+import re
 import struct
 import threading
 import zlib
 from pathlib import Path
 
+import hostile_files as hf
 import pytest
 import torch
 from PIL import Image
 from training_fixtures import make_config, one_thread, same_weights, state_of, tiny_dataset
 
+import training.run_parts
 import training.trainer
 from training.cli import main as cli_main
 from training.config import FLOAT_BOUNDS, INT_BOUNDS, TrainConfig, TrainingError, config_fields, read_config_file
 from training.data import ImageCaptionDataset, Sample, load_image, scan_dataset
-from training.trainer import RESUME_FILE
+from training.run_folder import RESUME_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -173,8 +176,9 @@ def test_a_config_that_is_a_fifo_or_not_utf8_is_one_line(tmp_path):
         ({"output_name": "sub\\x"}, "output_name must be a file name"),
         ({"output_name": ".hidden"}, "output_name must be a file name"),
         ({"output_name": "x" * 129}, "output_name must be a file name"),
-        ({"model_family": "SDXL"}, "model_family must be a short lower-case name.*got 'SDXL'"),
-        ({"model_family": "sd/xl"}, "model_family must be a short lower-case name"),
+        ({"model_family": "SDXL"}, "model_family must be one of sd15, sd2, sdxl, sd3; got 'SDXL'$"),
+        ({"model_family": "sdxxl"}, "model_family must be one of sd15, sd2, sdxl, sd3; got 'sdxxl'$"),
+        ({"model_family": "sd/xl"}, "model_family must be one of"),
         ({"caption_extension": ".png"}, "caption_extension must not be an image extension"),
         ({"caption_extension": "./../x"}, "caption_extension must be a dot and"),
         ({"precision": "fp8"}, "precision must be one of auto, fp32, bf16, fp16; got 'fp8'"),
@@ -211,9 +215,9 @@ def test_bad_settings_fail_before_any_model_loads_and_leave_no_output_folder(tmp
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(training.trainer, "load_backend", no_loading)
+    monkeypatch.setattr(training.run_parts, "load_backend", no_loading)
     out = tmp_path / "new" / "out"
-    for flags in (["--seed", str(2**70)], ["--output-name", "../x"], ["--model-family", "SDXL"], ["--mlp-hidden", str(10**6)],
+    for flags in (["--seed", str(2**70)], ["--output-name", "../x"], ["--model-family", "SDXL"], ["--model-family", "sdxxl"], ["--mlp-hidden", str(10**6)],
                   ["--cads-tau1", "nan"], ["--model", str(tmp_path / "missing")]):
         common = ["--model", str(tmp_path), "--dataset", str(tiny_dataset()), "--output", str(out), "--quiet"]
         assert cli_main(common + flags) == 2
@@ -401,6 +405,66 @@ def test_a_finished_run_is_never_replaced_without_asking(tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "mine" and (out / "other.safetensors").read_bytes() == b"someone else's"
 
 
+def snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_run_never_removes_or_overwrites_another_runs_files(tmp_path, capsys):
+    """A finished run whose resume state was removed (its checkpoint, report and log are there): a run of another name,
+    with or without --overwrite or --output-name, is refused naming them, and leaves every byte as it was."""
+    out = tmp_path / "out"
+    train(make_config("sd15", out, max_steps=2, checkpoint_every=1, keep_checkpoints=5, output_name="first"))
+    (out / RESUME_FILE).unlink()
+    (out / "training_curves.png").write_bytes(b"the first run's curves")
+    before = snapshot(out)
+    listed = "checkpoints/first-step000001.safetensors, first.safetensors, train_log.jsonl, training_curves.png, training_report.json"
+    for flags in ({}, {"overwrite": True}, {"output_name": "second"}, {"output_name": "second", "overwrite": True}):
+        with pytest.raises(TrainingError) as info:
+            train(make_config("sd15", out, max_steps=1, **flags))
+        assert one_line(info) == (f"{out} holds the files of another run ('first'): {listed}; nothing was changed. Write this run to "
+                                  "another --output folder, or pass --output-name first to continue (--resume) or replace (--overwrite) that run")
+        assert snapshot(out) == before
+    # a report and a log written before they named their run: the report's checkpoint path names it
+    for name in ("training_report.json", "train_log.jsonl"):
+        rows = [json.loads(line) for line in (out / name).read_text().splitlines()] if name.endswith("l") else [json.loads((out / name).read_text())]
+        for row in rows:
+            row.pop("output_name", None)
+        (out / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    before = snapshot(out)
+    with pytest.raises(TrainingError, match=r"holds the files of another run \('first'\): .*train_log.jsonl, training_curves.png, "
+                                            r"training_report.json; nothing was changed"):
+        train(make_config("sd15", out, max_steps=1))
+    assert snapshot(out) == before
+    # the run itself, named, may be replaced
+    capsys.readouterr()
+    again = train(make_config("sd15", out, max_steps=1, output_name="first", overwrite=True))
+    assert again.checkpoint == out / "first.safetensors"
+    assert "--overwrite: removing the 5 file(s) of the earlier run" in capsys.readouterr().out
+
+
+def test_a_resume_state_belongs_to_its_run(tmp_path):
+    out = tmp_path / "out"
+    train(make_config("sd15", out, max_steps=1, output_name="first", checkpoint_every=1))
+    before = snapshot(out)
+    with pytest.raises(TrainingError, match=r"holds the files of another run \('first'\): first.safetensors, resume.pt, train_log.jsonl, "):
+        train(make_config("sd15", out, max_steps=2))
+    with pytest.raises(TrainingError, match=r"resume.pt: cannot resume, output_name was 'first' and is now 'second'$"):
+        train(make_config("sd15", out, max_steps=2, resume=True, output_name="second"))
+    assert snapshot(out) == before
+    # --resume without --output-name continues the run the state belongs to
+    resumed = train(make_config("sd15", out, max_steps=2, resume=True))
+    assert resumed.checkpoint == out / "first.safetensors" and resumed.resumed_from == 1 and resumed.steps == 2
+    assert not (out / "annealing_sd15.safetensors").exists()
+    # a killed run's log alone (no resume state, no checkpoint yet) names its run too
+    (out / RESUME_FILE).unlink()
+    (out / "first.safetensors").unlink()
+    (out / "training_report.json").unlink()
+    before = snapshot(out)
+    with pytest.raises(TrainingError, match=r"holds the files of another run \('first'\): train_log.jsonl; nothing was changed"):
+        train(make_config("sd15", out, max_steps=2))
+    assert snapshot(out) == before
+
+
 def test_stale_temporary_files_of_the_run_are_removed_at_start(tmp_path):
     out = tmp_path / "out"
     train(make_config("sd15", out, max_steps=1))
@@ -445,6 +509,65 @@ def test_a_malformed_resume_state_is_one_line(tmp_path, damage, message):
     with pytest.raises(TrainingError, match=rf"resume.pt: malformed resume state \({message}.*\); start again without --resume$") as info:
         train(make_config("sd15", out, max_steps=2, resume=True))
     one_line(info)
+
+
+def _os_system(path: Path, marker: Path) -> None:
+    hf.write_torch_zip(path, hf.Call(hf.stub("os", "system"), (f"touch {marker}",)), {})
+
+
+def _zip_bomb(path: Path, marker: Path) -> None:
+    hf.deflate_bomb(path, 1 << 30)  # a stored entry claimed to inflate to 1 GiB
+
+
+def _huge_pickle(path: Path, marker: Path) -> None:
+    hf.write_torch_zip(path, {"format": "x" * (2 << 20)}, {})  # a 2 MiB data.pkl
+
+
+def _long_pickle(path: Path, marker: Path) -> None:
+    hf.write_torch_zip(path, {"step": list(range(60_000))}, {})  # 60,000 instructions of small integers
+
+
+def _repeating_view(path: Path, marker: Path) -> None:
+    state = _resume_state(path.parent)
+    state["mlp"]["combined_head.0.weight"] = torch.zeros(1).expand(10**6, 10**6)  # 10^12 values stored as one float
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (_os_system, r"refused to read the resume state: it contains objects other than tensors \(it asks for os.system\) and may be malicious"),
+        (_zip_bomb, r"unreadable resume state \(refused: the zip entry 'archive/data/0' is compressed \(method 8\)"),
+        (_huge_pickle, r"unreadable resume state \(corrupt or truncated PyTorch file: its data.pkl has 2,097,\d+ bytes, more than the 1,048,576"),
+        (_long_pickle, r"refused to read the resume state: its pickle has more than 50,000 instructions"),
+        (_repeating_view, r"malformed resume state \(MLP weight 'combined_head.0.weight' is not a finite float tensor\)"),
+    ],
+)
+def test_a_hostile_resume_state_is_refused_before_it_can_act(tmp_path, capsys, build, message):
+    """resume.pt is read through the core's zip and pickle bounds, with --resume and without (a new run reads it to learn
+    whose it is): nothing runs, nothing large is allocated, and no message passes on torch's advice to load unsafely."""
+    out, marker = tmp_path / "out", tmp_path / "PWNED"
+    train(make_config("sd15", out, max_steps=1))
+    build(out / RESUME_FILE, marker)
+    with pytest.raises(TrainingError, match=rf"resume.pt: {message}") as info:
+        train(make_config("sd15", out, max_steps=2, resume=True))
+    text = one_line(info)
+    assert not re.search(r"weights_only|safe_globals|trust", text, re.IGNORECASE), text
+    (out / "annealing_sd15.safetensors").unlink()  # without --resume: an unusable state, the run starts again
+    capsys.readouterr()
+    train(make_config("sd15", out, max_steps=1))
+    printed = capsys.readouterr().out
+    assert f"({RESUME_FILE} is unusable: " in printed and not re.search(r"weights_only|safe_globals|trust", printed, re.IGNORECASE)
+    assert not marker.exists()
+
+
+def test_every_torch_load_in_the_training_package_is_the_bounded_one():
+    """The one reader of torch files in training/ is resume_state's, behind annealing.untrusted's checks."""
+    sources = {path.name: path.read_text() for path in (REPO / "training").rglob("*.py")}
+    assert [name for name, text in sources.items() if "torch.load(" in text] == ["resume_state.py"]
+    reader = sources["resume_state.py"]
+    assert reader.count("torch.load(handle") == 1
+    assert reader.index("inspect_torch_zip(path, handle") < reader.index("scan_pickle(pickled") < reader.index("torch.load(handle")
 
 
 def test_an_unusable_resume_state_without_a_final_checkpoint_starts_again(tmp_path, capsys):

@@ -17,10 +17,11 @@ from training_fixtures import make_config, one_thread, pack_module, same_weights
 import annealing
 import training.learn_to_guide as l2g
 import training.toy.learn_to_guide as toy_l2g
-from training.backends import UNetBackend
 from training.cli import main as cli_main
 from training.config import TrainConfig, TrainingError
-from training.trainer import RESUME_FILE, Trainer, initial_l2g_network, train
+from training.run_folder import RESUME_FILE
+from training.run_parts import initial_l2g_network
+from training.trainer import Trainer, train
 
 
 @pytest.fixture(autouse=True)
@@ -342,15 +343,11 @@ def test_resume_refuses_another_method_or_architecture_and_reads_older_states_as
 
 
 def test_nan_losses_are_skipped_and_counted(tmp_path, monkeypatch):
-    real_predict, calls = UNetBackend.predict, {"n": 0}
+    from test_training_run import poison_images
 
-    def sometimes_nan(self, z, t, cond):
-        calls["n"] += 1
-        out = real_predict(self, z, t, cond)
-        return out * float("nan") if calls["n"] in (1, 4) else out  # one call per micro-batch
-
-    monkeypatch.setattr(UNetBackend, "predict", sometimes_nan)
-    result = train(l2g_config("sd15", tmp_path / "out", max_steps=3), progress=False)
+    config = l2g_config("sd15", tmp_path / "out", max_steps=3)
+    assert len(poison_images(monkeypatch, (0, 3), config)) == 2  # micro-batches 0 and 3: one in each of the first two steps
+    result = train(config, progress=False)
     assert result.nan_losses == 2 and result.steps == 3 and result.images_seen == 4 and result.skipped_steps == 0
     assert all(torch.isfinite(v).all() for v in state_of(result.checkpoint).values())
 
@@ -405,14 +402,15 @@ def test_every_new_setting_is_checked_with_one_line_naming_it(change, message):
 
 
 def test_bad_settings_fail_before_any_model_loads(tmp_path, monkeypatch, capsys):
-    import training.trainer
+    import training.run_parts
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(training.trainer, "load_backend", no_loading)
+    monkeypatch.setattr(training.run_parts, "load_backend", no_loading)
     common = ["--method", "learn-to-guide", "--model", str(tiny_model("sd15")), "--dataset", str(tiny_dataset()), "--output",
               str(tmp_path / "out"), "--quiet"]
+    capsys.readouterr()  # what building the tiny model printed (transformers' import notes) is not the CLI's
     # the last one passes the settings' check (a 1-wide prompt fits the core's parameter bound) and fails on the model's
     # prompt width, read from its configs: the tiny SD1.5's 32-wide mean token embedding puts it 4 k parameters over
     too_big = ["--l2g-hidden", "1983", "--l2g-layers", "8", "--l2g-projection", "1024"]

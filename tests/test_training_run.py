@@ -13,11 +13,11 @@ from training_fixtures import LATENT_NUMEL, make_config, one_thread, pack_module
 
 import annealing
 from annealing.training_grid import FlowGrid, VPGrid
-from training.backends import UNetBackend
 from training.cli import main as cli_main
 from training.config import TrainingError
 from training.data import write_embeddings
-from training.trainer import RESUME_FILE, Trainer, train
+from training.run_folder import RESUME_FILE
+from training.trainer import Trainer, train
 
 
 @pytest.fixture(autouse=True)
@@ -151,21 +151,40 @@ def test_images_without_captions_are_skipped_when_asked_and_reported(tmp_path):
     assert json.loads((tmp_path / "out" / "training_report.json").read_text())["skipped_missing_captions"] == 2
 
 
+def poison_images(monkeypatch, positions: tuple[int, ...], config) -> list[str]:
+    """Make the images the data order puts at micro-batches ``positions`` decode to NaN pixels (the loss of exactly those
+    micro-batches is then NaN, however many network calls a loss makes); returns their names."""
+    import training.data
+    from training.data import MicroBatchSampler, scan_dataset
+
+    samples = scan_dataset(config.dataset).samples
+    order = MicroBatchSampler(len(samples), config.batch_size, config.seed)
+    stream = iter(order)
+    drawn = [next(stream) for _ in range(max(positions) + 1)]
+    bad = {samples[i].image.name for n in positions for i in drawn[n]}
+    real_load = training.data.load_image
+
+    def load(path, resolution):
+        pixels = real_load(path, resolution)
+        return pixels * float("nan") if path.name in bad else pixels
+
+    monkeypatch.setattr(training.data, "load_image", load)
+    return sorted(bad)
+
+
 def test_nan_losses_are_skipped_and_counted(tmp_path, monkeypatch):
-    real_predict = UNetBackend.predict
-    calls = {"n": 0}
-
-    def sometimes_nan(self, z, t, cond):
-        calls["n"] += 1
-        out = real_predict(self, z, t, cond)
-        # one call per pass (uncond and cond batched): micro-batch 1's pass 1 and both passes of micro-batch 3 go bad
-        return out * float("nan") if calls["n"] in (1, 5, 6) else out
-
-    monkeypatch.setattr(UNetBackend, "predict", sometimes_nan)
-    result = train(make_config("sd15", tmp_path / "out", max_steps=3), progress=False)
+    config = make_config("sd15", tmp_path / "out", max_steps=3)
+    assert len(poison_images(monkeypatch, (0, 2), config)) == 2  # micro-batches 0 and 2: one in each of the first two steps
+    result = train(config, progress=False)
     assert result.nan_losses == 2 and result.steps == 3 and result.images_seen == 4 and result.skipped_steps == 0
     assert all(torch.isfinite(v).all() for v in state_of(result.checkpoint).values())
     assert annealing.load_guidance_model(result.checkpoint).metadata.training["nan_losses"] == 2
+    # a step none of whose micro-batches has a usable loss leaves the network alone and is counted as skipped
+    monkeypatch.undo()
+    config = make_config("sd15", tmp_path / "both", max_steps=3)
+    poison_images(monkeypatch, (2, 3), config)
+    result = train(config, progress=False)
+    assert result.nan_losses == 2 and result.skipped_steps == 1 and result.images_seen == 4
 
 
 def test_a_failed_write_leaves_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
@@ -297,7 +316,7 @@ def test_progress_bar_shows_the_values_of_the_step_it_counts(tmp_path, monkeypat
 
 def test_fp16_frozen_model_trains_with_the_loss_scale(tmp_path):
     """The GPU default (float16 frozen network, static loss scale, float32 VAE and MLP) run on the CPU."""
-    from training.trainer import resolve_precision
+    from training.run_parts import resolve_precision
 
     assert resolve_precision("auto", torch.device("cuda")) == torch.float16 and resolve_precision("auto", torch.device("cpu")) == torch.float32
     trainer = Trainer(make_config("sdxl", tmp_path / "out", precision="fp16", max_steps=1), progress=False)

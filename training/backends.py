@@ -35,6 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # training never downloads; a miss
 
 SUPPORTED = "SD1.x/SD2.x UNets, SDXL UNets (incl. Pony/Illustrious/NoobAI fine-tunes) and SD3-family transformers"
 DEFAULT_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024}  # sd2: 768 for the v-prediction models, 512 for SD2-base
+#: The families this package trains (``--model-family`` and ``ModelInfo.family`` take these names); the one list of them.
+FAMILIES = tuple(DEFAULT_RESOLUTION)
 
 
 def default_resolution(family: str, prediction_type: str) -> int:

@@ -3,7 +3,8 @@
 train: every :class:`training.config.TrainConfig` field is a flag (``--grid-steps 28``, ``--no-cads``); ``--config
 file.yaml|toml`` supplies defaults that flags override. embed: writes precomputed text embeddings for a dataset so
 training can skip loading the text encoders (see :mod:`training.data`).
-Errors in the input are one line on stderr and exit status 2, before any training starts.
+Errors in the input are one line on stderr and exit status 2, before any training starts. Ctrl-C ends every command with
+one line saying what was kept and how to go on, and exit status 130 (:mod:`training.interrupt`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from annealing.errors import AnnealingError
 
 from .config import CHOICES, HELP, _field_kind, build_config, config_fields, read_config_file
 from .errors import TrainingError
+from .interrupt import exit_on_ctrl_c, staged_folder
 
 EXAMPLES = """examples:
   python -m training --model ./sdxl-base --dataset ./laion-20k --output ./runs/sdxl
@@ -79,7 +81,7 @@ def run_train(argv: list[str]) -> int:
     file_values = read_config_file(config_file) if config_file else {}
     from .trainer import train
 
-    train(build_config(file_values, args), progress=not quiet)
+    train(build_config(file_values, args), progress=not quiet)  # Ctrl-C: raises Interrupted, saying what it kept
     return 0
 
 
@@ -88,7 +90,7 @@ def run_embed(argv: list[str]) -> int:
 
     from .backends import default_resolution, detect_model, load_backend
     from .data import scan_dataset, write_embeddings
-    from .trainer import ensure_writable
+    from .run_folder import ensure_writable
 
     args = embed_parser().parse_args(argv)
     if args.batch_size < 1 or args.shard_size < 1:
@@ -106,9 +108,11 @@ def run_embed(argv: list[str]) -> int:
         cond = backend.encode_text(captions)
         return {"embeds": cond.embeds} if cond.pooled is None else {"embeds": cond.embeds, "pooled": cond.pooled}
 
-    index = write_embeddings(output, [s.caption for s in scan.samples], encode, encode([""]), model_family=info.family,
-                             base_model=info.base_model, dtype=getattr(torch, args.dtype), shard_size=args.shard_size,
-                             batch_size=args.batch_size, progress=not args.quiet)
+    # all or nothing: Ctrl-C or a failure leaves the folder as it was; index.json, which names the shards, is moved last
+    with staged_folder(output, last=("index.json",)) as staging:
+        index = write_embeddings(staging, [s.caption for s in scan.samples], encode, encode([""]), model_family=info.family,
+                                 base_model=info.base_model, dtype=getattr(torch, args.dtype), shard_size=args.shard_size,
+                                 batch_size=args.batch_size, progress=not args.quiet)
     print(f"wrote {index['count']} caption embeddings in {len(index['shards'])} shard(s) to {output}")
     return 0
 
@@ -118,6 +122,11 @@ def run_plot(argv: list[str]) -> int:
     parser.add_argument("output", help="training output folder (or its train_log.jsonl)")
     parser.add_argument("--image", help="PNG to write (default: OUTPUT/training_curves.png)")
     args = parser.parse_args(argv)
+    output = Path(args.output)
+    if not output.exists():
+        raise TrainingError(f"{output}: no such folder or file")
+    if args.image and Path(args.image).suffix.lower() != ".png":
+        raise TrainingError(f"--image {args.image}: the curves are written as PNG, give a file name ending in .png")
     from .plots import plot_training_log
 
     print(f"wrote {plot_training_log(args.output, args.image)}")
@@ -127,13 +136,14 @@ def run_plot(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] == "embed":
-            return run_embed(argv[1:])
-        if argv and argv[0] == "plot":
-            return run_plot(argv[1:])
-        if argv and argv[0] == "train":
-            argv = argv[1:]
-        return run_train(argv)
+        with exit_on_ctrl_c("stopped; nothing was written: run the same command again"):
+            if argv and argv[0] == "embed":
+                return run_embed(argv[1:])
+            if argv and argv[0] == "plot":
+                return run_plot(argv[1:])
+            if argv and argv[0] == "train":
+                argv = argv[1:]
+            return run_train(argv)
     except (TrainingError, AnnealingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -11,10 +11,13 @@ import dataclasses
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import annealing
+
+from .backends import FAMILIES
 from .data import IMAGE_EXTENSIONS
 from .errors import TrainingError
 from .files import read_text, shown
@@ -30,7 +33,7 @@ HELP = {
               "learn-to-guide: a CFG scale 1 + omega(t, s, prompt) per sampling step (Galashov et al., arXiv 2510.00815; the "
               "lambda, CADS, balance, delta and mlp settings are annealing's and do not apply)",
     "output_name": "file name of the trained checkpoint without extension (default annealing_<family>, or learn_to_guide_<family>)",
-    "model_family": "family name written into the checkpoint metadata (default: detected, e.g. sdxl, sd15, sd2, sd3)",
+    "model_family": f"family name written into the checkpoint metadata, one of {', '.join(FAMILIES)} (default: detected)",
     "resolution": "square training resolution in pixels (default: 1024 for SDXL and SD3, 768 for SD2, 512 for SD1.x)",
     "caption_extension": "caption file extension in an image folder",
     "skip_missing_captions": "skip images without a caption instead of stopping with an error",
@@ -69,8 +72,9 @@ HELP = {
     "checkpoint_every": "write a checkpoint and the resume state every N optimizer steps",
     "keep_checkpoints": "periodic checkpoints to keep (the final one is always kept)",
     "log_every": "write a line to train_log.jsonl every N optimizer steps",
-    "resume": "continue from the resume state in the output folder",
-    "overwrite": "start again in an output folder that holds a run, removing that run's files (checkpoints, resume state, log, report)",
+    "resume": "continue the run whose resume state is in the output folder (its output name too); Ctrl-C saves one",
+    "overwrite": "start again in an output folder that holds this run, removing its files (checkpoints, resume state, log, report); "
+                 "another run's files are never removed",
     "device": "auto|cpu|cuda (accelerate picks the device per process; cpu forces the CPU)",
     "l2g_particles": "learn-to-guide: particles per image, m (paper: 4); the frozen model runs on 2m latents per image",
     "l2g_objective": "learn-to-guide: energy|l2, the distance between the guided and the true particle sets (paper: energy, the "
@@ -92,6 +96,9 @@ CHOICES = {
     "method": ("annealing", "learn-to-guide"),
     "l2g_objective": ("energy", "l2"),
 }
+#: The families ``--model-family`` may name: those the training package has a backend for (one registry, training.backends).
+#: Not an argparse choice, so a wrong name is the same one-line error from a flag or a config file.
+FAMILY_CHOICE = {"model_family": FAMILIES}
 
 
 #: Inclusive bounds of every integer setting (``None`` stays allowed where the field allows it). They keep a stranger's
@@ -151,7 +158,7 @@ def _bound(value: int) -> str:
     return "2^63 - 1" if value == 2**63 - 1 else f"{value:,}".replace(",", "_") if value >= 10**6 else str(value)
 
 
-def _valid_file_stem(name: str) -> bool:
+def valid_file_stem(name: str) -> bool:
     """A plain file name: no separators, no drive, not hidden (our temp files start with a dot), nothing Windows trims."""
     return (
         0 < len(name) <= MAX_NAME_CHARS
@@ -160,6 +167,115 @@ def _valid_file_stem(name: str) -> bool:
         and all(c.isalnum() or c in _NAME_PUNCTUATION for c in name)
     )
 
+
+
+# ---------------------------------------------------------------------------------------------------- validation rules
+# Each check returns the one-line problem, or None. ``TrainConfig.validate`` runs them in table order.
+
+#: Settings without which nothing can run.
+REQUIRED = ("model", "dataset", "output")
+
+
+def _type_problem(f: dataclasses.Field, value) -> str | None:
+    if value is None and "None" in str(f.type):
+        return None
+    kind = _field_kind(f)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+    return None if ok else f"{f.name} must be {_KIND_NAMES[kind]}, got {shown(value)}"
+
+
+def _int_problem(name: str, value: int, bounds: tuple[int, int]) -> str | None:
+    low, high = bounds
+    return None if low <= value <= high else f"{name} must be an integer in [{_bound(low)}, {_bound(high)}], got {shown(value)}"
+
+
+def _float_problem(name: str, value: float, bounds: tuple[float, float, bool, bool]) -> str | None:
+    low, high, open_low, open_high = bounds
+    if math.isfinite(value) and (low < value if open_low else low <= value) and (value < high if open_high else value <= high):
+        return None
+    interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    return f"{name} must be a finite number in {interval}, got {shown(value)}"
+
+
+def _choice_problem(name: str, value: str, allowed: tuple[str, ...]) -> str | None:
+    return None if value in allowed else f"{name} must be one of {', '.join(allowed)}; got {shown(value)}"
+
+
+def _path_problem(name: str, value: str, _rule=None) -> str | None:
+    if value and "\0" not in value and len(value) <= MAX_PATH_CHARS:
+        return None
+    return f"{name} must be a path of 1 to {MAX_PATH_CHARS} characters without NUL bytes, got {shown(value)}"
+
+
+#: (settings -> their rule, the check that applies it), for the settings whose rule is a bound, a set or a path.
+FIELD_TABLES = (
+    (INT_BOUNDS, _int_problem),
+    (FLOAT_BOUNDS, _float_problem),
+    (CHOICES, _choice_problem),
+    (FAMILY_CHOICE, _choice_problem),
+    (dict.fromkeys(PATH_SETTINGS), _path_problem),
+)
+
+
+def _resolution_rule(c: TrainConfig) -> str | None:
+    return f"resolution must be a multiple of 8, got {c.resolution}" if c.resolution is not None and c.resolution % 8 else None
+
+
+def _lambda_rule(c: TrainConfig) -> str | None:
+    return None if c.lambda_min <= c.lambda_max else f"need 0 <= lambda_min <= lambda_max <= 1, got {c.lambda_min} and {c.lambda_max}"
+
+
+def _cads_rule(c: TrainConfig) -> str | None:
+    return None if c.cads_tau2 > c.cads_tau1 else f"cads_tau2 must exceed cads_tau1, got {c.cads_tau1} and {c.cads_tau2}"
+
+
+def _caption_extension_rule(c: TrainConfig) -> str | None:
+    if not _CAPTION_EXTENSION.match(c.caption_extension):
+        return f"caption_extension must be a dot and 1 to 31 letters, digits, _ . or -, got {shown(c.caption_extension)}"
+    if c.caption_extension.lower() in IMAGE_EXTENSIONS:
+        return f"caption_extension must not be an image extension, got {shown(c.caption_extension)}"
+    return None
+
+
+def _output_name_rule(c: TrainConfig) -> str | None:
+    if c.output_name is None or valid_file_stem(c.output_name):
+        return None
+    return (f"output_name must be a file name without extension: 1 to {MAX_NAME_CHARS} letters, digits, spaces or _ - . + ( ) [ ], "
+            f"starting with a letter, digit or _ (no folders), got {shown(c.output_name)}")
+
+
+def _resume_rule(c: TrainConfig) -> str | None:
+    if c.resume and c.overwrite:
+        return "resume and overwrite exclude each other: --resume continues the run in the output folder, --overwrite starts it again"
+    return None
+
+
+def _annealing_network_rule(c: TrainConfig) -> str | None:
+    try:  # the core's own architecture bounds (it may be stricter than ours)
+        annealing.GuidanceModelConfig(hidden_size=c.mlp_hidden, n_layers=c.mlp_layers, delta_embed_normalization=c.delta_normalization)
+    except ValueError as exc:
+        return f"guidance MLP settings (mlp_hidden, mlp_layers, delta_normalization): {exc}"
+    return None
+
+
+def _l2g_network_rule(c: TrainConfig) -> str | None:
+    if c.method != "learn-to-guide":
+        return None
+    try:  # the prompt width is the model's, known once its configs are read; 1 checks everything else now
+        c.l2g_network_config(prompt_dim=1)
+    except ValueError as exc:
+        return f"learn-to-guide network settings (l2g_hidden, l2g_layers, l2g_projection): {exc}"
+    return None
+
+
+#: Rules of several settings together, or beyond one setting's type, bound and set; checked after the tables.
+RULES = (_resolution_rule, _lambda_rule, _cads_rule, _caption_extension_rule, _output_name_rule, _resume_rule, _annealing_network_rule,
+         _l2g_network_rule)
 
 @dataclass
 class TrainConfig:
@@ -217,89 +333,33 @@ class TrainConfig:
     l2g_layers: int = 2
     l2g_projection: int = 32
     l2g_initial_scale: float = 3.0
-    # Filled in by the trainer (not settable): kept so a resume can check compatibility.
-    extra: dict = field(default_factory=dict, repr=False)
 
-    # ------------------------------------------------------------------------------------------------ validation
     def validate(self, need_paths: bool = True) -> TrainConfig:
         """Check every setting's type, finiteness, range and name; raise a one-line TrainingError naming the setting.
 
-        Runs before anything is read or loaded, so a bad value never costs a model load or a training run."""
-        if need_paths:
-            for name in ("model", "dataset", "output"):
-                if not getattr(self, name):
-                    raise TrainingError(f"--{name.replace('_', '-')} is required ({HELP[name]})")
+        Runs before anything is read or loaded, so a bad value never costs a model load or a training run. The rules are
+        the tables above and :data:`RULES`, checked in that order; the first problem found is the one reported."""
+        for name in REQUIRED if need_paths else ():
+            if not getattr(self, name):
+                raise TrainingError(f"--{name.replace('_', '-')} is required ({HELP[name]})")
         for f in config_fields():
-            value = getattr(self, f.name)
-            if value is None and "None" in str(f.type):
-                continue
-            kind = _field_kind(f)
-            if f.name == "gradient_checkpointing" and value == "auto":
-                continue
-            ok = isinstance(value, bool) if kind is bool else isinstance(value, kind) and not isinstance(value, bool)
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                ok = True
-            if not ok:
-                raise TrainingError(f"{f.name} must be {_KIND_NAMES[kind]}, got {shown(value)}")
-        for name, (low, high) in INT_BOUNDS.items():
-            value = getattr(self, name)
-            if value is not None and not low <= value <= high:
-                raise TrainingError(f"{name} must be an integer in [{_bound(low)}, {_bound(high)}], got {shown(value)}")
-        for name, (low, high, open_low, open_high) in FLOAT_BOUNDS.items():
-            value = getattr(self, name)
-            inside = math.isfinite(value) and (low < value if open_low else low <= value) and (value < high if open_high else value <= high)
-            if not inside:
-                interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-                raise TrainingError(f"{name} must be a finite number in {interval}, got {shown(value)}")
-        if self.resolution is not None and self.resolution % 8:
-            raise TrainingError(f"resolution must be a multiple of 8, got {self.resolution}")
-        if self.lambda_min > self.lambda_max:
-            raise TrainingError(f"need 0 <= lambda_min <= lambda_max <= 1, got {self.lambda_min} and {self.lambda_max}")
-        if self.cads_tau2 <= self.cads_tau1:
-            raise TrainingError(f"cads_tau2 must exceed cads_tau1, got {self.cads_tau1} and {self.cads_tau2}")
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise TrainingError(f"{name} must be one of {', '.join(allowed)}; got {shown(getattr(self, name))}")
-        for name in PATH_SETTINGS:
-            value = getattr(self, name)
-            if value is not None and (not value or "\0" in value or len(value) > MAX_PATH_CHARS):
-                raise TrainingError(f"{name} must be a path of 1 to {MAX_PATH_CHARS} characters without NUL bytes, got {shown(value)}")
-        if not _CAPTION_EXTENSION.match(self.caption_extension):
-            raise TrainingError(f"caption_extension must be a dot and 1 to 31 letters, digits, _ . or -, got {shown(self.caption_extension)}")
-
-        if self.caption_extension.lower() in IMAGE_EXTENSIONS:
-            raise TrainingError(f"caption_extension must not be an image extension, got {shown(self.caption_extension)}")
-        if self.output_name is not None and not _valid_file_stem(self.output_name):
-            raise TrainingError(
-                f"output_name must be a file name without extension: 1 to {MAX_NAME_CHARS} letters, digits, spaces or _ - . + ( ) [ ], "
-                f"starting with a letter, digit or _ (no folders), got {shown(self.output_name)}"
-            )
-        if self.model_family is not None:
-            import annealing
-
-            try:  # the checkpoint's own rule, so a name that would be refused when the first checkpoint is saved is refused now
-                annealing.CheckpointMetadata(model_family=self.model_family)
-            except ValueError as exc:
-                raise TrainingError(str(exc)) from None
-        if self.resume and self.overwrite:
-            raise TrainingError("resume and overwrite exclude each other: --resume continues the run in the output folder, --overwrite starts it again")
-        try:  # the core's own architecture bounds (it may be stricter than ours)
-            import annealing
-
-            annealing.GuidanceModelConfig(hidden_size=self.mlp_hidden, n_layers=self.mlp_layers, delta_embed_normalization=self.delta_normalization)
-        except ValueError as exc:
-            raise TrainingError(f"guidance MLP settings (mlp_hidden, mlp_layers, delta_normalization): {exc}") from None
-        if self.method == "learn-to-guide":
-            try:  # the prompt width is the model's, known once its configs are read; 1 checks everything else now
-                self.l2g_network_config(prompt_dim=1)
-            except ValueError as exc:
-                raise TrainingError(f"learn-to-guide network settings (l2g_hidden, l2g_layers, l2g_projection): {exc}") from None
+            problem = _type_problem(f, getattr(self, f.name))
+            if problem:
+                raise TrainingError(problem)
+        for table, check in FIELD_TABLES:
+            for name, rule in table.items():
+                value = getattr(self, name)
+                problem = None if value is None else check(name, value, rule)
+                if problem:
+                    raise TrainingError(problem)
+        for rule in RULES:
+            problem = rule(self)
+            if problem:
+                raise TrainingError(problem)
         return self
 
     def l2g_network_config(self, prompt_dim: int, prompt_embedding: str = "pooled"):
         """The :class:`annealing.LearnToGuideConfig` these settings describe, for a prompt embedding of that width."""
-        import annealing
-
         return annealing.LearnToGuideConfig(prompt_dim=prompt_dim, prompt_embedding=prompt_embedding, projection_size=self.l2g_projection,
                                             hidden_size=self.l2g_hidden, n_layers=self.l2g_layers)
 
@@ -310,16 +370,14 @@ class TrainConfig:
         return [name for name in names if getattr(self, name) != defaults[name]]
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data.pop("extra")
-        return data
+        return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
 def config_fields() -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(TrainConfig) if f.name != "extra"]
+    return list(dataclasses.fields(TrainConfig))
 
 
 def _field_kind(f: dataclasses.Field) -> type:

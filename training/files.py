@@ -36,14 +36,6 @@ def open_regular(path: str | os.PathLike) -> BinaryIO:
         raise
 
 
-def is_regular(path: str | os.PathLike) -> bool:
-    """True for a regular file (symlinks followed); never opens it."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except (OSError, ValueError):
-        return False
-
-
 def read_bounded(path: str | os.PathLike, limit: int, what: str) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes; anything else is a one-line TrainingError naming ``what``."""
     try:

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from training.interrupt import exit_on_ctrl_c, is_empty_but_staging, staged_folder
+
 DESCRIPTION = """\
 2D guidance benchmark with known ground truth (no model download, CPU only).
 
@@ -95,9 +97,13 @@ def main(argv=None) -> int:
     out = args.out
     if out.exists() and not out.is_dir():
         fail(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not args.force:
+    if out.is_dir() and not is_empty_but_staging(out) and not args.force:  # what a killed run staged is no result
         fail(f"--out {out} is not empty; pass --force to overwrite its results")
+    with exit_on_ctrl_c(f"nothing was written to {out}: run the same command again"):
+        return run(args, out)
 
+
+def run(args: argparse.Namespace, out: Path) -> int:
     import torch
 
     from .benchmark import run_benchmark
@@ -105,17 +111,19 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     config = build_config(args)
+    existed = out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         fail(f"cannot create --out {out}: {exc.strerror or exc}")
     started, cpu_started = time.perf_counter(), time.process_time()
-    results = run_benchmark(config, out, progress=not args.no_progress)
-    results["timing_s"]["total_s"] = round(time.perf_counter() - started, 2)
-    # CPU time too: on a shared machine the wall clock says more about the other jobs than about the benchmark
-    results["timing_s"]["cpu_s"] = round(time.process_time() - cpu_started, 2)
-    results["threads"] = args.threads
-    table = write_report(results, config.problem, out)
+    with staged_folder(out, created=not existed) as staging:  # all or nothing: Ctrl-C or a failure leaves no partial results
+        results = run_benchmark(config, staging, progress=not args.no_progress)
+        results["timing_s"]["total_s"] = round(time.perf_counter() - started, 2)
+        # CPU time too: on a shared machine the wall clock says more about the other jobs than about the benchmark
+        results["timing_s"]["cpu_s"] = round(time.process_time() - cpu_started, 2)
+        results["threads"] = args.threads
+        table = write_report(results, config.problem, staging)
     print(table)
     print(f"wrote {out}/results.json, results.md and plots in {results['timing_s']['total_s']:.1f} s")
     return 0
