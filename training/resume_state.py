@@ -21,7 +21,7 @@ import torch
 
 import annealing
 from annealing import untrusted
-from annealing.checkpoint import atomic_write
+from annealing.atomic_write import atomic_write
 from annealing.errors import CheckpointError, printable
 
 from .config import CHOICES

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from annealing.checkpoint import atomic_write
+from annealing.atomic_write import atomic_write
 
 from .algorithm import LossTerms
 from .learn_to_guide import GuideTerms
