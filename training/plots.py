@@ -14,6 +14,7 @@ from pathlib import Path
 from annealing import figure_style as style
 
 from .errors import TrainingError
+from .run_folder import CURVES_FILE, LOG_FILE
 
 
 def read_log(path: Path) -> list[dict]:
@@ -37,9 +38,9 @@ def read_log(path: Path) -> list[dict]:
 def plot_training_log(output: str | Path, image: str | Path | None = None) -> Path:
     """Write the curves of ``output/train_log.jsonl`` to ``image`` (default ``output/training_curves.png``)."""
     output = Path(output)
-    rows = read_log(output / "train_log.jsonl" if output.is_dir() else output)
+    rows = read_log(output / LOG_FILE if output.is_dir() else output)
     folder = output if output.is_dir() else output.parent
-    image = Path(image) if image else folder / "training_curves.png"
+    image = Path(image) if image else folder / CURVES_FILE
     if "scale_mean" in rows[-1]:  # the last run in the folder decides (a folder holds one method's log)
         fig = learn_to_guide_figure([r for r in rows if "scale_mean" in r])
     else:
