@@ -23,11 +23,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from reference_data import UPSTREAM_PT
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"
 SCREENSHOTS = Path(os.environ.get("ANNEALING_SCREENSHOTS", REPO / "out" / "browser-screenshots"))
-REFERENCE = Path(os.environ.get("ANNEALING_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -125,9 +125,8 @@ def write_guidance_checkpoints(folder: Path) -> None:
     sys.path.insert(0, str(REPO))
     import annealing
 
-    upstream = REFERENCE / "annealing_sdxl_upstream.pt"
-    if upstream.is_file():
-        shutil.copyfile(upstream, folder / "annealing_sdxl.pt")
+    if UPSTREAM_PT is not None:
+        shutil.copyfile(UPSTREAM_PT, folder / "annealing_sdxl.pt")
     else:
         annealing.save_guidance_model(annealing.GuidanceScaleModel(metadata=annealing.upstream_metadata()), folder / "annealing_sdxl.pt")
     flow = annealing.CheckpointMetadata(model_family="sd3", prediction_space="velocity", timestep_convention="sigma_x1000")
