@@ -41,14 +41,17 @@ def comfy_version(path: str | Path) -> str:
     return "unknown"
 
 
-def import_comfy(path: str):
-    """Import ComfyUI from ``path`` on the CPU; returns (folder_paths, nodes), ComfyUI's own modules."""
+def import_comfy(path: str, cpu: bool = True):
+    """Import ComfyUI from ``path`` (on the CPU unless ``cpu`` is False); returns (folder_paths, nodes), ComfyUI's own modules."""
     if path not in sys.path:
         sys.path.insert(0, path)
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported (it reads args at import)
+    comfy.cli_args.args.cpu = cpu  # before comfy.model_management is imported (it reads args at import)
+    # ComfyUI's utils package first, as main.py imports it: nodes.py then puts comfy/ on sys.path, whose utils.py would
+    # shadow it, and 0.21's GLSL and node-replacement built-ins would fail to load
     import folder_paths
+    import utils.extra_config  # noqa: F401
 
     import nodes as comfy_nodes  # ComfyUI's top-level nodes.py
 
