@@ -1,31 +1,27 @@
-"""Shared fixtures: paths of the reference data (tests skip when it is absent)."""
+"""Shared fixtures: the released checkpoint and the golden outputs (reference_data.py says where they are looked for; tests
+needing them skip, saying why, when they are absent) and random-weight guidance models."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-REFERENCE = Path(os.environ.get("ANNEALING_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
-UPSTREAM_PT = REFERENCE / "annealing_sdxl_upstream.pt"
-GOLDEN_JSON = REFERENCE / "upstream_w_golden.json"
+from reference_data import GOLDEN_JSON, REPO, UPSTREAM_MISSING, UPSTREAM_PT  # noqa: F401 (REPO: for test modules)
 
 
 @pytest.fixture(scope="session")
 def upstream_path() -> Path:
-    if not UPSTREAM_PT.is_file():
-        pytest.skip(f"reference checkpoint not found at {UPSTREAM_PT} (set ANNEALING_REFERENCE_DIR)")
+    if UPSTREAM_PT is None:
+        pytest.skip(UPSTREAM_MISSING)
     return UPSTREAM_PT
 
 
 @pytest.fixture(scope="session")
 def golden_rows():
     if not GOLDEN_JSON.is_file():
-        pytest.skip(f"golden outputs not found at {GOLDEN_JSON} (set ANNEALING_REFERENCE_DIR)")
+        pytest.skip(f"golden outputs not found at {GOLDEN_JSON} (they are reference data only; set ANNEALING_REFERENCE_DIR)")
     return json.loads(GOLDEN_JSON.read_text())["rows"]
 
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, UPSTREAM_PT
+from reference_data import REPO, UPSTREAM_MISSING, UPSTREAM_PT
 
 README = REPO / "README.md"
 BLOCK = re.compile(r"(?:<!-- not run by the tests: (?P<reason>[^>]*?) -->\n)?```(?P<lang>[a-z]*)\n(?P<code>.*?)```", re.S)
@@ -44,8 +44,8 @@ def test_every_code_block_runs_or_says_why_not():
 
 @pytest.mark.parametrize("line, lang, code", RUNNABLE, ids=[f"line{line}" for line, _, _ in RUNNABLE])
 def test_readme_block_runs_as_written(tmp_path, line, lang, code):
-    if not UPSTREAM_PT.is_file():
-        pytest.skip(f"the README's blocks use the released checkpoint; not found at {UPSTREAM_PT} (set ANNEALING_REFERENCE_DIR)")
+    if UPSTREAM_PT is None:
+        pytest.skip(f"the README's blocks use the released checkpoint; {UPSTREAM_MISSING}")
     os.symlink(UPSTREAM_PT, tmp_path / "annealing_sdxl.pt")
     bin_dir = Path(sys.executable).parent  # `python` in a block is this environment's, with the repository importable
     if not (bin_dir / "python").exists():

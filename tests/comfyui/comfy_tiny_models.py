@@ -1,6 +1,6 @@
 """Tiny real ComfyUI models for the integration tests (a ComfyUI BaseModel whose diffusion model is a small conv net, or an
 exact Gaussian denoiser), and the stand-ins a workflow needs around them: a checkpoint loader node returning a tiny model,
-a CLIP and a VAE with just enough of ComfyUI's interface, and a server for PromptExecutor.
+a CLIP and a VAE with just enough of ComfyUI's interface (the fake server for PromptExecutor is in comfy_internals.py).
 
 Import only after ComfyUI is on sys.path (the ``comfy_host`` fixture does that; the browser test's server does it too).
 """
@@ -132,19 +132,6 @@ class FakeVae:
 
     def decode(self, samples):
         return torch.sigmoid(samples[:, :3]).movedim(1, -1).float()
-
-
-class FakeServer:
-    """What execution.PromptExecutor needs of ComfyUI's server."""
-
-    client_id = None
-    last_node_id = None
-
-    def send_sync(self, *args, **kwargs):
-        pass
-
-    def queue_updated(self):
-        pass
 
 
 class TinyCheckpointLoaderForTests:

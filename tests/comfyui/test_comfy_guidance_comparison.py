@@ -3,11 +3,11 @@ own prompt validation of the API twin, and a run end to end through ComfyUI's ex
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 from pathlib import Path
 
+import comfy_internals
 import pytest
 import torch
 
@@ -57,10 +57,8 @@ def test_builder_definitions_of_the_new_nodes_match_comfyui(comfy_host):
 
 
 def test_comfyui_prompt_validation_accepts_the_comparison(comfy_host, model_files):
-    import execution
-
     prompt = json.loads(API_PATH.read_text())
-    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("comparison-validation", prompt, None))
+    valid, error, outputs, node_errors = comfy_internals.validate(prompt, "comparison-validation")
     assert valid, (error, node_errors)
     assert not node_errors
     saves = {nid for nid, node in prompt.items() if node["class_type"] == "SaveImage"}
@@ -91,9 +89,7 @@ def test_one_seed_four_methods_labelled(comfy_host):
 # ------------------------------------------------------------------------------------------------------------- end to end
 
 
-def test_the_comparison_runs_end_to_end_and_gives_four_different_images(comfy_host, model_files, tiny, tiny_loader):
-    import execution
-
+def test_the_comparison_runs_end_to_end_and_gives_four_different_images(comfy_host, model_files, tiny_loader):
     prompt = json.loads(API_PATH.read_text())
     for node in prompt.values():
         if node["class_type"] == "CheckpointLoaderSimple":
@@ -102,10 +98,7 @@ def test_the_comparison_runs_end_to_end_and_gives_four_different_images(comfy_ho
             node["inputs"]["steps"] = 6
         if node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=64, height=64, batch_size=1)
-    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("comparison-e2e", prompt, None))
-    assert valid, (error, node_errors)
-    executor = execution.PromptExecutor(tiny.FakeServer(), cache_type=False)
-    executor.execute(prompt, "comparison-e2e", extra_data={}, execute_outputs=outputs)
+    executor = comfy_internals.validate_and_execute(prompt, "comparison-e2e")
     assert executor.success, executor.status_messages[-3:]
     history = executor.history_result["outputs"]
     images = {}

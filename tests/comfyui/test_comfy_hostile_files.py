@@ -4,12 +4,12 @@ The files are built by tests/hostile_files.py into a subfolder of models/anneali
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
 import struct
 
+import comfy_internals
 import hostile_files as hf
 import pytest
 import torch
@@ -108,23 +108,18 @@ def address_space_cap(headroom: int = 2 << 30):
 
 def run_loader(comfy_host, name):
     """Queue loader -> Annealing Model Explorer (an output node) through ComfyUI's validation and executor."""
-    import comfy_tiny_models
-    import execution
-
     prompt = {
         "1": {"class_type": "LoadAnnealingGuidanceModel", "inputs": {"model_name": f"{SUBFOLDER}/{name}"}},
         "2": {"class_type": "AnnealingModelExplorer", "inputs": {"annealing_model": ["1", 0], "lambdas": "0.4"}},
     }
-    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("hostile", prompt, None))
+    valid, error, outputs, node_errors = comfy_internals.validate(prompt, "hostile")
     assert valid, (error, node_errors)  # the file is listed: validation passes, the failure is the loader's
-    executor = execution.PromptExecutor(comfy_tiny_models.FakeServer(), cache_type=False)
     with address_space_cap():
-        executor.execute(prompt, f"hostile-{name}", extra_data={}, execute_outputs=outputs)
-    return executor
+        return comfy_internals.execute(prompt, f"hostile-{name}", outputs)
 
 
 def the_ui_error(executor) -> dict:
-    errors = [data for event, data in executor.status_messages if event == "execution_error"]
+    errors = comfy_internals.execution_errors(executor)
     assert not executor.success and len(errors) == 1, executor.status_messages
     return errors[0]
 

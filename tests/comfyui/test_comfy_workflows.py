@@ -3,12 +3,12 @@ through ComfyUI's executor with a tiny model substituted for the SDXL checkpoint
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import shutil
 from pathlib import Path
 
+import comfy_internals
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,10 +61,8 @@ def test_node_definitions_and_core_list_match_real_comfyui(comfy_host):
 
 @pytest.mark.parametrize("api_path", API_FILES, ids=lambda p: p.stem)
 def test_comfyui_prompt_validation_accepts_every_api_twin(comfy_host, model_files, api_path):
-    import execution
-
     prompt = json.loads(api_path.read_text())
-    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("validation-test", prompt, None))
+    valid, error, outputs, node_errors = comfy_internals.validate(prompt, "validation-test")
     assert valid, (error, node_errors)
     assert not node_errors
     expected_outputs = {nid for nid, node in prompt.items() if node["class_type"] in ("SaveImage", "AnnealingSchedulePlot", "AnnealingModelExplorer")}
@@ -89,14 +87,9 @@ def small_prompt(api_path: Path, loader: str) -> dict:
 
 
 @pytest.mark.parametrize("name", ["sdxl_annealing_guider", "sdxl_annealing_ksampler"])
-def test_workflow_runs_end_to_end_through_comfyui(comfy_host, model_files, tiny, tiny_loader, name):
-    import execution
-
+def test_workflow_runs_end_to_end_through_comfyui(comfy_host, model_files, tiny_loader, name):
     prompt = small_prompt(WORKFLOWS / f"{name}.api.json", tiny_loader)
-    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("e2e", prompt, None))
-    assert valid, (error, node_errors)
-    executor = execution.PromptExecutor(tiny.FakeServer(), cache_type=False)
-    executor.execute(prompt, f"e2e-{name}", extra_data={}, execute_outputs=outputs)
+    executor = comfy_internals.validate_and_execute(prompt, f"e2e-{name}")
     assert executor.success, executor.status_messages[-3:]
     history = executor.history_result["outputs"]
     save_id = next(nid for nid, node in prompt.items() if node["class_type"] == "SaveImage")
@@ -107,12 +100,12 @@ def test_workflow_runs_end_to_end_through_comfyui(comfy_host, model_files, tiny,
     plot_images = history[plot_id]["images"]
     assert len(plot_images) == 1 and plot_images[0]["type"] == "temp"
     assert (Path(comfy_host.folder_paths.get_temp_directory()) / plot_images[0]["subfolder"] / plot_images[0]["filename"]).is_file()
-    image = cached_output(executor, plot_id)
+    image = comfy_internals.cached_output(executor, plot_id)
     assert image.dim() == 4 and image.shape[0] == 1 and image.shape[-1] == 3
     # the plotted run is this prompt's: 4 steps, one w per batch item, the sampler the workflow names
     plot_inputs = prompt[plot_id]["inputs"]
     source_id = (plot_inputs.get("guider") or plot_inputs.get("model"))[0]
-    source = cached_output(executor, source_id)
+    source = comfy_internals.cached_output(executor, source_id)
     hook = getattr(source, "annealing_hook", None) or comfy_host.hook.find_hook(source.model_options)
     run = hook.runs[-1]
     assert run.trace.steps == [0, 1, 2, 3] and run.trace["w"].shape == (4, 2)
@@ -120,9 +113,3 @@ def test_workflow_runs_end_to_end_through_comfyui(comfy_host, model_files, tiny,
     expected_sampler = sampler_node["inputs"].get("sampler_name") or prompt[sampler_node["inputs"]["sampler"][0]]["inputs"]["sampler_name"]
     assert run.sampler_name == expected_sampler
 
-
-def cached_output(executor, node_id):
-    """The first output of a node from ComfyUI's output cache."""
-    entry = executor.caches.outputs.get(node_id)
-    outputs = entry.outputs if hasattr(entry, "outputs") else entry
-    return outputs[0][0]
