@@ -18,6 +18,7 @@ from typing import Any
 from .data import IMAGE_EXTENSIONS
 from .errors import TrainingError
 from .files import read_text, shown
+from .video import MAX_CLIP_PIXELS
 
 # name -> help text; the order is the order of ``--help``.
 HELP = {
@@ -31,7 +32,15 @@ HELP = {
               "lambda, CADS, balance, delta and mlp settings are annealing's and do not apply)",
     "output_name": "file name of the trained checkpoint without extension (default annealing_<family>, or learn_to_guide_<family>)",
     "model_family": "family name written into the checkpoint metadata (default: detected, e.g. sdxl, sd15, sd2, sd3)",
-    "resolution": "square training resolution in pixels (default: 1024 for SDXL and SD3, 768 for SD2, 512 for SD1.x)",
+    "resolution": "square training resolution in pixels (default: the family's: 1024 for SDXL, SD3, Qwen-Image and Chroma, 768 for SD2, "
+                  "512 for SD1.x, 480 for Wan 2.1, 704 for Wan 2.2)",
+    "frames": "video families (Wan): frames per clip, 1 + 4k (default 81, the pipelines'; 1 trains on images, each a one-frame clip); "
+              "image families: 1",
+    "frame_stride": "video families: read every N-th frame of a clip",
+    "expert": "auto|high|low: Wan 2.2 A14B trains one checkpoint per expert, high (transformer, t >= the boundary) or low (transformer_2); "
+              "auto for every other model",
+    "fsdp": "shard the frozen network across the processes with HF Accelerate's FSDP (FSDP2, one unit per transformer block), for networks "
+            "too large for one GPU; needs several processes (accelerate launch / torchrun)",
     "caption_extension": "caption file extension in an image folder",
     "skip_missing_captions": "skip images without a caption instead of stopping with an error",
     "seed": "random seed; the same seed and config give the same weights",
@@ -42,8 +51,9 @@ HELP = {
     "images": "training images to draw in total; steps = images / (batch_size x gradient_accumulation x processes) (paper: 20000)",
     "max_steps": "optimizer steps (overrides --images)",
     "grid_steps": "sampling grid timesteps are drawn from (paper: 50)",
-    "flow_spacing": "flow models: diffusers|simple spacing of the grid; diffusers = FlowMatchEulerDiscreteScheduler's (last sigma "
-                    "0.0089 at 28 steps, shift 3), simple = ComfyUI's simple scheduler (last sigma 0.100); recorded in the checkpoint",
+    "flow_spacing": "flow models: diffusers|simple spacing of the grid; diffusers = the diffusers pipeline's own (SD3: "
+                    "FlowMatchEulerDiscreteScheduler's, last sigma 0.0089 at 28 steps, shift 3; Qwen-Image, Chroma: linspace(1, 1/N); Wan's "
+                    "UniPC: its nearest, the simple one), simple = ComfyUI's simple scheduler (last sigma 0.100); recorded in the checkpoint",
     "lambda_min": "lower end of lambda ~ U[lambda_min, lambda_max]",
     "lambda_max": "upper end of lambda ~ U[lambda_min, lambda_max]",
     "cads": "CADS prompt perturbation on the conditional branch",
@@ -91,6 +101,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "method": ("annealing", "learn-to-guide"),
     "l2g_objective": ("energy", "l2"),
+    "expert": ("auto", "high", "low"),
 }
 
 
@@ -99,6 +110,8 @@ CHOICES = {
 INT_BOUNDS = {
     "seed": (0, 2**63 - 1),  # torch generators take 64-bit seeds; the data order adds the epoch to it
     "resolution": (8, 4096),
+    "frames": (1, 257),
+    "frame_stride": (1, 64),
     "batch_size": (1, 1024),
     "gradient_accumulation": (1, 65536),
     "images": (1, 10**9),
@@ -175,6 +188,10 @@ class TrainConfig:
     output_name: str | None = None
     model_family: str | None = None
     resolution: int | None = None
+    frames: int | None = None
+    frame_stride: int = 1
+    expert: str = "auto"
+    fsdp: bool = False
     caption_extension: str = ".txt"
     skip_missing_captions: bool = False
     seed: int = 0
@@ -253,6 +270,9 @@ class TrainConfig:
                 raise TrainingError(f"{name} must be a finite number in {interval}, got {shown(value)}")
         if self.resolution is not None and self.resolution % 8:
             raise TrainingError(f"resolution must be a multiple of 8, got {self.resolution}")
+        if self.frames is not None and self.frames * (self.resolution or 1024) ** 2 > MAX_CLIP_PIXELS:
+            raise TrainingError(f"frames x resolution^2 must be at most {MAX_CLIP_PIXELS:,} pixels per clip, got {self.frames} frames at "
+                                f"{self.resolution or 1024} px")
         if self.lambda_min > self.lambda_max:
             raise TrainingError(f"need 0 <= lambda_min <= lambda_max <= 1, got {self.lambda_min} and {self.lambda_max}")
         if self.cads_tau2 <= self.cads_tau1:

@@ -67,7 +67,7 @@ RESUME_COUNTERS = ("step", "micro_step", "images_seen", "nan_losses", "skipped_s
 RESUME_LOCKED = ("mlp_hidden", "mlp_layers", "delta_normalization", "grid_steps", "flow_spacing", "model_family_resolved",
                  "resolution_resolved")
 #: Locked settings that resume states written before they existed lack, and the value those runs had.
-LOCKED_DEFAULTS = {"method": "annealing"}
+LOCKED_DEFAULTS = {"method": "annealing", "frames_resolved": 1, "expert": "auto"}
 #: Settings whose change a resume warns about (the run continues, but no longer reproduces an uninterrupted one).
 RESUME_WARNED = ("effective_batch", "seed", "l2g_particles", "l2g_objective")
 FP16_LOSS_SCALE = 1024.0
@@ -228,14 +228,20 @@ class Trainer:
         cfg = self.config.validate()
         self.output = Path(cfg.output)
         ensure_writable(self.output)
-        self.scan = scan_dataset(cfg.dataset, cfg.caption_extension, cfg.skip_missing_captions)
+        scan_dataset(cfg.dataset, cfg.caption_extension, skip_missing_captions=True, videos=True)  # dataset errors first, as always
         self.info = detect_model(cfg.model, cfg.config_folder)
+        # then the samples the family reads (clips only for the video families), with the caption rule asked for
+        self.scan = scan_dataset(cfg.dataset, cfg.caption_extension, cfg.skip_missing_captions, videos=self.info.spec.video)
         self.family = cfg.model_family or self.info.family
         self.resolution = cfg.resolution or default_resolution(self.info.family, self.info.prediction_type)
-        self.latent_shape = self.info.latent_shape(self.resolution)
+        self.frames = cfg.frames or self.info.default_frames  # 1 for image families
+        self.latent_shape = self.info.latent_shape(self.resolution, self.frames)
+        self.info.spec.check_options(self.info, cfg.expert, cfg.fsdp)
         self.embeddings = None
         if cfg.embeddings:
             self.embeddings = EmbeddingStore(cfg.embeddings)
+            if self.embeddings.latents is not None:
+                self.embeddings.check_latents(self.resolution, self.frames, cfg.frame_stride, self.latent_shape)
             if self.embeddings.model_family != self.info.family:
                 raise TrainingError(
                     f"{cfg.embeddings}: embeddings were made for a {self.embeddings.model_family} model, the model is {self.info.family}"
@@ -263,6 +269,8 @@ class Trainer:
             "flow_spacing": cfg.flow_spacing if self.info.prediction_type == "flow" else None,  # the grid of flow models
             "model_family_resolved": self.family,
             "resolution_resolved": self.resolution,
+            "frames_resolved": self.frames,  # the latent shape, with the resolution
+            "expert": cfg.expert,  # Wan 2.2 A14B: which network, and which part of the grid
         }
         if self.l2g:
             self.locked.update(l2g_hidden=cfg.l2g_hidden, l2g_layers=cfg.l2g_layers, l2g_projection=cfg.l2g_projection)
@@ -359,9 +367,15 @@ class Trainer:
         self.backend = load_backend(
             self.info, device=self.device, dtype=self.dtype, resolution=self.resolution, load_text_encoders=self.embeddings is None,
             use_t5=cfg.sd3_t5, uncond=cfg.uncond, cads=self.cads, gradient_checkpointing=bool(cfg.gradient_checkpointing) and not self.l2g,
-            vae_dtype=vae_dtype,
+            vae_dtype=vae_dtype, load_vae=not (self.embeddings and self.embeddings.latents), frames=self.frames, expert=cfg.expert,
         )
+        if cfg.fsdp:
+            from .backends.sharding import shard_network
+
+            self.backend.network = shard_network(self.backend, acc)
         self.grid = self.backend.grid(cfg.grid_steps, flow_spacing=cfg.flow_spacing)
+        if self.backend.grid_note:
+            acc.print(f"note: {self.backend.grid_note}")
         self.uncond = self.backend.unconditional(self.embeddings.uncond() if self.embeddings else None)
         width, pooled = self.backend.condition_width()
         if self.uncond.embeds.shape[-1] != width or (pooled is not None and (self.uncond.pooled is None or self.uncond.pooled.shape[-1] != pooled)):
@@ -486,9 +500,10 @@ class Trainer:
             "source": f"annealing-guidance-nodes training {annealing.__version__}",
         })
         if self.info.prediction_type == "flow":
-            training["flow_shift"] = float(self.info.scheduler_config.get("shift", 1.0))
             training["flow_spacing"] = cfg.flow_spacing
-            training["sd3_t5"] = bool(self.info.has_t5 and cfg.sd3_t5)  # False: zero T5 tokens, as the pipeline without T5
+        if self.info.spec.video:
+            training["frame_stride"] = cfg.frame_stride
+        training.update(self.backend.provenance())  # the family's: trained_latent_shape, flow_shift, shift rule, expert, ...
         if self.balance is not None:
             training["final_delta_weight"] = cfg.delta_weight * self.balance.weight
         return self._metadata_with(training, "learn_to_guide" if self.l2g else "annealing")
@@ -572,7 +587,8 @@ class Trainer:
         resumed_from = start_step if self.resume_state is not None else None
         if self.step >= self.total_steps:
             acc.print(f"nothing to do: the resume state is at step {self.step} of {self.total_steps}")
-        dataset = ImageCaptionDataset(self.scan.samples, self.resolution, self.embeddings)
+        dataset = ImageCaptionDataset(self.scan.samples, self.resolution, self.embeddings, frames=self.frames if self.info.spec.video else None,
+                                      frame_stride=cfg.frame_stride, latents=bool(self.embeddings and self.embeddings.latents), root=self.scan.root)
         sampler = MicroBatchSampler(len(dataset), cfg.batch_size, cfg.seed, acc.process_index, self.world, start=self.step * cfg.gradient_accumulation)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                                              persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None)
@@ -617,10 +633,10 @@ class Trainer:
             micro += 1
             with acc.accumulate(self.mlp):
                 terms = None
-                if batch["pixels"] is not None:
-                    latents = self.backend.encode_images(batch["pixels"], generator)
+                if batch["size"]:
+                    latents = self.backend.batch_latents(batch, generator)
                     if "embeds" in batch:
-                        cond = TextCondition(batch["embeds"], batch.get("pooled")).to(self.device)
+                        cond = TextCondition(batch["embeds"], batch.get("pooled"), batch.get("mask")).to(self.device)
                     else:
                         cond = self.backend.encode_text(batch["captions"])
                     terms = self.compute_loss(latents, cond, generator)
