@@ -127,7 +127,7 @@ def run_embed(argv: list[str]) -> int:
                                 dtype=getattr(torch, args.latent_dtype), progress=not args.quiet)
     index = write_embeddings(output, [s.caption for s in scan.samples], encode, encode([""]), model_family=info.family,
                              base_model=info.base_model, dtype=getattr(torch, args.dtype), shard_size=args.shard_size,
-                             batch_size=args.batch_size, progress=not args.quiet, latents=latents)
+                             batch_size=args.batch_size, progress=not args.quiet, latents=latents, trim_to_mask=backend.pads_to_longest)
     line = f"wrote {index['count']} caption embeddings in {len(index['shards'])} shard(s) to {output}"
     if latents is not None:
         line += f"; latents of {len(latents['files'])} samples ({latents['skipped_count']} unreadable, skipped)"

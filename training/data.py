@@ -461,6 +461,9 @@ class EmbeddingStore:
             out["pooled"] = handle.get_slice("pooled")[row : row + 1][0].to(torch.float32)
         if self.has_mask:
             out["mask"] = handle.get_slice("mask")[row : row + 1][0].to(torch.float32)
+            if self.index.get("trim_to_mask"):  # the row's own tokens: a batch is padded to its longest, as the pipeline pads
+                length = int(out["mask"].nonzero().max()) + 1 if bool(out["mask"].any()) else 1
+                out["embeds"], out["mask"] = out["embeds"][:length], out["mask"][:length]
         return out
 
     def uncond(self) -> dict[str, torch.Tensor]:
@@ -491,9 +494,10 @@ def _check_latents_section(index_path: Path, section) -> dict | None:
 
 def write_embeddings(folder: Path, captions: list[str], encode, uncond: dict[str, torch.Tensor], *, model_family: str, base_model: str,
                      dtype: torch.dtype = torch.float16, shard_size: int = 512, batch_size: int = 8, progress: bool = True,
-                     latents: dict | None = None) -> dict:
+                     latents: dict | None = None, trim_to_mask: bool = False) -> dict:
     """Encode each distinct caption with ``encode(list[str]) -> {"embeds": (B,L,D), "pooled": (B,P) or absent, "mask": (B, L)
-    or absent}`` and write the folder (``latents``: the index section :func:`write_latents` returned). Every file is
+    or absent}`` and write the folder (``latents``: the index section :func:`write_latents` returned; ``trim_to_mask``:
+    rows are read back cut to their masked tokens, for pipelines that pad to the longest prompt). Every file is
     written to a temporary name and renamed; ``index.json`` comes last, so an interrupted run leaves no index that points
     at missing shards."""
     from safetensors.torch import save_file
@@ -538,6 +542,7 @@ def write_embeddings(folder: Path, captions: list[str], encode, uncond: dict[str
         "base_model": base_model,
         "has_pooled": has_pooled,
         "has_mask": "mask" in uncond,
+        "trim_to_mask": bool(trim_to_mask and "mask" in uncond),
         "dtype": str(dtype).replace("torch.", ""),
         "count": len(distinct),
         "shards": shards,

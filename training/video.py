@@ -22,8 +22,9 @@ VIDEO_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"
 VIDEO_EXTENSIONS = tuple(VIDEO_FORMATS)
 #: Longest clip (from the container's header): a training clip is seconds long; an hour is not one.
 MAX_CLIP_SECONDS = 3600.0
-#: Packets read per frame needed before a clip counts as broken (a stream of packets that decode to nothing).
+#: Packets read per frame needed (plus a slack) before a clip counts as broken (a stream of packets that decode to nothing).
 MAX_PACKETS_PER_FRAME = 16
+_PACKET_SLACK = 64
 #: Frames x pixels of one decoded clip (the float32 tensor is 12 bytes per pixel): 121 frames at 2100^2, 81 at 2560^2.
 MAX_CLIP_PIXELS = 2**29
 
@@ -85,7 +86,7 @@ def _decode(av, path, format_name: str, resolution: int, frames: int, stride: in
         index = packets = 0
         for packet in container.demux(stream):
             packets += 1
-            if packets > MAX_PACKETS_PER_FRAME * needed + 64:
+            if packets > MAX_PACKETS_PER_FRAME * needed + _PACKET_SLACK:
                 raise ClipError(f"no {needed} frames in {packets - 1} packets")
             for frame in packet.decode():
                 check_image_size(frame.width, frame.height)

@@ -27,6 +27,7 @@ class Chroma(QwenImage):
     key = "chroma"
     title = "Chroma"
     default_resolution = 1024
+    pads_to_longest = False  # always 512 tokens; the padding the mask covers is part of the pipeline's input
     block_classes = ("ChromaTransformerBlock", "ChromaSingleTransformerBlock")
     needs = ("ChromaPipeline", "ChromaTransformer2DModel", "AutoencoderKL")
 

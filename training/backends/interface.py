@@ -194,6 +194,9 @@ class FamilyBackend:
     default_frames: ClassVar[int] = 1
     video: ClassVar[bool] = False  # reads clips: frames > 1 allowed
     prediction: ClassVar[str] = "epsilon"  # the space of predict's output: epsilon | velocity
+    #: The pipeline pads a batch's prompts to the longest of them, masked (Qwen-Image): precomputed rows are then stored
+    #: trimmed to their own tokens, so a batch is padded as the pipeline would pad it.
+    pads_to_longest: ClassVar[bool] = False
     #: Class names of the network's repeated blocks (FSDP wraps each one: training.backends.sharding).
     block_classes: ClassVar[tuple[str, ...]] = ()
 

@@ -40,6 +40,7 @@ class QwenImage(FamilyBackend):
     title = "Qwen-Image"
     default_resolution = 1024  # the pipeline's default (default_sample_size 128 x 8)
     prediction = "velocity"
+    pads_to_longest = True  # encode_prompt pads to the batch's longest prompt
     block_classes = ("QwenImageTransformerBlock",)
     #: diffusers classes the family needs (older releases lack them: a one-line error says so).
     needs = ("QwenImagePipeline", "QwenImageTransformer2DModel", "AutoencoderKLQwenImage")

@@ -120,7 +120,8 @@ class Wan21(FamilyBackend):
     @classmethod
     def load(cls, info: ModelInfo, options):
         import_diffusers("WanPipeline", "WanTransformer3DModel", "AutoencoderKLWan")
-        network, vae, text, scheduler = load_components(info, options, cls.network_subfolder(info, options.expert))
+        subfolder = cls.network_subfolder(info, options.expert) if options.load_network else "transformer"  # embed loads no network
+        network, vae, text, scheduler = load_components(info, options, subfolder)
         mode = "empty_prompt" if options.uncond == "auto" else options.uncond
         return cls(info, network, vae, text, options.dtype, options.device, options.cads, options.resolution, mode, scheduler=scheduler,
                    frames=options.frames, expert=options.expert)
