@@ -406,19 +406,24 @@ def build_full(name: str, device, dtype):
     return network.to(dtype).requires_grad_(False).eval()
 
 
-def full_backend(name: str, network, device, dtype, resolution: int, frames: int):
-    """The family's backend around a bare full-size network (no VAE, no text encoders, no scheduler object)."""
-    from training.algorithm import CADSConfig
-    from training.backends import ModelInfo, family_class
+def full_info(name: str):
+    """What detection would say of the full-size network's folder."""
+    from training.backends import ModelInfo
     from training.tiny_models import FULL_SIZE
 
     family, pipeline, scheduler_config, vae_config, details = FULL_FAMILY[name]
-    info = ModelInfo(family=family, prediction_type="flow", pipeline_class=pipeline, scheduler_class=scheduler_config["_class_name"],
+    return ModelInfo(family=family, prediction_type="flow", pipeline_class=pipeline, scheduler_class=scheduler_config["_class_name"],
                      scheduler_config=scheduler_config, source=Path(f"{name}-random"), config_folder=Path("."),
                      network_config=dict(FULL_SIZE[name][1]), vae_config=vae_config, details=details)
-    cls = family_class(family)
+
+
+def full_backend(info, network, device, dtype, resolution: int, frames: int):
+    """The family's backend around a bare full-size network (no VAE, no text encoders, no scheduler object)."""
+    from training.algorithm import CADSConfig
+
+    cls = info.spec
     backend = cls(info, network, None, None, dtype, device, CADSConfig(), resolution, "empty_prompt", frames=frames if cls.video else 1,
-                  expert="high" if details.get("variant") == "a14b" else "auto")
+                  expert="high" if info.details.get("variant") == "a14b" else "auto")
     backend.latent_shape = backend.sample_shape
     return backend
 
@@ -468,11 +473,12 @@ def run_models(args) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     rows = []
     if args.full:
-        dtype = resolve_dtype(args.precision, device)
-        for full in args.full.split(","):
-            from training.backends import family_class
+        from training.trainer import resolve_precision
 
-            cls = family_class(FULL_FAMILY[full][0])
+        for full in args.full.split(","):
+            info = full_info(full)
+            cls = info.spec
+            dtype = resolve_precision(args.precision, device, cls.half_precision(info))  # as the trainer decides it
             if args.dry_run:
                 network = build_full(full, "meta", dtype)
                 print(f"{full}: {sum(p.numel() for p in network.parameters()) / 1e9:.3f} B parameters (meta device)")
@@ -482,7 +488,7 @@ def run_models(args) -> None:
             frames = (cls.default_frames if on_gpu else args.frames) if cls.video else 1
             torch.manual_seed(0)
             network = build_full(full, device, dtype)
-            backend = full_backend(full, network, device, dtype, resolution, frames)
+            backend = full_backend(info, network, device, dtype, resolution, frames)
             grid = backend.grid(args.grid_steps)
             print(f"{full} ({sum(p.numel() for p in network.parameters()) / 1e9:.2f} B parameters, random weights) on {name}, frozen network in "
                   f"{str(dtype).replace('torch.', '')}, latent {' x '.join(map(str, backend.sample_shape))} ({resolution} px"
@@ -540,7 +546,7 @@ def tiny_child(kind: str, steps: int, accumulation: int, batch: int, threads: in
         data = make_image_dataset(root / "data", count=32)
         config = TrainConfig(model=str(model), dataset=str(data), output=str(root / "out"), resolution=64, max_steps=steps,
                              gradient_accumulation=accumulation, batch_size=batch, num_workers=0, device="cpu", checkpoint_every=10**6,
-                             method=method)
+                             method=method, frames=1)  # the video families train on the images as one-frame clips
         result = train(config, progress=False)
     return {"kind": kind, "method": method, "images_per_second": result.images_per_second, "images": result.images_seen, "seconds": result.seconds,
             "peak_rss_mib": result.peak_memory_bytes / 2**20, "batch": batch}

@@ -445,3 +445,21 @@ def test_a_single_file_network_loads_through_its_config_folder(tmp_path, monkeyp
     (path, kwargs), = calls
     assert path == str(weights) and kwargs["config"] == str(tiny_model("wan21")) and kwargs["subfolder"] == "transformer"
     assert kwargs["local_files_only"] is True and loaded.vae is not None and loaded.text is not None
+
+
+def test_each_family_runs_in_the_half_precision_its_network_takes():
+    """auto on a GPU is float16 (||delta|| within 1 %, docs/training.md) except for the networks that overflow it, which
+    ComfyUI runs in bf16 or fp32 only (Qwen-Image, Wan 2.2 TI2V-5B); asking those for fp16 is a one-line error."""
+    from training.trainer import resolve_precision
+
+    gpu = torch.device("cuda")  # a device object only: nothing runs on it
+    expected = {"sd15": torch.float16, "sdxl": torch.float16, "sd3": torch.float16, "wan21": torch.float16, "wan22": torch.bfloat16,
+                "wan22_a14b": torch.float16, "qwen_image": torch.bfloat16, "chroma": torch.float16}
+    for kind, dtype in expected.items():
+        info = detect_model(tiny_model(kind))
+        assert resolve_precision("auto", gpu, info.spec.half_precision(info)) == dtype, kind
+        assert resolve_precision("auto", torch.device("cpu"), info.spec.half_precision(info)) == torch.float32
+    info = detect_model(tiny_model("qwen_image"))
+    with pytest.raises(TrainingError, match="overflows float16"):
+        info.spec.check_options(info, precision="fp16")
+    info.spec.check_options(info, precision="bf16")

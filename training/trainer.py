@@ -157,13 +157,14 @@ def single_process_hint(world: int, env=os.environ) -> str | None:
     return None
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+def resolve_precision(name: str, device: torch.device, half: str = "fp16") -> torch.dtype:
     """The frozen network's dtype. auto: float32 on the CPU; float16 on a GPU, the fastest setting that kept the ||delta||
     error under 1 % on a full-size SDXL UNet at ||delta|| / ||eps|| down to 0.018 (bf16: 27 % there; float16 with fp32
     weights under autocast: the same error as float16 weights, so no reason to pay for it). benchmarks/delta_precision.py
-    measures it; the numbers are in docs/training.md."""
+    measures it; the numbers are in docs/training.md. ``half``: the family's half precision (bf16 for networks that
+    overflow float16)."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return (torch.float16 if half == "fp16" else torch.bfloat16) if device.type == "cuda" else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
@@ -236,7 +237,7 @@ class Trainer:
         self.resolution = cfg.resolution or default_resolution(self.info.family, self.info.prediction_type)
         self.frames = cfg.frames or self.info.default_frames  # 1 for image families
         self.latent_shape = self.info.latent_shape(self.resolution, self.frames)
-        self.info.spec.check_options(self.info, cfg.expert, cfg.fsdp)
+        self.info.spec.check_options(self.info, cfg.expert, cfg.fsdp, cfg.precision)
         self.embeddings = None
         if cfg.embeddings:
             self.embeddings = EmbeddingStore(cfg.embeddings)
@@ -356,7 +357,7 @@ class Trainer:
         if cfg.device == "cuda" and acc.device.type != "cuda":
             raise TrainingError("--device cuda was asked for but no CUDA device is available")
         self.device = acc.device
-        self.dtype = resolve_precision(cfg.precision, self.device)
+        self.dtype = resolve_precision(cfg.precision, self.device, self.info.spec.half_precision(self.info))
         # the static loss scale protects fp16 gradients through the frozen model; learn-to-guide has none
         self.loss_scale = FP16_LOSS_SCALE if self.dtype == torch.float16 and not self.l2g else 1.0
         ignored = cfg.inapplicable()

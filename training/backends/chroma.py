@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import TrainingError
 from .conditioning import TextCondition
+from .flow import FlowSchedule
+from .interface import ModelInfo, PipelineIndex, check_side
 from .qwen_image import QwenImage
 
 TEXT_TOKENS = 512  # ChromaPipeline's max_sequence_length
 
 
 class Chroma(QwenImage):
+    """Shares Qwen-Image's flow schedule handling (dynamic shift from the image's token count) and loading."""
+
     key = "chroma"
     title = "Chroma"
     default_resolution = 1024
@@ -32,15 +37,15 @@ class Chroma(QwenImage):
     needs = ("ChromaPipeline", "ChromaTransformer2DModel", "AutoencoderKL")
 
     @classmethod
-    def matches(cls, index) -> bool:
+    def half_precision(cls, info: ModelInfo) -> str:
+        return "fp16"  # ComfyUI runs Chroma in fp16 too
+
+    @classmethod
+    def matches(cls, index: PipelineIndex) -> bool:
         return index.component("transformer") == "ChromaTransformer2DModel"
 
     @classmethod
-    def describe(cls, index):
-        from ..errors import TrainingError
-        from .flow import FlowSchedule
-        from .interface import ModelInfo
-
+    def describe(cls, index: PipelineIndex) -> ModelInfo:
         folder = index.folder
         if index.pipeline_class != "ChromaPipeline":
             raise TrainingError(f"{folder}: {index.pipeline_class} is not supported; only text-to-image ChromaPipeline folders are trained")
@@ -58,21 +63,18 @@ class Chroma(QwenImage):
                          vae_config=vae_config)
 
     @classmethod
-    def latent_shape(cls, info, resolution: int, frames: int = 1) -> tuple[int, ...]:
-        from ..errors import TrainingError
-        from .interface import check_side
-
+    def latent_shape(cls, info: ModelInfo, resolution: int, frames: int = 1) -> tuple[int, ...]:
         if frames != 1:
             raise TrainingError(f"{info.source}: Chroma is an image model; frames must be 1, got {frames}")
         side = check_side(resolution, 8, 2)  # 2 x 2 packing
         return (int(info.vae_config.get("latent_channels", 16)), side, side)
 
     @classmethod
-    def image_tokens(cls, info, resolution: int) -> int:
+    def image_tokens(cls, info: ModelInfo, resolution: int) -> int:
         return (cls.latent_shape(info, resolution)[1] // 2) ** 2
 
     @classmethod
-    def widths(cls, info) -> tuple[int, int | None]:
+    def widths(cls, info: ModelInfo) -> tuple[int, int | None]:
         return int(info.network_config.get("joint_attention_dim", 4096)), None
 
     @classmethod

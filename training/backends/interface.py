@@ -215,12 +215,22 @@ class FamilyBackend:
         return cls.default_resolution
 
     @classmethod
-    def check_options(cls, info: ModelInfo, expert: str = "auto", fsdp: bool = False) -> None:
+    def half_precision(cls, info: ModelInfo) -> str:
+        """The half precision the network runs in: fp16 (the default on a GPU: it keeps ||delta|| within 1 % where bf16
+        does not, docs/training.md), or bf16 for networks whose activations overflow fp16 (ComfyUI runs them in bf16 or
+        fp32 only: Qwen-Image, Wan 2.2 TI2V-5B)."""
+        return "fp16"
+
+    @classmethod
+    def check_options(cls, info: ModelInfo, expert: str = "auto", fsdp: bool = False, precision: str = "auto") -> None:
         """Refuse run options this model does not take (one line, before anything is loaded)."""
         if expert != "auto":
             raise TrainingError(f"{info.source}: --expert {expert} applies to two-expert models (Wan 2.2 A14B) only; this is one network")
         if fsdp and not cls.block_classes:
             raise TrainingError(f"{info.source}: --fsdp needs the network's block classes, which the {cls.key} family does not name")
+        if precision == "fp16" and cls.half_precision(info) != "fp16":
+            raise TrainingError(f"{info.source}: {cls.title} overflows float16 (ComfyUI runs it in bf16 or fp32 only); use --precision bf16 "
+                                "or fp32 (auto picks bf16 on a GPU)")
 
     @classmethod
     def latent_shape(cls, info: ModelInfo, resolution: int, frames: int = 1) -> tuple[int, ...]:

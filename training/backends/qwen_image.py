@@ -75,6 +75,10 @@ class QwenImage(FamilyBackend):
                          vae_config=vae_config)
 
     @classmethod
+    def half_precision(cls, info: ModelInfo) -> str:
+        return "bf16"  # its activations overflow float16 (ComfyUI: bf16 or fp32 only)
+
+    @classmethod
     def schedule(cls, info: ModelInfo) -> FlowSchedule:
         return FlowSchedule.from_config(info.config_folder, info.scheduler_config, "simple", allow_dynamic=True)
 
@@ -118,7 +122,8 @@ class QwenImage(FamilyBackend):
 
     def grid(self, num_steps: int, flow_spacing: str = "diffusers") -> SamplingGrid:
         schedule = self.schedule(self.info)
-        schedule.check_scheduler(self.scheduler, num_steps, self.tokens(), self.info.source)  # what our reading of the config gives
+        if flow_spacing == "diffusers":  # the folder's own scheduler must give what our reading of its config gives
+            schedule.check_scheduler(self.scheduler, num_steps, self.tokens(), self.info.source)
         choice = schedule.choose(num_steps, flow_spacing, self.tokens())
         self.grid_note = choice.note
         return SamplingGrid.from_training_grid(choice.grid, "sigma_x1000").to(self.device)

@@ -49,9 +49,14 @@ class Wan22(Wan21):
         return super().describe(index, details)
 
     @classmethod
-    def check_options(cls, info: ModelInfo, expert: str = "auto", fsdp: bool = False) -> None:
+    def half_precision(cls, info: ModelInfo) -> str:
+        # TI2V-5B overflows float16 (ComfyUI's WAN22_T2V: bf16 or fp32); A14B's experts are Wan 2.1 14B networks
+        return "bf16" if info.details.get("variant") == "ti2v_5b" else "fp16"
+
+    @classmethod
+    def check_options(cls, info: ModelInfo, expert: str = "auto", fsdp: bool = False, precision: str = "auto") -> None:
         cls.check_expert(info, expert)
-        super().check_options(info, "auto", fsdp)
+        super().check_options(info, "auto", fsdp, precision)
 
     @classmethod
     def check_expert(cls, info: ModelInfo, expert: str) -> None:
