@@ -73,8 +73,23 @@ def vars_of(output: Path, clips: Path) -> dict:
                 num_workers=0, device="cpu", gradient_accumulation=2)
 
 
-def test_wan22_ti2v_5b_trains_on_images_as_one_frame_clips(tmp_path):
-    assert cli_main(train_args("wan22", tmp_path / "out", tiny_dataset(), "--frames", "1", steps=1)) == 0
+def straight_and_resumed(kind: str, tmp_path: Path, dataset: Path, *options: str) -> None:
+    """2 steps in one run, and 1 step then a resumed one: the same weights, bit for bit."""
+    assert cli_main(train_args(kind, tmp_path / "out", dataset, *options)) == 0
+    assert cli_main(train_args(kind, tmp_path / "resumed", dataset, *options, steps=1)) == 0
+    assert cli_main(train_args(kind, tmp_path / "resumed", dataset, *options, "--resume")) == 0
+    name = f"annealing_{detect_family(kind)}.safetensors"
+    assert same_weights(state_of(tmp_path / "out" / name), state_of(tmp_path / "resumed" / name))
+
+
+def detect_family(kind: str) -> str:
+    from training.backends import detect_model
+
+    return detect_model(tiny_model(kind)).family
+
+
+def test_wan22_ti2v_5b_trains_on_images_as_one_frame_clips_and_resumes(tmp_path):
+    straight_and_resumed("wan22", tmp_path, tiny_dataset(), "--frames", "1")
     meta = metadata(tmp_path / "out", "annealing_wan22")
     check_flow_metadata(meta, "wan22", [48, 1, 4, 4], FlowGrid(num_steps=10, shift=5.0, spacing="simple"))  # the x16 VAE: 4 x 4 at 64 px
     assert meta.training["variant"] == "ti2v_5b" and "expert" not in meta.training
@@ -141,8 +156,8 @@ def test_qwen_image_precomputed_embeddings_of_different_lengths_train_like_the_t
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-def test_chroma_trains_and_records_its_pipeline_grid(tmp_path):
-    assert cli_main(train_args("chroma", tmp_path / "out", tiny_dataset(), steps=1)) == 0
+def test_chroma_trains_records_its_pipeline_grid_and_resumes(tmp_path):
+    straight_and_resumed("chroma", tmp_path, tiny_dataset())
     meta = metadata(tmp_path / "out", "annealing_chroma")
     check_flow_metadata(meta, "chroma", [16, 8, 8], FlowGrid(num_steps=10, shift=math.exp(0.5 + (16 - 256) * 0.65 / 3840), spacing="simple"))
     assert "grid_note" not in meta.training and meta.training["shift_rule"]["kind"] == "dynamic"

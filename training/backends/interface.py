@@ -13,6 +13,11 @@ A family is one module in this package with one class, a :class:`FamilyBackend` 
 * one network call: :meth:`~FamilyBackend.predict`, which :meth:`predict_pair` calls once with the batch 2B
   [uncond; cond] (:class:`training.algorithm.DenoiserBackend` is what the losses see).
 
+Class attributes say the rest: ``key`` (``--model`` detection's answer and the checkpoint's ``model_family``), ``title``,
+the default resolution and frames, ``video`` (reads clips), ``prediction`` (epsilon or velocity), the half precision it
+runs in on a GPU, whether its pipeline pads prompts to the longest (``pads_to_longest``) and the block classes FSDP
+wraps (``block_classes``).
+
 Everything else (CADS, the unconditional embedding, VAE encoding with a scalar or per-channel latent normalisation,
 gradients only where pass 2 needs them) is shared here.
 """
@@ -21,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -387,6 +391,3 @@ class FamilyBackend:
             return TextCondition(torch.zeros_like(empty.embeds), None if empty.pooled is None else torch.zeros_like(empty.pooled), empty.mask)
         return empty
 
-
-def latent_numel(shape) -> int:
-    return int(math.prod(shape))
