@@ -227,7 +227,9 @@ def main() -> None:
                 del unet
                 gc.collect()
                 unet = build_network(args.model, device, args.seed)
-            unet.to(wanted)
+            from training.backends.loading import cast_like_from_pretrained
+
+            cast_like_from_pretrained(unet, wanted)  # as the trainer's from_pretrained(torch_dtype=...) loads it (Wan keeps its norms in fp32)
             weights = setting
             dtype, autocast = wanted, None
         elif setting == "fp32":

@@ -398,12 +398,13 @@ def build_full(name: str, device, dtype):
     import diffusers
     import torch
 
+    from training.backends.loading import cast_like_from_pretrained
     from training.tiny_models import FULL_SIZE
 
     class_name, config = FULL_SIZE[name]
     with torch.device(device):
         network = getattr(diffusers, class_name)(**config)
-    return network.to(dtype).requires_grad_(False).eval()
+    return cast_like_from_pretrained(network, dtype).requires_grad_(False).eval()  # as from_pretrained(torch_dtype=...) loads it
 
 
 def full_info(name: str):

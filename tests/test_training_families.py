@@ -463,3 +463,17 @@ def test_each_family_runs_in_the_half_precision_its_network_takes():
     with pytest.raises(TrainingError, match="overflows float16"):
         info.spec.check_options(info, precision="fp16")
     info.spec.check_options(info, precision="bf16")
+
+
+def test_networks_built_for_the_benchmarks_are_cast_as_the_trainer_loads_them():
+    """A Wan transformer keeps its norms, time embedder and modulation tables in float32 when loaded in bf16; the
+    benchmarks' networks, built from a config, are cast the same way, so they measure the precision training runs in."""
+    from diffusers import WanTransformer3DModel
+
+    from training.backends.loading import cast_like_from_pretrained
+
+    loaded = WanTransformer3DModel.from_pretrained(tiny_model("wan21"), subfolder="transformer", torch_dtype=torch.bfloat16)
+    built = cast_like_from_pretrained(WanTransformer3DModel.from_pretrained(tiny_model("wan21"), subfolder="transformer"), torch.bfloat16)
+    dtypes = {k: v.dtype for k, v in loaded.state_dict().items()}
+    assert dtypes == {k: v.dtype for k, v in built.state_dict().items()}
+    assert torch.float32 in dtypes.values() and torch.bfloat16 in dtypes.values()

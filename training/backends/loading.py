@@ -76,6 +76,19 @@ def load_single_file_network(cls, path, folder, subfolder: str, dtype: torch.dty
     return cls.from_single_file(str(path), config=str(folder), subfolder=subfolder, torch_dtype=dtype, **LOCAL)
 
 
+def cast_like_from_pretrained(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module.to(dtype)`` as ``from_pretrained(torch_dtype=dtype)`` casts it: the parameters of the modules the class keeps
+    in float32 (``_keep_in_fp32_modules``: Wan's norms, time embedder and modulation tables) stay float32. For networks
+    built from a config (the benchmarks) so that they run in the precision the trainer's loaded ones do."""
+    keep = getattr(module, "_keep_in_fp32_modules", None) or []
+    module.to(dtype)
+    if dtype != torch.float32 and keep:
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if any(part in name.split(".") for part in keep) and tensor.is_floating_point():
+                tensor.data = tensor.data.to(torch.float32)
+    return module
+
+
 def to_device(modules, device) -> None:
     for module in modules:
         if isinstance(module, torch.nn.Module):
