@@ -103,3 +103,39 @@ def test_collate_pads_prompts_of_different_lengths_under_their_masks():
     unmasked = [{k: v for k, v in item.items() if k != "mask"} for item in items]
     with pytest.raises(Exception, match="without a token mask"):
         collate(unmasked)
+
+
+def test_precomputed_latents_are_checked_before_use(tmp_path):
+    """A stranger's latents folder: the index section is validated when opened, each file is bounded in size and must hold
+    finite float tensors of the recorded shape; anything else is a skipped sample (ValueError), never a crash."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from training.data import EmbeddingStore, write_embeddings
+    from training.errors import TrainingError
+
+    def encode(captions):
+        return {"embeds": torch.zeros(len(captions), 4, 8)}
+
+    shape = [4, 2, 2]
+    files = {"good": "good.safetensors", "nan": "nan.safetensors", "shape": "shape.safetensors", "big": "big.safetensors"}
+    section = {"resolution": 16, "frames": 1, "frame_stride": 1, "latent_shape": shape, "dtype": "float32", "files": files, "skipped": {}}
+    write_embeddings(tmp_path, ["a"], encode, encode([""]), model_family="sd15", base_model="m", progress=False, latents=section)
+    (tmp_path / "latents").mkdir()
+    save_file({"mean": torch.ones(shape), "std": torch.ones(shape)}, tmp_path / "latents" / "good.safetensors")
+    save_file({"mean": torch.full(shape, float("nan")), "std": torch.ones(shape)}, tmp_path / "latents" / "nan.safetensors")
+    save_file({"mean": torch.ones(4, 2, 3), "std": torch.ones(4, 2, 3)}, tmp_path / "latents" / "shape.safetensors")
+    save_file({"mean": torch.ones(shape), "std": torch.ones(shape), "pad": torch.zeros(40000)}, tmp_path / "latents" / "big.safetensors")
+    store = EmbeddingStore(tmp_path)
+    assert torch.equal(store.latent("good")["latent_mean"], torch.ones(shape))
+    for key, message in (("nan", "not a finite float tensor"), ("shape", "of shape"), ("big", "larger than"), ("absent", "no precomputed latent")):
+        with pytest.raises(ValueError, match=message):
+            store.latent(key)
+    with pytest.raises(TrainingError, match="have frames 1, the run needs 5"):
+        store.check_latents(16, 5, 1, tuple(shape))
+    index = json.loads((tmp_path / "index.json").read_text())
+    index["latents"]["files"] = {"x": "../../etc/passwd"}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(TrainingError, match="malformed embeddings index \\(latents\\)"):
+        EmbeddingStore(tmp_path)
