@@ -81,6 +81,8 @@ def cast_like_from_pretrained(module: torch.nn.Module, dtype: torch.dtype) -> to
     in float32 (``_keep_in_fp32_modules``: Wan's norms, time embedder and modulation tables) stay float32. For networks
     built from a config (the benchmarks) so that they run in the precision the trainer's loaded ones do."""
     keep = getattr(module, "_keep_in_fp32_modules", None) or []
+    if all(t.dtype == dtype for t in module.parameters()):
+        return module  # nothing to cast (and no warning from diffusers' to())
     module.to(dtype)
     if dtype != torch.float32 and keep:
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
