@@ -2,6 +2,14 @@
 
     python benchmarks/delta_precision.py                               # full-size SDXL UNet on the CPU, 128 px (16 x 16 latent)
     python benchmarks/delta_precision.py --device cuda --latent-size 128   # the same at 1024 px on a GPU
+    python benchmarks/delta_precision.py --model wan21_1.3b --frames 5     # Wan 2.1 T2V 1.3B (flow, velocity), 5 frames at 128 px
+    python benchmarks/delta_precision.py --model wan21 --device cuda --latent-size 60 --frames 81   # Wan 2.1 14B at 480 px
+
+``--model`` picks the network: ``sdxl`` (the UNet, epsilon) or a Wan transformer (``wan21_1.3b``, ``wan21`` = 14B, ``wan22`` =
+TI2V-5B, ``wan22_a14b`` = one A14B expert), built from ``training.tiny_models.FULL_SIZE`` (random weights): the largest of
+them this 24 GiB CPU holds in float32 next to its half-precision copy is the 1.3B. For Wan the timesteps are flow
+timesteps (1000 sigma, z = (1 - sigma) x0 + sigma eps), the text is 512 x 4096 (UMT5's width) with the prompt's first
+``--text-tokens`` rows random and the rest zero, as WanPipeline pads, and the unconditional rows are zeros.
 
 delta is a small difference of two large predictions, so a rounding error that is small on each prediction can be large on
 delta. This builds the full-size SDXL base UNet from its config (``training.tiny_models.SDXL_UNET_CONFIG``, 2.57 B parameters,
@@ -50,12 +58,54 @@ def build_unet(device, seed: int):
     return UNet2DConditionModel(**SDXL_UNET_CONFIG).requires_grad_(False).eval().to(device)
 
 
+def build_network(model: str, device, seed: int):
+    """The network ``--model`` names, in float32, weights depending only on ``seed``."""
+    if model == "sdxl":
+        return build_unet(device, seed)
+    import diffusers
+    import torch
+
+    from training.tiny_models import FULL_SIZE
+
+    class_name, config = FULL_SIZE[model]
+    torch.manual_seed(seed)
+    return getattr(diffusers, class_name)(**config).requires_grad_(False).eval().to(device)
+
+
+def make_wan_inputs(args, device, channels: int):
+    """z at each flow timestep (one latent of ``--frames`` frames), text rows at each conditioning scale, zeros for uncond."""
+    import torch
+
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    timesteps = [int(t) for t in args.timesteps.split(",")]
+    scales = [float(s) for s in args.cond_scales.split(",")]
+    frames = (args.frames - 1) // 4 + 1
+    shape = (len(timesteps), channels, frames, args.latent_size, args.latent_size)
+    x0, eps = torch.randn(shape, generator=gen, dtype=torch.float64), torch.randn(shape, generator=gen, dtype=torch.float64)
+    sigma = torch.tensor(timesteps, dtype=torch.float64).reshape(-1, 1, 1, 1, 1) / 1000
+    z = ((1 - sigma) * x0 + sigma * eps).float()
+    embeds = torch.zeros(512, 4096)
+    embeds[: args.text_tokens] = torch.randn(args.text_tokens, 4096, generator=gen)
+    rows_z, rows_t, rows_e = [], [], []
+    for i, t in enumerate(timesteps):
+        for scale in [0.0, *scales]:
+            rows_z.append(z[i])
+            rows_t.append(float(t))
+            rows_e.append(embeds * scale)
+    batch = {"z": torch.stack(rows_z).to(device), "t": torch.tensor(rows_t, device=device), "embeds": torch.stack(rows_e).to(device)}
+    return batch, timesteps, scales
+
+
 def make_inputs(args, device):
     """z_t at each timestep, random text embeddings at each conditioning scale, and zeros for the unconditional branch."""
     import torch
 
     from annealing.training_grid import VPGrid
 
+    if args.model != "sdxl":
+        from training.tiny_models import FULL_SIZE
+
+        return make_wan_inputs(args, device, FULL_SIZE[args.model][1]["in_channels"])
     gen = torch.Generator().manual_seed(args.seed + 1)
     timesteps = [int(t) for t in args.timesteps.split(",")]
     scales = [float(s) for s in args.cond_scales.split(",")]
@@ -95,11 +145,14 @@ def predict(unet, batch, dtype, autocast, device, rows=None, chunk: int = 0):
     for start in range(0, len(index), step):
         part = index[start : start + step].to(batch["z"].device)
         n = len(part)
-        kwargs = {"text_embeds": batch["pooled"][part].to(dtype), "time_ids": batch["time_ids"].expand(n, -1).to(dtype)}
         context = torch.autocast(device.type, dtype=autocast, cache_enabled=False) if autocast else torch.autocast(device.type, enabled=False)
         with torch.no_grad(), context:
-            out = unet(batch["z"][part].to(dtype), batch["t"][part], encoder_hidden_states=batch["embeds"][part].to(dtype),
-                       added_cond_kwargs=kwargs).sample
+            if "pooled" not in batch:  # a Wan transformer, called as WanPipeline calls it (float32 timesteps)
+                out = unet(hidden_states=batch["z"][part].to(dtype), timestep=batch["t"][part], encoder_hidden_states=batch["embeds"][part].to(dtype)).sample
+            else:
+                kwargs = {"text_embeds": batch["pooled"][part].to(dtype), "time_ids": batch["time_ids"].expand(n, -1).to(dtype)}
+                out = unet(batch["z"][part].to(dtype), batch["t"][part], encoder_hidden_states=batch["embeds"][part].to(dtype),
+                           added_cond_kwargs=kwargs).sample
         outs.append(out.float())
     return torch.cat(outs)
 
@@ -131,8 +184,11 @@ def errors(pred, ref, timesteps, scales):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="sdxl", choices=("sdxl", "wan21_1.3b", "wan21", "wan22", "wan22_a14b"), help="the network (see above)")
     parser.add_argument("--latent-size", type=int, default=16, help="latent side (16 = 128 px; 128 = SDXL's 1024 px)")
-    parser.add_argument("--timesteps", default="980,500,20", help="DDPM timesteps (SDXL's 50-step grid runs 980, 960, ..., 0)")
+    parser.add_argument("--frames", type=int, default=5, help="Wan: video frames, 1 + 4k (5: 2 latent frames)")
+    parser.add_argument("--text-tokens", type=int, default=64, help="Wan: the prompt's tokens (the rest of the 512 rows are zeros)")
+    parser.add_argument("--timesteps", default="980,500,20", help="DDPM timesteps (SDXL's 50-step grid runs 980, 960, ..., 0); Wan: 1000 sigma")
     parser.add_argument("--cond-scales", default="1,0.3,0.1,0.03", help="conditional embedding = scale x random embedding")
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--chunk", type=int, default=0, help="rows per network call (0: all at once)")
@@ -152,10 +208,12 @@ def main() -> None:
     batch, timesteps, scales = make_inputs(args, device)
     rows = batch["z"].shape[0]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"full-size SDXL UNet (random weights, seed {args.seed}) on {name}; torch {torch.__version__}; latent 4 x {args.latent_size} x "
-          f"{args.latent_size}; timesteps {timesteps}; cond scales {scales}; {rows} rows per setting")
+    shape = " x ".join(str(n) for n in batch["z"].shape[1:])
+    what = "SDXL UNet" if args.model == "sdxl" else f"{args.model} transformer"
+    print(f"full-size {what} (random weights, seed {args.seed}) on {name}; torch {torch.__version__}; latent {shape}; timesteps {timesteps}; "
+          f"cond scales {scales}; {rows} rows per setting")
 
-    unet = build_unet(device, args.seed)
+    unet = build_network(args.model, device, args.seed)
     start = time.perf_counter()
     reference = predict(unet, batch, torch.float32, None, device, chunk=args.chunk)
     synchronize(device)
@@ -168,8 +226,10 @@ def main() -> None:
             if weights != "fp32":  # cast from float32 weights, never from the other half type
                 del unet
                 gc.collect()
-                unet = build_unet(device, args.seed)
-            unet.to(wanted)
+                unet = build_network(args.model, device, args.seed)
+            from training.backends.loading import cast_like_from_pretrained
+
+            cast_like_from_pretrained(unet, wanted)  # as the trainer's from_pretrained(torch_dtype=...) loads it (Wan keeps its norms in fp32)
             weights = setting
             dtype, autocast = wanted, None
         elif setting == "fp32":

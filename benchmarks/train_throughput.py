@@ -1,10 +1,18 @@
-"""Training throughput: the training step against the bare model passes it is made of.
+"""Training throughput: the training step against the bare model passes it is made of, per model family.
 
-    python benchmarks/train_throughput.py                                       # tiny SD1.5 / SDXL / SD3 models, CPU
+    python benchmarks/train_throughput.py                                       # tiny models of every family, CPU
     python benchmarks/train_throughput.py --full-sdxl --device cpu --latent-size 16   # full-size SDXL UNet, CPU, 128 px
     python benchmarks/train_throughput.py --full-sdxl --device cuda                    # full-size SDXL UNet, GPU, 1024 px
     python benchmarks/train_throughput.py --full-sdxl --dry-run                        # build the config on the meta device
+    python benchmarks/train_throughput.py --full wan21_1.3b --latent-size 16 --frames 5   # Wan 2.1 1.3B, CPU, 5 frames at 128 px
+    python benchmarks/train_throughput.py --full wan21,wan22,qwen_image,chroma --device cuda   # full size at each family's default
     python benchmarks/train_throughput.py --trainer                             # the whole trainer end to end, tiny models
+
+``--full`` takes the networks of ``training.tiny_models.FULL_SIZE`` (sd3 = SD3.5 large, sd35_medium, wan21_1.3b, wan21 =
+14B, wan22 = TI2V-5B, wan22_a14b = one A14B expert, qwen_image, chroma), random weights, with the family's own backend
+(its packing, masks, per-token timesteps) and random text rows of the family's shape; by default on a GPU at the family's
+default resolution and frames (Wan 2.1: 480 px x 81 frames; 2.2: 704 px; Qwen-Image, Chroma: 1024 px), and on the CPU
+at ``--latent-size`` / ``--frames``. ``--fsdp`` is not measured here (it needs several processes: run the trainer).
 
 Per family, these phases are timed on the same inputs, interleaved (``--repeats`` rounds, medians reported):
 
@@ -104,6 +112,15 @@ class PeakMemory:
 # ------------------------------------------------------------------------------------------------------------ the three phases
 
 
+def direct_call(backend) -> bool:
+    """SD1.x/SD2.x/SDXL/SD3: the passes call the network as the pipelines do (the measurements before the families);
+    the other families' passes go through ``backend.predict`` (their packing and masks are part of the call)."""
+    from training.backends import family_class
+    from training.backends.unet import UNetFamily
+
+    return isinstance(backend, (UNetFamily, family_class("sd3")))
+
+
 def prepared_inputs(backend, grid, batch: int, cond, uncond, generator):
     """The network's inputs for both passes as the backend would build them (batch 2B, backend dtype), made once."""
     import torch
@@ -112,6 +129,10 @@ def prepared_inputs(backend, grid, batch: int, cond, uncond, generator):
 
     device, dtype = backend.device, backend.dtype
     both = TextCondition.stack_pair(uncond, cond, batch)
+    if not direct_call(backend):
+        index = torch.full((batch,), len(grid) // 2, device=device)
+        z = torch.randn((batch, *backend.latent_shape), generator=generator, device=generator.device).to(device)
+        return {"z": z, "t": grid.model_timesteps[index], "both": both, "single": {"u": uncond.expand(batch), "c": cond}}
     index = torch.full((batch,), len(grid) // 2, device=device)
     t = grid.model_timesteps[index]
     latent = (batch, *backend.latent_shape)
@@ -135,6 +156,8 @@ def prepared_inputs(backend, grid, batch: int, cond, uncond, generator):
 def call_network(backend, z, t, kwargs):
     import torch
 
+    if not isinstance(kwargs, dict):  # a TextCondition: the family's own call
+        return backend.predict(z, t, kwargs)
     if backend.prediction == "velocity":
         return backend.network(hidden_states=z.to(backend.dtype), timestep=t.to(torch.float32), **kwargs).sample
     return backend.network(z.to(backend.dtype), t, **kwargs).sample
@@ -145,10 +168,11 @@ def bare_passes(backend, inputs) -> None:
     import torch
 
     z2, t2 = torch.cat([inputs["z"], inputs["z"]]), torch.cat([inputs["t"], inputs["t"]])
+    conditions = inputs.get("kwargs", inputs.get("both"))
     with torch.no_grad():
-        call_network(backend, z2, t2, inputs["kwargs"])
+        call_network(backend, z2, t2, conditions)
     z_grad = inputs["z"].detach().requires_grad_()
-    out = call_network(backend, torch.cat([z_grad, z_grad]), t2, inputs["kwargs"])
+    out = call_network(backend, torch.cat([z_grad, z_grad]), t2, conditions)
     out.backward(torch.ones_like(out))
 
 
@@ -171,6 +195,14 @@ def l2g_pass(backend, inputs, particles: int) -> None:
 
     z, t = inputs["z"].repeat_interleave(particles, dim=0), inputs["t"].repeat_interleave(particles)
     batch = inputs["z"].shape[0]
+    if "both" in inputs:
+        both = inputs["both"]
+        half = both.embeds.shape[0] // 2
+        kwargs = type(both)(*(None if x is None else torch.cat([x[:half].repeat_interleave(particles, 0), x[half:].repeat_interleave(particles, 0)])
+                              for x in (both.embeds, both.pooled, both.mask)))
+        with torch.no_grad():
+            call_network(backend, torch.cat([z, z]), torch.cat([t, t]), kwargs)
+        return
     kwargs = {k: _particle_rows(v, batch, particles) for k, v in inputs["kwargs"].items()}
     with torch.no_grad():
         call_network(backend, torch.cat([z, z]), torch.cat([t, t]), kwargs)
@@ -190,17 +222,11 @@ def measure(name: str, backend, grid, batch: int, repeats: int, warmup: int, gen
 
     import annealing
     from training.algorithm import annealing_loss
-    from training.backends import TextCondition
     from training.learn_to_guide import learn_to_guide_loss
     from training.run_parts import initial_l2g_network
 
     device = backend.device
-    pooled = backend.condition_width()[1]
-    width = backend.condition_width()[0]
-    tokens = 77 if backend.prediction == "epsilon" else 333
-    cond = TextCondition(torch.randn(batch, tokens, width, generator=generator, device=generator.device).to(device),
-                         None if pooled is None else torch.randn(batch, pooled, generator=generator, device=generator.device).to(device))
-    uncond = TextCondition(torch.zeros(1, tokens, width, device=device), None if pooled is None else torch.zeros(1, pooled, device=device))
+    cond, uncond = random_conditions(backend, batch, generator)
     x0 = torch.randn(batch, *backend.latent_shape, generator=generator, device=generator.device).to(device)
     mlp = annealing.GuidanceScaleModel().to(device)
     opt = torch.optim.AdamW(mlp.parameters(), lr=1e-3, weight_decay=0.01)
@@ -214,8 +240,11 @@ def measure(name: str, backend, grid, batch: int, repeats: int, warmup: int, gen
 
     phases = {}
     if "annealing" in methods:
-        phases = {"step": step, "passes": lambda: bare_passes(backend, inputs), "4 calls": lambda: four_calls(backend, inputs)}
+        phases = {"step": step, "passes": lambda: bare_passes(backend, inputs)}
+        if direct_call(backend):
+            phases["4 calls"] = lambda: four_calls(backend, inputs)
     if "learn-to-guide" in methods:
+        width, pooled = backend.condition_width()
         kind, width = ("pooled", pooled) if pooled is not None else ("mean_tokens", width)
         net = initial_l2g_network(annealing.LearnToGuideConfig(prompt_dim=width, prompt_embedding=kind), 3.0).to(device)
         l2g_opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
@@ -271,6 +300,30 @@ def print_rows(rows: list[dict], memory_unit: str) -> None:
                   f"{seconds_of['l2g step'] / seconds_of['step']:.2f} x the time per training image")
 
 
+#: Text rows each family's pipeline passes: (token rows, rows that are the prompt, masked?). Wan pads UMT5 to 512 with
+#: zeros and no mask; Qwen-Image pads to the longest prompt under a mask; Chroma pads T5 to 512 under its mask.
+TEXT_ROWS = {"sd15": (77, 77, False), "sd2": (77, 77, False), "sdxl": (77, 77, False), "sd3": (333, 333, False), "wan21": (512, 100, False),
+             "wan22": (512, 100, False), "qwen_image": (200, 200, True), "chroma": (512, 101, True)}
+
+
+def random_conditions(backend, batch: int, generator):
+    """Random conditional rows of the family's shape and an unconditional row of zeros (with the same mask)."""
+    import torch
+
+    from training.backends import TextCondition
+
+    device = backend.device
+    width, pooled = backend.condition_width()
+    tokens, prompt, masked = TEXT_ROWS[backend.info.family]
+    embeds = torch.randn(batch, tokens, width, generator=generator, device=generator.device).to(device)
+    embeds[:, prompt:] = 0
+    mask = (torch.arange(tokens, device=device) < prompt).float().expand(batch, -1).contiguous() if masked else None
+    cond = TextCondition(embeds, None if pooled is None else torch.randn(batch, pooled, generator=generator, device=generator.device).to(device), mask)
+    uncond = TextCondition(torch.zeros(1, tokens, width, device=device), None if pooled is None else torch.zeros(1, pooled, device=device),
+                           None if mask is None else mask[:1])
+    return cond, uncond
+
+
 # ------------------------------------------------------------------------------------------------------------ models
 
 
@@ -282,7 +335,7 @@ def tiny_backend(kind: str, root: Path, device: str, precision: str, checkpointi
     model = make_tiny_model(kind, root / kind)
     data = make_image_dataset(root / "data", count=4)
     config = TrainConfig(model=str(model), dataset=str(data), output=str(root / f"out-{kind}"), resolution=64, num_workers=0,
-                         device=device, precision=precision, gradient_checkpointing=checkpointing)
+                         device=device, precision=precision, gradient_checkpointing=checkpointing, frames=1)
     trainer = Trainer(config, progress=False)
     trainer.preflight()
     trainer.setup()
@@ -302,19 +355,77 @@ def build_full_sdxl(device, dtype):
 
 
 def full_sdxl_backend(unet, device, dtype, latent_size: int):
-    """A UNetBackend around a bare UNet (no VAE, no text encoders)."""
+    """The SDXL backend around a bare UNet (no VAE, no text encoders)."""
     from types import SimpleNamespace
 
     from annealing.training_grid import VPGrid
     from training.algorithm import CADSConfig
-    from training.backends import ModelInfo, UNetBackend
+    from training.backends import ModelInfo, family_class
     from training.tiny_models import SDXL_UNET_CONFIG
 
     info = ModelInfo(family="sdxl", prediction_type="epsilon", pipeline_class="StableDiffusionXLPipeline", scheduler_class="DDIMScheduler",
                      scheduler_config={}, source=Path("sdxl-random"), config_folder=Path("."), network_config=dict(SDXL_UNET_CONFIG))
     scheduler = SimpleNamespace(alphas_cumprod=VPGrid().alphas_cumprod().float())
-    backend = UNetBackend(info, unet, None, None, dtype, device, CADSConfig(), latent_size * 8, "zeros", scheduler=scheduler)
+    backend = family_class("sdxl")(info, unet, None, None, dtype, device, CADSConfig(), latent_size * 8, "zeros", scheduler=scheduler)
     backend.latent_shape = (4, latent_size, latent_size)
+    return backend
+
+
+#: What detection would read for each full-size network: (family, pipeline, scheduler config, VAE config, details).
+_WAN_VAE = {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4, "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}
+_DYNAMIC = {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True, "base_shift": 0.5, "num_train_timesteps": 1000}
+FULL_FAMILY = {
+    "sd3": ("sd3", "StableDiffusion3Pipeline", {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}, {"latent_channels": 16,
+            "block_out_channels": [128, 256, 512, 512]}, {}),
+    "wan21": ("wan21", "WanPipeline", {"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True, "prediction_type": "flow_prediction",
+              "flow_shift": 5.0}, _WAN_VAE, {}),
+    "wan22": ("wan22", "WanPipeline", {"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True, "prediction_type": "flow_prediction",
+              "flow_shift": 5.0}, dict(_WAN_VAE, z_dim=48, scale_factor_spatial=16, latents_mean=[0.0] * 48, latents_std=[1.0] * 48),
+              {"variant": "ti2v_5b", "boundary_ratio": None, "expand_timesteps": True}),
+    "wan22_a14b": ("wan22", "WanPipeline", {"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                   "flow_shift": 12.0}, _WAN_VAE, {"variant": "a14b", "boundary_ratio": 0.875, "expand_timesteps": False}),
+    "qwen_image": ("qwen_image", "QwenImagePipeline", dict(_DYNAMIC, max_shift=0.9, max_image_seq_len=8192, base_image_seq_len=256,
+                   shift_terminal=0.02), {"z_dim": 16, "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}, {}),
+    "chroma": ("chroma", "ChromaPipeline", dict(_DYNAMIC, max_shift=1.15, max_image_seq_len=4096, base_image_seq_len=256),
+               {"latent_channels": 16, "block_out_channels": [128, 256, 512, 512]}, {}),
+}
+FULL_FAMILY["sd35_medium"] = FULL_FAMILY["sd3"]
+FULL_FAMILY["wan21_1.3b"] = ("wan21", "WanPipeline", dict(FULL_FAMILY["wan21"][2], flow_shift=3.0), _WAN_VAE, {})  # 480p: shift 3
+
+
+def build_full(name: str, device, dtype):
+    """A full-size network of ``training.tiny_models.FULL_SIZE`` with random weights, frozen, in ``dtype``."""
+    import diffusers
+    import torch
+
+    from training.backends.loading import cast_like_from_pretrained
+    from training.tiny_models import FULL_SIZE
+
+    class_name, config = FULL_SIZE[name]
+    with torch.device(device):
+        network = getattr(diffusers, class_name)(**config)
+    return cast_like_from_pretrained(network, dtype).requires_grad_(False).eval()  # as from_pretrained(torch_dtype=...) loads it
+
+
+def full_info(name: str):
+    """What detection would say of the full-size network's folder."""
+    from training.backends import ModelInfo
+    from training.tiny_models import FULL_SIZE
+
+    family, pipeline, scheduler_config, vae_config, details = FULL_FAMILY[name]
+    return ModelInfo(family=family, prediction_type="flow", pipeline_class=pipeline, scheduler_class=scheduler_config["_class_name"],
+                     scheduler_config=scheduler_config, source=Path(f"{name}-random"), config_folder=Path("."),
+                     network_config=dict(FULL_SIZE[name][1]), vae_config=vae_config, details=details)
+
+
+def full_backend(info, network, device, dtype, resolution: int, frames: int):
+    """The family's backend around a bare full-size network (no VAE, no text encoders, no scheduler object)."""
+    from training.algorithm import CADSConfig
+
+    cls = info.spec
+    backend = cls(info, network, None, None, dtype, device, CADSConfig(), resolution, "empty_prompt", frames=frames if cls.video else 1,
+                  expert="high" if info.details.get("variant") == "a14b" else "auto")
+    backend.latent_shape = backend.sample_shape
     return backend
 
 
@@ -323,14 +434,10 @@ def checkpointing_decision(backend, grid, batch: int, forced):
     import torch
 
     from training import memory
-    from training.backends import TextCondition
 
     estimate = None
     if forced is None:
-        width, pooled = backend.condition_width()
-        tokens = 77 if backend.prediction == "epsilon" else 333
-        uncond = TextCondition(torch.zeros(1, tokens, width, device=backend.device),
-                               None if pooled is None else torch.zeros(1, pooled, device=backend.device))
+        _, uncond = random_conditions(backend, batch, torch.Generator(device=backend.device).manual_seed(0))
         try:
             estimate = memory.estimate_step_memory(backend, grid, backend.latent_shape, batch, uncond)
         except torch.cuda.OutOfMemoryError:
@@ -366,7 +473,35 @@ def run_models(args) -> None:
     generator = torch.Generator(device=device).manual_seed(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     rows = []
-    if args.full_sdxl:
+    if args.full:
+        from training.run_parts import resolve_precision
+
+        for full in args.full.split(","):
+            info = full_info(full)
+            cls = info.spec
+            dtype = resolve_precision(args.precision, device, cls.half_precision(info))  # as the trainer decides it
+            if args.dry_run:
+                network = build_full(full, "meta", dtype)
+                print(f"{full}: {sum(p.numel() for p in network.parameters()) / 1e9:.3f} B parameters (meta device)")
+                continue
+            on_gpu = device.type == "cuda" and not args.latent_size_given
+            resolution = cls.default_resolution if on_gpu else args.latent_size * (16 if full == "wan22" else 8)
+            frames = (cls.default_frames if on_gpu else args.frames) if cls.video else 1
+            torch.manual_seed(0)
+            network = build_full(full, device, dtype)
+            backend = full_backend(info, network, device, dtype, resolution, frames)
+            grid = backend.grid(args.grid_steps)
+            print(f"{full} ({sum(p.numel() for p in network.parameters()) / 1e9:.2f} B parameters, random weights) on {name}, frozen network in "
+                  f"{str(dtype).replace('torch.', '')}, latent {' x '.join(map(str, backend.sample_shape))} ({resolution} px"
+                  f"{f', {frames} frames' if cls.video else ''}), {args.repeats} rounds after {args.warmup} warm-up")
+            for batch in [int(b) for b in args.batches.split(",")]:
+                on = checkpointing_decision(backend, grid, batch, forced)
+                rows.append(measure(f"{full}{' ckpt' if on else ''}", backend, grid, batch, args.repeats, args.warmup, generator, methods,
+                                    args.particles))
+            del network, backend
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    elif args.full_sdxl:
         dtype = resolve_dtype(args.precision, device)
         if args.dry_run:
             unet = build_full_sdxl("meta", dtype)
@@ -412,7 +547,7 @@ def tiny_child(kind: str, steps: int, accumulation: int, batch: int, threads: in
         data = make_image_dataset(root / "data", count=32)
         config = TrainConfig(model=str(model), dataset=str(data), output=str(root / "out"), resolution=64, max_steps=steps,
                              gradient_accumulation=accumulation, batch_size=batch, num_workers=0, device="cpu", checkpoint_every=10**6,
-                             method=method)
+                             method=method, frames=1)  # the video families train on the images as one-frame clips
         result = train(config, progress=False)
     return {"kind": kind, "method": method, "images_per_second": result.images_per_second, "images": result.images_seen, "seconds": result.seconds,
             "peak_rss_mib": result.peak_memory_bytes / 2**20, "batch": batch}
@@ -439,7 +574,7 @@ def run_trainer(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kinds", default="sd15,sdxl,sd3", help="tiny models to run")
+    parser.add_argument("--kinds", default="sd15,sdxl,sd3,wan21,wan22,qwen_image,chroma", help="tiny models to run")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", default="auto", help="frozen network dtype as the trainer's --precision (auto: the trainer's default)")
     parser.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto", help="gradient checkpointing (auto: as the trainer decides)")
@@ -450,7 +585,11 @@ def main() -> None:
     parser.add_argument("--methods", default="annealing,learn-to-guide", help="training methods to time (comma-separated)")
     parser.add_argument("--particles", type=int, default=4, help="learn-to-guide particles per image (the trainer's default 4)")
     parser.add_argument("--full-sdxl", action="store_true", help="full-size SDXL UNet with random weights")
-    parser.add_argument("--latent-size", type=int, default=128, help="with --full-sdxl: latent side (128 = 1024 px)")
+    parser.add_argument("--full", help="full-size networks of other families (comma-separated FULL_SIZE keys: wan21_1.3b, wan21, wan22, ...)")
+    parser.add_argument("--latent-size", type=int, default=None, help="--full-sdxl: latent side (default 128 = 1024 px); --full: latent side on "
+                        "the CPU (default 16 = 128 px; on a GPU the family's default resolution unless given)")
+    parser.add_argument("--frames", type=int, default=5, help="--full, video families on the CPU: frames (1 + 4k)")
+    parser.add_argument("--grid-steps", type=int, default=50, help="--full: training grid steps")
     parser.add_argument("--dry-run", action="store_true", help="with --full-sdxl: build the config on the meta device only")
     parser.add_argument("--trainer", action="store_true", help="the whole trainer end to end on tiny models")
     parser.add_argument("--steps", type=int, default=8, help="--trainer: optimizer steps")
@@ -458,6 +597,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="--trainer: micro-batch size")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.latent_size_given = args.latent_size is not None
+    if args.latent_size is None:
+        args.latent_size = 16 if args.full else 128
     if args.child:
         print(json.dumps(tiny_child(args.child, args.steps, args.accumulation, args.batch, args.threads or 1, args.methods)))
     elif args.trainer:

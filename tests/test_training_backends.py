@@ -386,8 +386,9 @@ def test_bf16_transformer_gets_float32_timesteps(tmp_path):
     assert seen == [(torch.bfloat16, torch.float32, [981.0])] and out.dtype == torch.float32
 
 
-def test_edm_schedulers_and_per_channel_latent_normalisation_are_refused(tmp_path):
-    """SDXL-architecture models with an EDM scheduler (Playground v2.5) pass the UNet check but are another model."""
+def test_edm_schedulers_are_refused_and_per_channel_latent_normalisation_is_applied(tmp_path):
+    """SDXL-architecture models with an EDM scheduler (Playground v2.5) pass the UNet check but are another model; a VAE
+    with a per-channel latents_mean/latents_std is normalised as the SDXL pipeline decodes it (x * std / scaling + mean)."""
     folder = tmp_path / "edm"
     shutil.copytree(tiny_model("sdxl"), folder)
     scheduler = folder / "scheduler" / "scheduler_config.json"
@@ -399,9 +400,13 @@ def test_edm_schedulers_and_per_channel_latent_normalisation_are_refused(tmp_pat
         detect_model(str(folder))
     shutil.copy(tiny_model("sdxl") / "scheduler" / "scheduler_config.json", scheduler)
     vae = folder / "vae" / "config.json"
-    vae.write_text(json.dumps({**json.loads(vae.read_text()), "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}))
-    with pytest.raises(TrainingError, match="latents_mean"):
-        detect_model(str(folder))
+    mean, std = [0.1, -0.2, 0.3, 0.0], [0.5, 1.0, 2.0, 4.0]
+    vae.write_text(json.dumps({**json.loads(vae.read_text()), "latents_mean": mean, "latents_std": std}))
+    trainer = ready_trainer("sdxl", tmp_path, model=str(folder))
+    raw = torch.randn(2, 4, 8, 8)
+    scaling = trainer.backend.vae.config.scaling_factor
+    expected = (raw - torch.tensor(mean).reshape(1, 4, 1, 1)) * scaling / torch.tensor(std).reshape(1, 4, 1, 1)
+    assert torch.allclose(trainer.backend.normalise_latents(raw), expected, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------------ memory

@@ -32,6 +32,14 @@ def tiny_dataset(count: int = 6, corrupt: int = 0) -> Path:
     return make_image_dataset(ROOT / "data" / f"n{count}-c{corrupt}", count=count, corrupt=corrupt)
 
 
+@functools.cache
+def tiny_clips(count: int = 3, frames: int = 9, corrupt: int = 0, images: int = 0) -> Path:
+    """A folder of tiny clips written with PyAV (and ``corrupt`` undecodable ones, ``images`` still images), with captions."""
+    from training.tiny_models import make_clip_dataset
+
+    return make_clip_dataset(ROOT / "clips" / f"n{count}-f{frames}-c{corrupt}-i{images}", count=count, frames=frames, corrupt=corrupt, images=images)
+
+
 def make_config(kind: str, output: Path, **overrides):
     from training.config import TrainConfig
 

@@ -15,6 +15,7 @@ denoiser all train through :func:`annealing_loss`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -54,6 +55,8 @@ class SamplingGrid:
     mlp_timesteps:   the MLP's timestep input, in the checkpoint's convention.
     t_fractions:     t / T in [0, 1], for CADS.
     training_grid:   the core's description of the grid (recorded in the checkpoint: it fixes what w means).
+    start, stop:     the points whose steps training may draw (a step starts at one of them): all by default; a part of
+                     the grid for a network that samples only part of it (Wan 2.2 A14B's experts, see ``restricted``).
     """
 
     alphas: torch.Tensor
@@ -63,6 +66,8 @@ class SamplingGrid:
     t_fractions: torch.Tensor
     timestep_convention: str
     training_grid: TrainingGrid
+    start: int = 0
+    stop: int | None = None
 
     def __len__(self) -> int:
         return self.alphas.shape[0]
@@ -93,7 +98,21 @@ class SamplingGrid:
 
     def to(self, device) -> SamplingGrid:
         moved = (getattr(self, f).to(device) for f in ("alphas", "sigmas", "model_timesteps", "mlp_timesteps", "t_fractions"))
-        return SamplingGrid(*moved, self.timestep_convention, self.training_grid)
+        return SamplingGrid(*moved, self.timestep_convention, self.training_grid, self.start, self.stop)
+
+    def restricted(self, start: int, stop: int) -> SamplingGrid:
+        """The same grid with training's steps starting only at points start..stop - 1 (the next point of the last one may
+        lie beyond ``stop``: a step ends where the grid goes next)."""
+        if not 0 <= start < stop <= len(self):
+            raise ValueError(f"a grid part must satisfy 0 <= start < stop <= {len(self)}, got {start}, {stop}")
+        return dataclasses.replace(self, start=start, stop=stop)
+
+    def draw_range(self, needs_next: bool) -> tuple[int, int]:
+        """[low, high) of the point a step starts from; ``needs_next``: the step's end must be a grid point too."""
+        stop = len(self) if self.stop is None else self.stop
+        if needs_next:
+            stop = min(stop, len(self) - 1)
+        return self.start, max(stop, self.start + 1)
 
 
 @dataclass(frozen=True)
@@ -168,7 +187,8 @@ def annealing_loss(
         low, high = lambda_range
         lam = low + (high - low) * draw((batch,), "uniform")
     if grid_index is None:
-        grid_index = (draw((batch,), "uniform") * (len(grid) - 1)).long().clamp(max=len(grid) - 2)
+        low, high = grid.draw_range(needs_next=True)  # the whole grid but its last point, unless restricted
+        grid_index = low + (draw((batch,), "uniform") * (high - low)).long().clamp(max=high - low - 1)
     if noise is None:
         noise = draw(x0.shape, "normal").to(x0.dtype)
     lam, grid_index = lam.to(device, torch.float32), grid_index.to(device)

@@ -54,9 +54,10 @@ def checkpoint_metadata(plan: RunPlan, parts: RunParts, counters: RunCounters) -
         "source": f"annealing-guidance-nodes training {annealing.__version__}",
     })
     if info.prediction_type == "flow":
-        training["flow_shift"] = float(info.scheduler_config.get("shift", 1.0))
         training["flow_spacing"] = cfg.flow_spacing
-        training["sd3_t5"] = bool(info.has_t5 and cfg.sd3_t5)  # False: zero T5 tokens, as the pipeline without T5
+    if info.spec.video:
+        training["frame_stride"] = cfg.frame_stride
+    training.update(parts.backend.provenance())  # the family's: trained_latent_shape, flow_shift, shift rule, expert, ...
     if parts.balance is not None:
         training["final_delta_weight"] = cfg.delta_weight * parts.balance.weight
     return annealing.CheckpointMetadata(

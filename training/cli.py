@@ -70,6 +70,13 @@ def embed_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="storage dtype (default: float16)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the text encoders run (default: auto)")
     parser.add_argument("--sd3-t5", action=argparse.BooleanOptionalAction, default=True, help=HELP["sd3_t5"])
+    parser.add_argument("--latents", action="store_true", help="also encode every sample with the VAE (once) and store its posterior, so "
+                        "training with --embeddings loads neither the text encoders nor the VAE")
+    parser.add_argument("--resolution", type=int, help="with --latents: " + HELP["resolution"])
+    parser.add_argument("--frames", type=int, help="with --latents: " + HELP["frames"])
+    parser.add_argument("--frame-stride", type=int, default=1, help="with --latents: " + HELP["frame_stride"] + " (default: 1)")
+    parser.add_argument("--latent-dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                        help="storage dtype of the latents (default: float16)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -89,7 +96,8 @@ def run_embed(argv: list[str]) -> int:
     import torch
 
     from .backends import default_resolution, detect_model, load_backend
-    from .data import scan_dataset, write_embeddings
+    from .config import TrainConfig
+    from .data import scan_dataset, write_embeddings, write_latents
     from .run_folder import ensure_writable
 
     args = embed_parser().parse_args(argv)
@@ -97,23 +105,37 @@ def run_embed(argv: list[str]) -> int:
         raise TrainingError("--batch-size and --shard-size must be >= 1")
     output = Path(args.output)
     ensure_writable(output)
-    scan = scan_dataset(args.dataset, args.caption_extension, args.skip_missing_captions)
     info = detect_model(args.model, args.config_folder)
+    scan = scan_dataset(args.dataset, args.caption_extension, args.skip_missing_captions, videos=info.spec.video)
+    resolution = args.resolution or default_resolution(info.family, info.prediction_type)
+    frames = args.frames or info.default_frames
+    if args.latents:  # the training settings' own bounds, then the family's latent shape
+        TrainConfig(resolution=resolution, frames=frames, frame_stride=args.frame_stride).validate(need_paths=False)
+        latent_shape = info.latent_shape(resolution, frames)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     compute_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    backend = load_backend(info, device=device, dtype=compute_dtype, resolution=default_resolution(info.family, info.prediction_type), use_t5=args.sd3_t5,
-                           uncond="empty_prompt", text_only=True)
+    backend = load_backend(info, device=device, dtype=compute_dtype, resolution=resolution, use_t5=args.sd3_t5, uncond="empty_prompt",
+                           load_network=False, load_vae=args.latents, frames=frames)
 
     def encode(captions):
         cond = backend.encode_text(captions)
-        return {"embeds": cond.embeds} if cond.pooled is None else {"embeds": cond.embeds, "pooled": cond.pooled}
+        parts = {"embeds": cond.embeds, "pooled": cond.pooled, "mask": cond.mask}
+        return {k: v for k, v in parts.items() if v is not None}
 
     # all or nothing: Ctrl-C or a failure leaves the folder as it was; index.json, which names the shards, is moved last
+    latents = None
     with staged_folder(output, last=("index.json",)) as staging:
+        if args.latents:
+            latents = write_latents(staging, scan.samples, scan.root, backend.latent_distribution, resolution=resolution,
+                                    frames=frames if info.spec.video else None, frame_stride=args.frame_stride, latent_shape=latent_shape,
+                                    dtype=getattr(torch, args.latent_dtype), progress=not args.quiet)
         index = write_embeddings(staging, [s.caption for s in scan.samples], encode, encode([""]), model_family=info.family,
                                  base_model=info.base_model, dtype=getattr(torch, args.dtype), shard_size=args.shard_size,
-                                 batch_size=args.batch_size, progress=not args.quiet)
-    print(f"wrote {index['count']} caption embeddings in {len(index['shards'])} shard(s) to {output}")
+                                 batch_size=args.batch_size, progress=not args.quiet, latents=latents, trim_to_mask=backend.pads_to_longest)
+    line = f"wrote {index['count']} caption embeddings in {len(index['shards'])} shard(s) to {output}"
+    if latents is not None:
+        line += f"; latents of {len(latents['files'])} samples ({latents['skipped_count']} unreadable, skipped)"
+    print(line)
     return 0
 
 

@@ -21,6 +21,7 @@ from .backends import FAMILIES
 from .data import IMAGE_EXTENSIONS
 from .errors import TrainingError
 from .files import read_text, shown
+from .video import MAX_CLIP_PIXELS
 
 # name -> help text; the order is the order of ``--help``.
 HELP = {
@@ -34,7 +35,15 @@ HELP = {
               "lambda, CADS, balance, delta and mlp settings are annealing's and do not apply)",
     "output_name": "file name of the trained checkpoint without extension (default annealing_<family>, or learn_to_guide_<family>)",
     "model_family": f"family name written into the checkpoint metadata, one of {', '.join(FAMILIES)} (default: detected)",
-    "resolution": "square training resolution in pixels (default: 1024 for SDXL and SD3, 768 for SD2, 512 for SD1.x)",
+    "resolution": "square training resolution in pixels (default: the family's: 1024 for SDXL, SD3, Qwen-Image and Chroma, 768 for SD2, "
+                  "512 for SD1.x, 480 for Wan 2.1, 704 for Wan 2.2)",
+    "frames": "video families (Wan): frames per clip, 1 + 4k (default 81, the pipelines'; 1 trains on images, each a one-frame clip); "
+              "image families: 1",
+    "frame_stride": "video families: read every N-th frame of a clip",
+    "expert": "auto|high|low: Wan 2.2 A14B trains one checkpoint per expert, high (transformer, t >= the boundary) or low (transformer_2); "
+              "auto for every other model",
+    "fsdp": "shard the frozen network across the processes with HF Accelerate's FSDP (FSDP2, one unit per transformer block), for networks "
+            "too large for one GPU; needs several processes (accelerate launch / torchrun)",
     "caption_extension": "caption file extension in an image folder",
     "skip_missing_captions": "skip images without a caption instead of stopping with an error",
     "seed": "random seed; the same seed and config give the same weights",
@@ -45,8 +54,9 @@ HELP = {
     "images": "training images to draw in total; steps = images / (batch_size x gradient_accumulation x processes) (paper: 20000)",
     "max_steps": "optimizer steps (overrides --images)",
     "grid_steps": "sampling grid timesteps are drawn from (paper: 50)",
-    "flow_spacing": "flow models: diffusers|simple spacing of the grid; diffusers = FlowMatchEulerDiscreteScheduler's (last sigma "
-                    "0.0089 at 28 steps, shift 3), simple = ComfyUI's simple scheduler (last sigma 0.100); recorded in the checkpoint",
+    "flow_spacing": "flow models: diffusers|simple spacing of the grid; diffusers = the diffusers pipeline's own (SD3: "
+                    "FlowMatchEulerDiscreteScheduler's, last sigma 0.0089 at 28 steps, shift 3; Qwen-Image, Chroma: linspace(1, 1/N); Wan's "
+                    "UniPC: its nearest, the simple one), simple = ComfyUI's simple scheduler (last sigma 0.100); recorded in the checkpoint",
     "lambda_min": "lower end of lambda ~ U[lambda_min, lambda_max]",
     "lambda_max": "upper end of lambda ~ U[lambda_min, lambda_max]",
     "cads": "CADS prompt perturbation on the conditional branch",
@@ -95,6 +105,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "method": ("annealing", "learn-to-guide"),
     "l2g_objective": ("energy", "l2"),
+    "expert": ("auto", "high", "low"),
 }
 #: The families ``--model-family`` may name: those the training package has a backend for (one registry, training.backends).
 #: Not an argparse choice, so a wrong name is the same one-line error from a flag or a config file.
@@ -106,6 +117,8 @@ FAMILY_CHOICE = {"model_family": FAMILIES}
 INT_BOUNDS = {
     "seed": (0, 2**63 - 1),  # torch generators take 64-bit seeds; the data order adds the epoch to it
     "resolution": (8, 4096),
+    "frames": (1, 257),
+    "frame_stride": (1, 64),
     "batch_size": (1, 1024),
     "gradient_accumulation": (1, 65536),
     "images": (1, 10**9),
@@ -226,6 +239,12 @@ def _resolution_rule(c: TrainConfig) -> str | None:
     return f"resolution must be a multiple of 8, got {c.resolution}" if c.resolution is not None and c.resolution % 8 else None
 
 
+def _clip_size_rule(c: TrainConfig) -> str | None:
+    if c.frames is None or c.frames * (c.resolution or 1024) ** 2 <= MAX_CLIP_PIXELS:
+        return None
+    return f"frames x resolution^2 must be at most {MAX_CLIP_PIXELS:,} pixels per clip, got {c.frames} frames at {c.resolution or 1024} px"
+
+
 def _lambda_rule(c: TrainConfig) -> str | None:
     return None if c.lambda_min <= c.lambda_max else f"need 0 <= lambda_min <= lambda_max <= 1, got {c.lambda_min} and {c.lambda_max}"
 
@@ -274,7 +293,7 @@ def _l2g_network_rule(c: TrainConfig) -> str | None:
 
 
 #: Rules of several settings together, or beyond one setting's type, bound and set; checked after the tables.
-RULES = (_resolution_rule, _lambda_rule, _cads_rule, _caption_extension_rule, _output_name_rule, _resume_rule, _annealing_network_rule,
+RULES = (_resolution_rule, _clip_size_rule, _lambda_rule, _cads_rule, _caption_extension_rule, _output_name_rule, _resume_rule, _annealing_network_rule,
          _l2g_network_rule)
 
 @dataclass
@@ -291,6 +310,10 @@ class TrainConfig:
     output_name: str | None = None
     model_family: str | None = None
     resolution: int | None = None
+    frames: int | None = None
+    frame_stride: int = 1
+    expert: str = "auto"
+    fsdp: bool = False
     caption_extension: str = ".txt"
     skip_missing_captions: bool = False
     seed: int = 0

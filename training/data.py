@@ -1,10 +1,14 @@
-"""Training data: image folders with captions, JSONL manifests, image loading, and precomputed text embeddings.
+"""Training data: image and clip folders with captions, JSONL manifests, image and clip loading, and precomputed text
+embeddings and latents.
 
 Dataset layouts
 * A folder of images, each with a same-named caption file (``cat.jpg`` + ``cat.txt``), searched recursively, so
-  img2dataset output (``00000/000000001.jpg`` + ``.txt``) works as is.
+  img2dataset output (``00000/000000001.jpg`` + ``.txt``) works as is. For the video families (Wan) the folder may also
+  hold short clips (``walk.mp4`` + ``walk.txt``; .mp4 .m4v .mov .mkv .webm .avi), read by :mod:`training.video`:
+  ``frames`` frames every ``frame_stride``-th from the first, each cropped and resized as an image is. An image is a
+  one-frame clip, so it is used when frames is 1 and skipped (and counted) otherwise, as is a clip with too few frames.
 * A ``.jsonl`` manifest, one JSON object per line: ``{"image": "path/relative/to/manifest.jpg", "caption": "..."}``
-  (``file_name``/``path`` and ``text`` are accepted as aliases).
+  (``file_name``/``path``/``video`` and ``text`` are accepted as aliases).
 
 Images are center-cropped to a square and resized to the resolution (bicubic), then scaled to [-1, 1]; 16-bit images
 by their 16-bit range, float images as [0, 1] (or by their own range when their values lie outside it). An image that
@@ -19,9 +23,16 @@ hang the run), caption files and manifest lines have a size limit, a dataset has
 Precomputed embeddings (``python -m training embed``) live in a folder:
 * ``index.json``: {"format": "annealing-training-embeddings", "version": 1, "model_family", "base_model",
   "has_pooled", "dtype", "shards": [file names], "captions": {sha1(caption): [shard, row]}}
-* ``shard-00000.safetensors`` ...: ``embeds`` (n, L, D) and, for SDXL/SD3, ``pooled`` (n, P), one row per distinct caption;
-* ``uncond.safetensors``: the empty prompt's ``embeds`` (1, L, D) and ``pooled`` (1, P).
+* ``shard-00000.safetensors`` ...: ``embeds`` (n, L, D), for SDXL/SD3 ``pooled`` (n, P) and, for the families whose
+  pipelines pass a token mask (Qwen-Image, Chroma), ``mask`` (n, L), one row per distinct caption (rows of a shard are
+  padded to its longest, masked out);
+* ``uncond.safetensors``: the empty prompt's ``embeds`` (1, L, D), ``pooled`` (1, P), ``mask`` (1, L).
 Rows are looked up by the caption's SHA-1, so the same embeddings serve any dataset with the same captions.
+With ``python -m training embed --latents`` the folder also holds each sample's VAE posterior, so training loads no VAE:
+* index ``latents``: {"resolution", "frames", "frame_stride", "latent_shape", "dtype", "files": {sha1(path in the
+  dataset): file}, "skipped": {path: reason}};
+* ``latents/<sha1>.safetensors``: ``mean`` and ``std`` of the posterior (before the latent normalisation), which training
+  samples from as the VAE would.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import torch
 
 from .errors import TrainingError
 from .files import NotARegularFile, clipped, decode_utf8, format_size, open_regular, read_text, shown
+from .video import VIDEO_EXTENSIONS, load_clip
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 #: The decoders PIL may use: those of the extensions above. A file is identified by its content, so without this list a
@@ -59,6 +71,9 @@ MAX_TEXT_BYTES = 256 * 2**20
 #: scaled by their real range instead (16-bit integers by 65535, floats by [0, 1] or their own range).
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 EMBEDDINGS_FORMAT = "annealing-training-embeddings"
+LATENTS_FOLDER = "latents"
+#: Bytes a precomputed latent file may have beyond its two float32 tensors (the safetensors header).
+LATENT_FILE_SLACK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,16 @@ class Sample:
 class DatasetScan:
     samples: list[Sample]
     missing_captions: list[Path]
+    root: Path | None = None  # the folder, or the manifest's folder: precomputed latents are keyed by paths relative to it
+
+
+def sample_key(path: Path, root: Path | None) -> str:
+    """The key of a sample's precomputed latent: SHA-1 of its path relative to the dataset (the dataset may move)."""
+    try:
+        name = path.relative_to(root).as_posix() if root is not None else str(path)
+    except ValueError:
+        name = str(path)
+    return hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def caption_key(caption: str) -> str:
@@ -84,11 +109,12 @@ def _too_many(where) -> TrainingError:
     return TrainingError(f"{where}: more than {MAX_SAMPLES:,} samples; split the dataset (at most {MAX_SAMPLES:,} per run)")
 
 
-def scan_folder(root: Path, caption_extension: str = ".txt", skip_missing_captions: bool = False) -> DatasetScan:
-    """Images under ``root`` (recursive, sorted) with their same-named caption files."""
+def scan_folder(root: Path, caption_extension: str = ".txt", skip_missing_captions: bool = False, videos: bool = False) -> DatasetScan:
+    """Images (and with ``videos`` clips) under ``root`` (recursive, sorted) with their same-named caption files."""
     samples, missing = [], []
     text_bytes = 0
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())  # is_file: regular only
+    extensions = IMAGE_EXTENSIONS + (VIDEO_EXTENSIONS if videos else ())
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file())  # is_file: regular only
     if len(images) > MAX_SAMPLES:
         raise _too_many(root)
     for path in images:
@@ -103,7 +129,7 @@ def scan_folder(root: Path, caption_extension: str = ".txt", skip_missing_captio
         if text_bytes > MAX_TEXT_BYTES:
             raise TrainingError(f"{root}: the captions add up to more than {format_size(MAX_TEXT_BYTES)}")
         samples.append(Sample(path, caption))
-    return DatasetScan(samples, missing)
+    return DatasetScan(samples, missing, root)
 
 
 def _manifest_lines(manifest: Path):
@@ -147,7 +173,7 @@ def read_manifest(manifest: Path, skip_missing_captions: bool = False) -> Datase
             raise TrainingError(f"{manifest}:{number}: not valid JSON ({str(exc)[:100]})") from None
         if not isinstance(row, dict):
             raise TrainingError(f"{manifest}:{number}: expected a JSON object with image and caption")
-        image = next((row[k] for k in ("image", "file_name", "path") if k in row), None)
+        image = next((row[k] for k in ("image", "file_name", "path", "video") if k in row), None)
         if not isinstance(image, str) or not image:
             raise TrainingError(f"{manifest}:{number}: missing the image path (key 'image')")
         if "\0" in image or len(image) > 4096:
@@ -164,15 +190,15 @@ def read_manifest(manifest: Path, skip_missing_captions: bool = False) -> Datase
         samples.append(Sample(path, caption.strip()))
         if len(samples) > MAX_SAMPLES:
             raise _too_many(manifest)
-    return DatasetScan(samples, missing)
+    return DatasetScan(samples, missing, base)
 
 
-def scan_dataset(dataset: str | Path, caption_extension: str = ".txt", skip_missing_captions: bool = False) -> DatasetScan:
-    """Find the samples of a folder or manifest; an empty dataset is an error."""
+def scan_dataset(dataset: str | Path, caption_extension: str = ".txt", skip_missing_captions: bool = False, videos: bool = False) -> DatasetScan:
+    """Find the samples of a folder or manifest (``videos``: clips too); an empty dataset is an error."""
     path = Path(dataset)
     if path.is_dir():
-        scan = scan_folder(path, caption_extension, skip_missing_captions)
-        kind = f"no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) with captions"
+        scan = scan_folder(path, caption_extension, skip_missing_captions, videos)
+        kind = (f"no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...){' or clips (.mp4, ...)' if videos else ''} with captions")
     elif path.exists():
         if path.suffix.lower() != ".jsonl":
             raise TrainingError(f"{path}: a dataset is a folder of images or a .jsonl manifest")
@@ -244,35 +270,61 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Items are dicts: ``pixels`` (3, R, R), ``caption``, ``index``, and ``embeds``/``pooled`` with an embedding store;
-    an image that cannot be read gives ``{"failed": path, "reason": ..., "index": i}`` instead of raising."""
+    """Items are dicts: ``pixels`` (3, R, R), or with ``frames`` set (the video families) (3, frames, R, R); or, with
+    precomputed latents, ``latent_mean`` and ``latent_std``; and ``caption``, ``index``, and ``embeds``/``pooled``/``mask``
+    with an embedding store. A sample that cannot be read gives ``{"failed": path, "reason": ..., "index": i}`` instead."""
 
-    def __init__(self, samples: list[Sample], resolution: int, embeddings: EmbeddingStore | None = None):
+    def __init__(self, samples: list[Sample], resolution: int, embeddings: EmbeddingStore | None = None, frames: int | None = None,
+                 frame_stride: int = 1, latents: bool = False, root: Path | None = None):
         self.samples, self.resolution, self.embeddings = samples, resolution, embeddings
+        self.frames, self.frame_stride, self.latents, self.root = frames, frame_stride, latents, root
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _pixels(self, path: Path) -> torch.Tensor:
+        if self.frames is None:
+            return load_image(path, self.resolution)
+        if path.suffix.lower() in VIDEO_EXTENSIONS:
+            return load_clip(path, self.resolution, self.frames, self.frame_stride)
+        if self.frames != 1:
+            raise ValueError(f"a still image is one frame; the run reads clips of {self.frames} frames")
+        return load_image(path, self.resolution).unsqueeze(1)  # an image is a one-frame clip
+
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         try:
-            pixels = load_image(sample.image, self.resolution)
-        except Exception as exc:  # PIL raises many types for bad files; any of them means "skip this image"
+            if self.latents:
+                item = self.embeddings.latent(sample_key(sample.image, self.root))
+            else:
+                item = {"pixels": self._pixels(sample.image)}
+        except Exception as exc:  # PIL and FFmpeg raise many types for bad files; any of them means "skip this sample"
             return {"failed": str(sample.image), "reason": f"{type(exc).__name__}: {exc}"[:200], "index": index}
-        item = {"pixels": pixels, "caption": sample.caption, "index": index}
+        item.update(caption=sample.caption, index=index)
         if self.embeddings is not None:
             item.update(self.embeddings.lookup(sample.caption))
         return item
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack the readable items; ``failed`` lists the paths that could not be read (``pixels`` is None if none could)."""
+    """Stack the readable items; ``failed`` lists the paths that could not be read; ``size`` counts the others (``pixels``
+    is None if none could be read, or when the items are precomputed latents). Token embeddings of different lengths
+    (Qwen-Image's) are padded to the longest, masked out."""
     good = [item for item in items if "failed" not in item]
-    batch = {"failed": [item["failed"] for item in items if "failed" in item], "captions": [item["caption"] for item in good]}
-    batch["pixels"] = torch.stack([item["pixels"] for item in good]) if good else None
-    for key in ("embeds", "pooled"):
+    batch = {"failed": [item["failed"] for item in items if "failed" in item], "captions": [item["caption"] for item in good],
+             "size": len(good), "pixels": None}
+    for key in ("pixels", "latent_mean", "latent_std", "pooled"):
         if good and key in good[0]:
             batch[key] = torch.stack([item[key] for item in good])
+    if good and "embeds" in good[0]:
+        length = max(item["embeds"].shape[0] for item in good)
+        if "mask" in good[0] or any(item["embeds"].shape[0] != length for item in good):
+            if "mask" not in good[0]:
+                raise TrainingError("precomputed embeddings of different token counts without a token mask cannot share a batch")
+            batch["embeds"] = torch.stack([torch.nn.functional.pad(item["embeds"], (0, 0, 0, length - item["embeds"].shape[0])) for item in good])
+            batch["mask"] = torch.stack([torch.nn.functional.pad(item["mask"], (0, length - item["mask"].shape[0])) for item in good])
+        else:
+            batch["embeds"] = torch.stack([item["embeds"] for item in good])
     return batch
 
 
@@ -335,9 +387,12 @@ class EmbeddingStore:
             raise TrainingError(f"{index_path}: malformed embeddings index (shards, captions, model_family or has_pooled)")
         if not all(isinstance(e, list) and len(e) == 2 and all(type(i) is int and i >= 0 for i in e) and e[0] < len(shards) for e in table.values()):
             raise TrainingError(f"{index_path}: malformed embeddings index (a caption entry is not [shard, row])")
+        if not isinstance(self.index.get("has_mask", False), bool):
+            raise TrainingError(f"{index_path}: malformed embeddings index (has_mask)")
         for shard in shards + ["uncond.safetensors"]:
             if not (self.folder / shard).is_file():
                 raise TrainingError(f"{self.folder / shard}: embeddings shard missing")
+        self.latents = _check_latents_section(index_path, self.index.get("latents"))
         self._handles: dict[int, object] = {}
 
     @property
@@ -347,6 +402,42 @@ class EmbeddingStore:
     @property
     def has_pooled(self) -> bool:
         return bool(self.index["has_pooled"])
+
+    @property
+    def has_mask(self) -> bool:
+        return bool(self.index.get("has_mask", False))
+
+    def check_latents(self, resolution: int, frames: int, frame_stride: int, latent_shape: tuple[int, ...]) -> None:
+        """Precomputed latents must be of the run's resolution, frames, stride and latent shape (one-line error)."""
+        have = self.latents
+        want = {"resolution": resolution, "frames": frames, "frame_stride": frame_stride, "latent_shape": list(latent_shape)}
+        for key, value in want.items():
+            if have[key] != value:
+                raise TrainingError(f"{self.folder}: the precomputed latents have {key} {have[key]}, the run needs {value}; re-run "
+                                    f"`python -m training embed --latents` with the run's settings (or train without --embeddings' latents)")
+
+    def latent(self, key: str) -> dict[str, torch.Tensor]:
+        """A sample's precomputed posterior as float32 ``latent_mean`` / ``latent_std``; raises ValueError (the sample is
+        skipped and counted) when there is none or the file is not one."""
+        from safetensors.torch import load
+
+        name = self.latents["files"].get(key)
+        if name is None:
+            raise ValueError("no precomputed latent (the embed run skipped it or did not see it)")
+        shape = tuple(self.latents["latent_shape"])
+        limit = 2 * math.prod(shape) * 4 + LATENT_FILE_SLACK
+        with open_regular(self.folder / LATENTS_FOLDER / name) as handle:
+            data = handle.read(limit + 1)
+        if len(data) > limit:
+            raise ValueError(f"the latent file is larger than {format_size(limit)}")
+        tensors = load(data)
+        out = {}
+        for part in ("mean", "std"):
+            value = tensors.get(part)
+            if value is None or tuple(value.shape) != shape or not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+                raise ValueError(f"the latent file's {part} is not a finite float tensor of shape {shape}")
+            out[f"latent_{part}"] = value.to(torch.float32)
+        return out
 
     def missing(self, captions: list[str]) -> list[str]:
         table = self.index["captions"]
@@ -368,6 +459,11 @@ class EmbeddingStore:
         out = {"embeds": handle.get_slice("embeds")[row : row + 1][0].to(torch.float32)}
         if self.has_pooled:
             out["pooled"] = handle.get_slice("pooled")[row : row + 1][0].to(torch.float32)
+        if self.has_mask:
+            out["mask"] = handle.get_slice("mask")[row : row + 1][0].to(torch.float32)
+            if self.index.get("trim_to_mask"):  # the row's own tokens: a batch is padded to its longest, as the pipeline pads
+                length = int(out["mask"].nonzero().max()) + 1 if bool(out["mask"].any()) else 1
+                out["embeds"], out["mask"] = out["embeds"][:length], out["mask"][:length]
         return out
 
     def uncond(self) -> dict[str, torch.Tensor]:
@@ -382,11 +478,28 @@ class EmbeddingStore:
         return state
 
 
+def _check_latents_section(index_path: Path, section) -> dict | None:
+    if section is None:
+        return None
+    ok = isinstance(section, dict) and all(type(section.get(k)) is int and section[k] >= 1 for k in ("resolution", "frames", "frame_stride"))
+    shape, files = section.get("latent_shape") if ok else None, section.get("files") if ok else None
+    ok = ok and isinstance(shape, list) and 1 <= len(shape) <= 5 and all(type(n) is int and 1 <= n <= 2**16 for n in shape)
+    ok = ok and math.prod(shape) <= 2**31 and isinstance(files, dict) and len(files) <= MAX_SAMPLES
+    ok = ok and all(isinstance(k, str) and isinstance(v, str) and v.endswith(".safetensors") and os.path.basename(v) == v and not v.startswith(".")
+                    for k, v in files.items())
+    if not ok:
+        raise TrainingError(f"{index_path}: malformed embeddings index (latents)")
+    return section
+
+
 def write_embeddings(folder: Path, captions: list[str], encode, uncond: dict[str, torch.Tensor], *, model_family: str, base_model: str,
-                     dtype: torch.dtype = torch.float16, shard_size: int = 512, batch_size: int = 8, progress: bool = True) -> dict:
-    """Encode each distinct caption with ``encode(list[str]) -> {"embeds": (B,L,D), "pooled": (B,P) or absent}`` and write
-    the folder. Every file is written to a temporary name and renamed; ``index.json`` comes last, so an interrupted run
-    leaves no index that points at missing shards."""
+                     dtype: torch.dtype = torch.float16, shard_size: int = 512, batch_size: int = 8, progress: bool = True,
+                     latents: dict | None = None, trim_to_mask: bool = False) -> dict:
+    """Encode each distinct caption with ``encode(list[str]) -> {"embeds": (B,L,D), "pooled": (B,P) or absent, "mask": (B, L)
+    or absent}`` and write the folder (``latents``: the index section :func:`write_latents` returned; ``trim_to_mask``:
+    rows are read back cut to their masked tokens, for pipelines that pad to the longest prompt). Every file is
+    written to a temporary name and renamed; ``index.json`` comes last, so an interrupted run leaves no index that points
+    at missing shards."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -401,13 +514,18 @@ def write_embeddings(folder: Path, captions: list[str], encode, uncond: dict[str
     bar = tqdm(total=len(distinct), desc="embedding captions", unit="caption", disable=not progress)
     for shard_index in range(math.ceil(len(distinct) / shard_size)):
         chunk = distinct[shard_index * shard_size : (shard_index + 1) * shard_size]
-        parts: dict[str, list[torch.Tensor]] = {"embeds": [], "pooled": []}
+        parts: dict[str, list[torch.Tensor]] = {"embeds": [], "pooled": [], "mask": []}
         for start in range(0, len(chunk), batch_size):
             encoded = encode(chunk[start : start + batch_size])
             for key in parts:
                 if key in encoded:
-                    parts[key].append(encoded[key].detach().to("cpu", dtype))
+                    kind = torch.uint8 if key == "mask" else dtype  # a mask is 0/1 (Chroma's is float, Qwen-Image's integer)
+                    parts[key].append(encoded[key].detach().to("cpu", kind))
             bar.update(len(chunk[start : start + batch_size]))
+        if parts["mask"]:  # batches of different token counts (Qwen-Image): padded to the shard's longest, masked out
+            length = max(t.shape[1] for t in parts["embeds"])
+            parts["embeds"] = [torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t in parts["embeds"]]
+            parts["mask"] = [torch.nn.functional.pad(t, (0, length - t.shape[1])) for t in parts["mask"]]
         tensors = {k: torch.cat(v).contiguous() for k, v in parts.items() if v}
         name = f"shard-{shard_index:05d}.safetensors"
         atomic_write(folder / name, lambda tmp, t=tensors: save_file(t, tmp))
@@ -415,7 +533,7 @@ def write_embeddings(folder: Path, captions: list[str], encode, uncond: dict[str
         for row, caption in enumerate(chunk):
             table[caption_key(caption)] = [shard_index, row]
     bar.close()
-    uncond_cpu = {k: v.detach().to("cpu", dtype).contiguous() for k, v in uncond.items()}
+    uncond_cpu = {k: v.detach().to("cpu", torch.uint8 if k == "mask" else dtype).contiguous() for k, v in uncond.items()}
     atomic_write(folder / "uncond.safetensors", lambda tmp: save_file(uncond_cpu, tmp))
     index = {
         "format": EMBEDDINGS_FORMAT,
@@ -423,11 +541,45 @@ def write_embeddings(folder: Path, captions: list[str], encode, uncond: dict[str
         "model_family": model_family,
         "base_model": base_model,
         "has_pooled": has_pooled,
+        "has_mask": "mask" in uncond,
+        "trim_to_mask": bool(trim_to_mask and "mask" in uncond),
         "dtype": str(dtype).replace("torch.", ""),
         "count": len(distinct),
         "shards": shards,
         "captions": table,
+        **({"latents": latents} if latents is not None else {}),
     }
     payload = json.dumps(index, indent=1, sort_keys=True)
     atomic_write(folder / "index.json", lambda tmp: Path(tmp).write_text(payload, encoding="utf-8"))
     return index
+
+
+def write_latents(folder: Path, samples: list[Sample], root: Path | None, encode, *, resolution: int, frames: int | None, frame_stride: int,
+                  latent_shape: tuple[int, ...], dtype: torch.dtype = torch.float32, progress: bool = True) -> dict:
+    """Read every sample as training would and write its VAE posterior (``encode(pixels (1, ...)) -> (mean, std)``) to
+    ``folder/latents/``; a sample that cannot be read is skipped and counted. Returns the index section (see the module
+    docstring) for :func:`write_embeddings`, which writes the index last."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from annealing.atomic_write import atomic_write
+
+    target = Path(folder) / LATENTS_FOLDER
+    target.mkdir(parents=True, exist_ok=True)
+    dataset = ImageCaptionDataset(samples, resolution, frames=frames, frame_stride=frame_stride)
+    files, skipped = {}, {}
+    for index in tqdm(range(len(dataset)), desc="encoding latents", unit="sample", disable=not progress):
+        item = dataset[index]
+        if "failed" in item:
+            skipped[item["failed"]] = item["reason"]
+            continue
+        mean, std = encode(item["pixels"].unsqueeze(0))
+        if tuple(mean.shape[1:]) != tuple(latent_shape):
+            raise TrainingError(f"the VAE made latents of shape {tuple(mean.shape[1:])}, expected {tuple(latent_shape)}")
+        key = sample_key(samples[index].image, root)
+        name = f"{key}.safetensors"
+        tensors = {"mean": mean[0].detach().to("cpu", dtype).contiguous(), "std": std[0].detach().to("cpu", dtype).contiguous()}
+        atomic_write(target / name, lambda tmp, t=tensors: save_file(t, tmp))
+        files[key] = name
+    return {"resolution": resolution, "frames": frames or 1, "frame_stride": frame_stride, "latent_shape": list(latent_shape),
+            "dtype": str(dtype).replace("torch.", ""), "files": files, "skipped": dict(list(skipped.items())[:1000]), "skipped_count": len(skipped)}

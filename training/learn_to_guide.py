@@ -169,7 +169,8 @@ def learn_to_guide_loss(
         return fn(shape, generator=generator, device=gen_device).to(device)
 
     if grid_index is None:
-        grid_index = (draw((batch,), "uniform") * len(grid)).long().clamp(max=len(grid) - 1)
+        low, high = grid.draw_range(needs_next=False)  # the whole grid unless restricted
+        grid_index = low + (draw((batch,), "uniform") * (high - low)).long().clamp(max=high - low - 1)
     if noise is None:
         noise = draw((batch, m, *x0.shape[1:]), "normal")
     if target_noise is None:

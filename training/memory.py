@@ -47,12 +47,19 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: the local shard of a DTensor (a network sharded with --fsdp), else the tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def module_bytes(modules) -> int:
+    """Bytes of the modules' parameters and buffers held by this process (each storage once; a sharded network's shards)."""
     seen, total = set(), 0
     for module in modules:
         if not isinstance(module, torch.nn.Module):
             continue
         for tensor in [*module.parameters(), *module.buffers()]:
+            tensor = _local(tensor)
             ptr = tensor.untyped_storage().data_ptr()
             if ptr not in seen:
                 seen.add(ptr)
@@ -111,11 +118,13 @@ def count_saved_bytes(run, exclude: set[int]) -> int:
 
     def pack(tensor):
         nonlocal total
+        owner = tensor._base if tensor._base is not None else tensor
+        if isinstance(owner, torch.nn.Parameter):  # a weight (with --fsdp, one gathered for this block): not an activation
+            return None
         storage = tensor.untyped_storage()
         ptr = storage.data_ptr()
         if ptr in exclude or storage.nbytes() == 0:
             return None
-        owner = tensor._base if tensor._base is not None else tensor
         known = counted.get(ptr)
         if known is None or known() is None:
             counted[ptr] = weakref.ref(owner)
@@ -134,7 +143,7 @@ def estimate_step_memory(backend, grid, latent_shape, batch_size: int, cond, loc
     """Run pass 2's forward once (batch 2B at ``latent_shape``, with a graph) and measure what it would keep."""
     device = backend.device
     network = backend.network
-    exclude = {t.untyped_storage().data_ptr() for t in [*network.parameters(), *network.buffers()]}
+    exclude = {_local(t).untyped_storage().data_ptr() for t in [*network.parameters(), *network.buffers()]}
     weights = module_bytes([network, backend.vae, *(backend.text or {}).values()])
     free = free_bytes(device, local_processes)
     z = torch.zeros(batch_size, *latent_shape, device=device, requires_grad=True)

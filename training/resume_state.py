@@ -36,7 +36,7 @@ RESUME_COUNTERS = ("step", "micro_step", "images_seen", "nan_losses", "skipped_s
 RESUME_LOCKED = ("mlp_hidden", "mlp_layers", "delta_normalization", "grid_steps", "flow_spacing", "model_family_resolved",
                  "resolution_resolved")
 #: Locked settings that resume states written before they existed lack, and the value those runs had.
-LOCKED_DEFAULTS = {"method": "annealing"}
+LOCKED_DEFAULTS = {"method": "annealing", "frames_resolved": 1, "expert": "auto"}
 #: Settings whose change a resume warns about (the run continues, but no longer reproduces an uninterrupted one).
 RESUME_WARNED = ("effective_batch", "seed", "l2g_particles", "l2g_objective")
 #: The core's bound for a torch checkpoint file; the largest network the settings allow, with its Adam moments, is well under.

@@ -68,13 +68,14 @@ def single_process_hint(world: int, env=os.environ) -> str | None:
     return None
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+def resolve_precision(name: str, device: torch.device, half: str = "fp16") -> torch.dtype:
     """The frozen network's dtype. auto: float32 on the CPU; float16 on a GPU, the fastest setting that kept the ||delta||
     error under 1 % on a full-size SDXL UNet at ||delta|| / ||eps|| down to 0.018 (bf16: 27 % there; float16 with fp32
     weights under autocast: the same error as float16 weights, so no reason to pay for it). benchmarks/delta_precision.py
-    measures it; the numbers are in docs/training.md."""
+    measures it; the numbers are in docs/training.md. ``half``: the family's half precision (bf16 for networks that
+    overflow float16)."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return (torch.float16 if half == "fp16" else torch.bfloat16) if device.type == "cuda" else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
@@ -110,7 +111,7 @@ def load_parts(plan: RunPlan) -> RunParts:
         acc.print(hint)
     if cfg.device == "cuda" and acc.device.type != "cuda":
         raise TrainingError("--device cuda was asked for but no CUDA device is available")
-    dtype = resolve_precision(cfg.precision, acc.device)
+    dtype = resolve_precision(cfg.precision, acc.device, plan.info.spec.half_precision(plan.info))
     ignored = cfg.inapplicable()
     if ignored:
         acc.print(f"note: method {cfg.method} does not use {', '.join(ignored)} (set away from the default{'s' if len(ignored) > 1 else ''})")
@@ -119,9 +120,15 @@ def load_parts(plan: RunPlan) -> RunParts:
     backend = load_backend(
         plan.info, device=acc.device, dtype=dtype, resolution=plan.resolution, load_text_encoders=plan.embeddings is None,
         use_t5=cfg.sd3_t5, uncond=cfg.uncond, cads=cads, gradient_checkpointing=bool(cfg.gradient_checkpointing) and not plan.l2g,
-        vae_dtype=vae_dtype,
+        vae_dtype=vae_dtype, load_vae=not (plan.embeddings and plan.embeddings.latents), frames=plan.frames, expert=cfg.expert,
     )
+    if cfg.fsdp:
+        from .backends.sharding import shard_network
+
+        backend.network = shard_network(backend, acc)
     grid = backend.grid(cfg.grid_steps, flow_spacing=cfg.flow_spacing)
+    if backend.grid_note:
+        acc.print(f"note: {backend.grid_note}")
     uncond = backend.unconditional(plan.embeddings.uncond() if plan.embeddings else None)
     width, pooled = backend.condition_width()
     if uncond.embeds.shape[-1] != width or (pooled is not None and (uncond.pooled is None or uncond.pooled.shape[-1] != pooled)):

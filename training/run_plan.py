@@ -34,7 +34,8 @@ class RunPlan:
     info: ModelInfo  # what the model is, from its configs
     family: str  # written into the checkpoint (``--model-family`` or the detected one)
     resolution: int
-    latent_shape: tuple[int, ...]  # (C, H, W) of one latent at ``resolution``
+    frames: int  # frames per clip (1 for image families)
+    latent_shape: tuple[int, ...]  # (C, H, W) or (C, F, H, W) of one latent at ``resolution`` and ``frames``
     embeddings: EmbeddingStore | None  # precomputed text embeddings; the text encoders are then not loaded
     network_config: annealing.GuidanceModelConfig | annealing.LearnToGuideConfig  # what is trained
     prompt_kind: str | None  # Learn to Guide: the prompt embedding its network reads (None for annealing)
@@ -61,12 +62,16 @@ def plan_run(config: TrainConfig) -> RunPlan:
     cfg = dataclasses.replace(config.validate())
     output = Path(cfg.output)
     ensure_writable(output)
-    scan = scan_dataset(cfg.dataset, cfg.caption_extension, cfg.skip_missing_captions)
+    scan_dataset(cfg.dataset, cfg.caption_extension, skip_missing_captions=True, videos=True)  # dataset errors first, as always
     info = detect_model(cfg.model, cfg.config_folder)
+    # then the samples the family reads (clips only for the video families), with the caption rule asked for
+    scan = scan_dataset(cfg.dataset, cfg.caption_extension, cfg.skip_missing_captions, videos=info.spec.video)
     family = cfg.model_family or info.family
     resolution = cfg.resolution or default_resolution(info.family, info.prediction_type)
-    latent_shape = tuple(info.latent_shape(resolution))
-    embeddings = _embeddings(cfg, info, scan)
+    frames = cfg.frames or info.default_frames  # 1 for image families
+    latent_shape = tuple(info.latent_shape(resolution, frames))
+    info.spec.check_options(info, cfg.expert, cfg.fsdp, cfg.precision)
+    embeddings = _embeddings(cfg, info, scan, resolution, frames, latent_shape)
     l2g = cfg.method == "learn-to-guide"
     prompt_kind = None
     if l2g:  # the prompt input's width comes from the model's configs: the architecture is known before any load
@@ -87,6 +92,8 @@ def plan_run(config: TrainConfig) -> RunPlan:
         "flow_spacing": cfg.flow_spacing if info.prediction_type == "flow" else None,  # the grid of flow models
         "model_family_resolved": family,
         "resolution_resolved": resolution,
+        "frames_resolved": frames,  # the latent shape, with the resolution
+        "expert": cfg.expert,  # Wan 2.2 A14B: which network, and which part of the grid
     }
     if l2g:
         locked.update(l2g_hidden=cfg.l2g_hidden, l2g_layers=cfg.l2g_layers, l2g_projection=cfg.l2g_projection)
@@ -99,15 +106,18 @@ def plan_run(config: TrainConfig) -> RunPlan:
         raise TrainingError(f"{output / RESUME_FILE}: cannot resume, output_name was {shown(resume_file.owner)} and is now {shown(name)}")
     folder = RunFolder(output, name)
     folder_plan = folder.plan(resume_file, resume=cfg.resume, overwrite=cfg.overwrite)
-    return RunPlan(config=cfg, scan=scan, info=info, family=family, resolution=resolution, latent_shape=latent_shape, embeddings=embeddings,
+    return RunPlan(config=cfg, scan=scan, info=info, family=family, resolution=resolution, frames=frames, latent_shape=latent_shape,
+                   embeddings=embeddings,
                    network_config=network_config, prompt_kind=prompt_kind, locked=MappingProxyType(locked),
                    resume_state=state if cfg.resume else None, folder=folder, folder_plan=folder_plan)
 
 
-def _embeddings(cfg: TrainConfig, info: ModelInfo, scan: DatasetScan) -> EmbeddingStore | None:
+def _embeddings(cfg: TrainConfig, info: ModelInfo, scan: DatasetScan, resolution: int, frames: int, latent_shape: tuple) -> EmbeddingStore | None:
     if not cfg.embeddings:
         return None
     store = EmbeddingStore(cfg.embeddings)
+    if store.latents is not None:
+        store.check_latents(resolution, frames, cfg.frame_stride, latent_shape)
     if store.model_family != info.family:
         raise TrainingError(f"{cfg.embeddings}: embeddings were made for a {store.model_family} model, the model is {info.family}")
     missing = store.missing([s.caption for s in scan.samples])

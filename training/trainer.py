@@ -190,7 +190,9 @@ class Trainer:
     def _loader(self) -> torch.utils.data.DataLoader:
         """The micro-batches from the current step on, in the order every process count shares."""
         plan, cfg, acc = self.plan, self.plan.config, self.accelerator
-        dataset = ImageCaptionDataset(plan.scan.samples, plan.resolution, plan.embeddings)
+        latents = bool(plan.embeddings and plan.embeddings.latents)
+        dataset = ImageCaptionDataset(plan.scan.samples, plan.resolution, plan.embeddings, frames=plan.frames if plan.info.spec.video else None,
+                                      frame_stride=plan.config.frame_stride, latents=latents, root=plan.scan.root)
         sampler = MicroBatchSampler(len(dataset), cfg.batch_size, cfg.seed, acc.process_index, self.parts.world,
                                     start=self.counters.step * cfg.gradient_accumulation)
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
@@ -252,10 +254,10 @@ class Trainer:
         generator.manual_seed(micro_seed(self.plan.config.seed, micro * parts.world + acc.process_index))
         with acc.accumulate(parts.mlp):
             terms = None
-            if batch["pixels"] is not None:
-                latents = parts.backend.encode_images(batch["pixels"], generator)
+            if batch["size"]:
+                latents = parts.backend.batch_latents(batch, generator)
                 if "embeds" in batch:
-                    cond = TextCondition(batch["embeds"], batch.get("pooled")).to(parts.device)
+                    cond = TextCondition(batch["embeds"], batch.get("pooled"), batch.get("mask")).to(parts.device)
                 else:
                     cond = parts.backend.encode_text(batch["captions"])
                 terms = self.compute_loss(latents, cond, generator)
