@@ -151,6 +151,26 @@ def make_tiny_model(kind: str, out: str | Path, prediction_type: str = "epsilon"
     raise ValueError(f"unknown tiny model kind {kind!r}")
 
 
+def make_tiny_clip(out: str | Path, image_size: int = 32) -> Path:
+    """A tiny random CLIP (text and vision towers, 16 wide, projection 8; real ViT-L/14: 768 / 1024 / 768 at 224 px) with its
+    tokenizer and image processor config, as a local folder for the reward variant."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+    torch.manual_seed(0)
+    text = clip_config(16, 8).to_dict()
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+                              patch_size=8, projection_dim=8).to_dict()
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    make_tokenizer().save_pretrained(out)
+    processor = {"image_processor_type": "CLIPImageProcessor", "crop_size": {"height": image_size, "width": image_size},
+                 "size": {"shortest_edge": image_size}, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                 "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+    return out
+
+
 def make_image_dataset(folder: str | Path, count: int = 6, size: int = 64, seed: int = 0, corrupt: int = 0, without_caption: int = 0,
                        manifest: bool = False) -> Path:
     """``count`` random-colour PNG images with captions; ``corrupt`` undecodable .png files (with captions);
