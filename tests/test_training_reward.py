@@ -32,7 +32,7 @@ def tiny_clip():
 
 
 def test_the_score_is_clips_cosine_of_the_preprocessed_image_and_the_caption():
-    reward = ClipReward(tiny_clip())
+    reward = ClipReward.from_folder(tiny_clip())
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, 64, 64, generator=gen) * 2.4 - 1.2  # a little beyond [-1, 1]: clamped as a saved image would be
     captions = ["a red square", "a blue circle"]
@@ -112,7 +112,7 @@ def test_the_rewards_gradient_reaches_only_the_network_and_is_the_scores_derivat
     plain = trainer.compute_loss(x0, cond, None, captions, **draws)
     plain.total.backward()
     reward_part = with_reward - float(net.head[-1].bias.grad)
-    trainer.parts = trainer.parts.__class__(**{**trainer.parts.__dict__, "reward": ClipReward(tiny_clip())})
+    trainer.parts = trainer.parts.__class__(**{**trainer.parts.__dict__, "reward": ClipReward.from_folder(tiny_clip())})
     scores = []
     for h in (0.3, -0.3):
         with torch.no_grad():

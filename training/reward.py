@@ -54,32 +54,45 @@ def check_clip_folder(folder: str | os.PathLike) -> Path:
 
 
 class ClipReward:
-    """R(x, c) of the module docstring for a local CLIP folder. ``text_features(captions)`` once per batch (no graph),
-    then ``score(images, text_features)`` (differentiable in the images); ``__call__(images, captions)`` does both."""
+    """R(x, c) of the module docstring for a ``transformers`` CLIPModel and its tokenizer (frozen here; CLIP's input size
+    and normalisation as its processor has them). :meth:`from_folder` loads a local folder. ``text_features(captions)``
+    once per batch (no graph), then ``score(images, text_features)`` (differentiable in the images); ``__call__(images,
+    captions)`` does both."""
 
-    def __init__(self, folder: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, model, tokenizer, image_size: int | None = None, mean=CLIP_MEAN, std=CLIP_STD):
+        self.model = model.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        self.size = image_size or model.config.vision_config.image_size
+        if not (isinstance(self.size, int) and 1 <= self.size <= 4096) or min(std) <= 0:
+            raise TrainingError(f"implausible CLIP preprocessing (image size {self.size!r}, std {std!r})")
+        self.mean = torch.tensor(mean, device=self.device, dtype=self.dtype).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device, dtype=self.dtype).view(1, 3, 1, 1)
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ClipReward:
+        """The CLIP of a local folder (:func:`check_clip_folder`), its ``preprocessor_config.json`` read where present."""
         from transformers import AutoTokenizer, CLIPModel
 
         path = check_clip_folder(folder)
-        self.model = CLIPModel.from_pretrained(path, local_files_only=True, use_safetensors=True).to(device=device, dtype=dtype)
-        self.model.requires_grad_(False).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.device, self.dtype = torch.device(device), dtype
-        size, mean, std = self.model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD
+        model = CLIPModel.from_pretrained(path, local_files_only=True, use_safetensors=True).to(device=device, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        size, mean, std = None, CLIP_MEAN, CLIP_STD
         processor = path / "preprocessor_config.json"
         if processor.is_file():
             try:
                 settings = json.loads(read_bounded(processor, MAX_CONFIG_BYTES, "CLIP preprocessor config").decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise TrainingError(f"{processor}: not a JSON config ({type(exc).__name__})") from None
+            settings = settings if isinstance(settings, dict) else {}
             mean, std = _triple(settings.get("image_mean"), mean), _triple(settings.get("image_std"), std)
             crop = settings.get("crop_size")
-            size = crop.get("height", size) if isinstance(crop, dict) else crop if isinstance(crop, int) else size
-        if not (isinstance(size, int) and 1 <= size <= 4096) or min(std) <= 0:
-            raise TrainingError(f"{path}: implausible CLIP preprocessing (image size {size!r}, std {std!r})")
-        self.size = size
-        self.mean = torch.tensor(mean, device=self.device, dtype=dtype).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device, dtype=dtype).view(1, 3, 1, 1)
+            size = crop.get("height") if isinstance(crop, dict) else crop if isinstance(crop, int) else None
+        try:
+            return cls(model, tokenizer, size, mean, std)
+        except TrainingError as exc:
+            raise TrainingError(f"{path}: {exc}") from None
 
     @torch.no_grad()
     def text_features(self, captions: list[str]) -> torch.Tensor:

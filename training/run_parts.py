@@ -144,7 +144,7 @@ def load_parts(plan: RunPlan) -> RunParts:
         if cfg.l2g_reward == "clip":
             from .reward import ClipReward
 
-            reward = ClipReward(cfg.l2g_reward_model, acc.device)
+            reward = ClipReward.from_folder(cfg.l2g_reward_model, acc.device)
             acc.print(f"reward: CLIP score from {cfg.l2g_reward_model} (weight gamma_R {cfg.l2g_reward_weight:g}), through the VAE decode")
     else:
         network = annealing.GuidanceScaleModel(plan.network_config).to(torch.float32)

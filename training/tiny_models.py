@@ -1,8 +1,9 @@
 """Tiny random-weight diffusers pipelines and image datasets, built offline in seconds (tests and the benchmark).
 
 The architectures are the real ones scaled down (real sizes in the comments): byte-level CLIP tokenizers need no hub
-files, the VAE keeps the real x8 downsampling (64 px -> 8 x 8 latent). ``SDXL_UNET_CONFIG`` is the full-size SDXL base
-UNet config, written out here because the hub is unreachable (random weights; for throughput and memory only).
+files, the VAE keeps the real x8 downsampling (64 px -> 8 x 8 latent). ``SDXL_UNET_CONFIG``, ``SD15_UNET_CONFIG``,
+``SD_VAE_CONFIG`` and ``CLIP_VIT_L14_CONFIG`` are full-size configs, written out here because the hub is unreachable
+(random weights; for throughput and memory only).
 """
 
 from __future__ import annotations
@@ -36,6 +37,45 @@ SDXL_UNET_CONFIG = {
     "act_fn": "silu",
     "center_input_sample": False,
     "upcast_attention": None,
+}
+
+
+#: SD1.5's UNet (unet/config.json of runwayml/stable-diffusion-v1-5), 860 M parameters.
+SD15_UNET_CONFIG = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+#: The SD1.x / SD2.x VAE (vae/config.json of the same repository), 84 M parameters.
+SD_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+#: CLIP ViT-L/14 (config.json of openai/clip-vit-large-patch14), 428 M parameters: the usual CLIP-score model.
+CLIP_VIT_L14_CONFIG = {
+    "text_config": {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                    "max_position_embeddings": 77, "projection_dim": 768, "hidden_act": "quick_gelu"},
+    "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 224,
+                      "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu"},
+    "projection_dim": 768,
 }
 
 
