@@ -223,7 +223,9 @@ def measure(name: str, backend, grid, batch: int, repeats: int, warmup: int, gen
         phases = {"step": step, "passes": lambda: bare_passes(backend, inputs), "4 calls": lambda: four_calls(backend, inputs)}
     if "learn-to-guide" in methods:
         kind, width = ("pooled", pooled) if pooled is not None else ("mean_tokens", width)
-        net = initial_l2g_network(annealing.LearnToGuideConfig(prompt_dim=width, prompt_embedding=kind), 3.0).to(device)
+        schedule = annealing.CheckpointMetadata(model_family=backend.info.family, timestep_convention=grid.timestep_convention,
+                                                training_grid=grid.training_grid, method="learn_to_guide")
+        net = initial_l2g_network(annealing.LearnToGuideConfig(prompt_dim=width, prompt_embedding=kind), 3.0, schedule).to(device)
         l2g_opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
         prompt = annealing.prompt_embedding(cond.embeds, cond.pooled, kind, width)
 
@@ -442,7 +444,8 @@ def run_reward_memory(args) -> None:
     cond = TextCondition(torch.randn(1, 77, 768, generator=generator, device=device))
     uncond = TextCondition(torch.zeros(1, 77, 768, device=device))
     x0 = torch.randn(1, 4, size, size, generator=generator, device=device)
-    net = initial_l2g_network(annealing.LearnToGuideConfig(prompt_dim=768, prompt_embedding="mean_tokens"), 3.0).to(device)
+    schedule = annealing.CheckpointMetadata(model_family="sd15", training_grid=grid.training_grid, method="learn_to_guide")
+    net = initial_l2g_network(annealing.LearnToGuideConfig(prompt_dim=768, prompt_embedding="mean_tokens"), 3.0, schedule).to(device)
     prompt = cond.embeds.mean(dim=1)
 
     def step(with_reward: bool):
