@@ -256,7 +256,8 @@ def learn_to_guide_loss(
     if target_noise is None:
         target_noise = draw((batch, m, *x0.shape[1:]), "normal")
     s_u, t_u = (v.to(device=device, dtype=torch.float32).reshape(batch) for v in times)
-    normalization = float(getattr(getattr(net, "config", None), "t_embed_normalization", 1000.0))
+    config = getattr(getattr(net, "module", net), "config", None)  # (a DDP-wrapped network keeps it on its module)
+    normalization = float(getattr(config, "t_embed_normalization", 1000.0))
     a_t, sig_t, model_t, net_t = noise_levels(grid, t_u, normalization)
     a_s, sig_s, _, net_s = noise_levels(grid, s_u, normalization)
     rows = torch.arange(batch, device=device).repeat_interleave(m)  # particle j of image b is row b * m + j
