@@ -11,10 +11,12 @@ The points, in float32 exactly as the guide computes them:
   midpoint of each two neighbours and at the two ends a sampler can reach (VP: DDPM timesteps 0 and T - 1; flow: sigma 1
   and 1e-4); ||delta|| is 0 and 10^-3, 10^-2, ..., 10^3 times the checkpoint's delta normalisation (the guide clamps
   above 10^3: MAX_DELTA_NORM_MULTIPLE); lambda is 0, 0.5 and 1. The released checkpoint: 101 x 8 x 3 = 2,424 points.
-* learn_to_guide, omega(t, s, prompt): t at the same sigmas; s at the training grid's next point (anchored mode), at
-  clean data, and at up to 4 later grid points spread evenly (per_step mode takes s from the sampler, anywhere below t);
-  the prompt embedding is zero (what the explorer draws without a prompt), a seeded standard-normal vector (a text
-  encoder's embeddings have per-element magnitudes about 1) and 4 times that vector.
+* learn_to_guide, omega(t, s, prompt) over the 2-D region of steps t -> s a sampler can take (s anywhere below t) and its
+  edges: t at the same sigmas; s = t (the diagonal edge, a step of length 0: the limit of samplers with ever more steps,
+  shorter than any step a continuous-(s, t) network trains on), s at the training grid's next point (half a grid step
+  from a midpoint), at clean data (the lower edge, where a log_snr network clamps its input), and at up to 4 later grid
+  points spread evenly; the prompt embedding is zero (what the explorer draws without a prompt), a seeded standard-normal
+  vector (a text encoder's embeddings have per-element magnitudes about 1) and 4 times that vector.
 
 The evaluation is capped at :data:`MAX_CHECK_MACS` multiply-adds: where the full set would cost more (a network far larger
 than the released one, or a grid of hundreds of steps), timesteps (or (t, s) pairs) are thinned evenly, the ends always
@@ -116,11 +118,10 @@ def check_annealing_domain(model, path: str | os.PathLike | None = None) -> None
             raise _refuse(path, "w", float(w[i]), f"timestep {float(t[j]):g}, ||delta|| {float(d[j]):g}, lambda {float(lam[j]):g}")
 
 
-@torch.no_grad()
-def check_learned_domain(model, path: str | os.PathLike | None = None) -> None:
-    """Refuse (CheckpointError) a Learn to Guide network whose omega is not finite or beyond W_LIMIT for any of the
-    (t, s, prompt) of the module docstring."""
-    meta, config = model.metadata, model.config
+def learned_domain_points(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (t, s) timesteps the check evaluates a Learn to Guide network at, each (N,) float32 (module docstring), before
+    thinning."""
+    meta = model.metadata
     grid = meta.training_grid
     lookup = GridLookup(grid, meta.timestep_convention)
     probes = probe_sigmas(grid).to(torch.float32)
@@ -134,15 +135,25 @@ def check_learned_domain(model, path: str | os.PathLike | None = None) -> None:
     spread = torch.linspace(0.0, 1.0, LATER_POINTS)
     later = (first[:, None] + (spread[None, :] * (count - 1 - first)[:, None]).round().long()).clamp(max=count - 1)
     has_later = (first < count)[:, None].expand(-1, LATER_POINTS)
-    t = torch.cat([timesteps, timesteps, timesteps[:, None].expand(-1, LATER_POINTS)[has_later]])
-    s = torch.cat([anchored_next, torch.full_like(timesteps, clean), grid_steps[later][has_later]])
+    # s = t: the region's diagonal edge, a step of length 0 (the limit of a sampler with ever more steps)
+    t = torch.cat([timesteps, timesteps, timesteps, timesteps[:, None].expand(-1, LATER_POINTS)[has_later]])
+    s = torch.cat([timesteps, anchored_next, torch.full_like(timesteps, clean), grid_steps[later][has_later]])
+    return t, s
+
+
+@torch.no_grad()
+def check_learned_domain(model, path: str | os.PathLike | None = None) -> None:
+    """Refuse (CheckpointError) a Learn to Guide network whose omega is not finite or beyond W_LIMIT for any of the
+    (t, s, prompt) of the module docstring."""
+    config = model.config
+    t, s = learned_domain_points(model)
     generator = torch.Generator().manual_seed(0)
     direction = torch.randn(config.prompt_dim, generator=generator)
     prompts = torch.stack([scale * direction for scale in PROMPT_SCALES])
     keep = int(MAX_CHECK_MACS // max(_parameters(model) * prompts.shape[0], 1))
     index = _thin(t.shape[0], keep)
     t, s = t[index], s[index]
-    rows = max(1, CHUNK_ELEMENTS // max(config.hidden_size, config.prompt_dim))
+    rows = max(1, CHUNK_ELEMENTS // max(config.hidden_size, config.prompt_dim, config.time_hidden))
     for p, prompt in enumerate(prompts):
         for start in range(0, t.shape[0], rows):
             part = slice(start, start + rows)

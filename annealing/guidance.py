@@ -28,7 +28,7 @@ from .lambda_rule import check_lambda
 from .model import W_LIMIT
 from .recorder import GuidanceRecorder
 from .samplers import SamplerInfo, sampler_step_end
-from .scale_rule import MODES, check_mode, evaluation_scale
+from .scale_rule import MODES, check_mode, evaluation_scale, learned_s_from
 from .schedules import check_sampling, locate_on_schedule, signal_scale
 from .training_grid import GridLookup
 
@@ -209,8 +209,10 @@ class AnnealingGuidance:
     Two methods, as ``model.metadata.method`` says:
 
     * annealing: w = MLP(t, ||delta||, lambda) in CFG++ units, turned into the sampler's scale by the mode's rule;
-    * learn_to_guide: the CFG scale 1 + omega(t, s, prompt) of a step from t to s (s: the training grid's next point in
-      anchored mode, the sampler's own next noise level in per_step mode); it needs the prompt embedding.
+    * learn_to_guide: the CFG scale 1 + omega(t, s, prompt) of a step from t to s; it needs the prompt embedding. s is
+      where the running sampler's step ends (its next noise level; sigma_down for ancestral samplers) in every mode for
+      a network trained on continuous (s, t), the paper's way; for an earlier one trained on its grid's next point, that
+      point of the training grid in anchored mode (:func:`annealing.scale_rule.learned_s_from`).
 
     Build it once per user setting (the options are checked when they are built, lambda included, and not again per
     evaluation) and move it with :meth:`to`; :meth:`guide` computes where its predictions are, moving itself there once if
@@ -360,9 +362,10 @@ class AnnealingGuidance:
         if prompt is None:
             raise ValueError("a learn_to_guide checkpoint needs the prompt embedding (prompt=...)")
         timestep, _, next_timestep = self.lookup(sigma)
-        if self.options.mode == "per_step":
+        if learned_s_from(self.options.mode, self.model.config.trained_s) == "sampler":
             if sample_sigmas is None:
-                raise ValueError("per_step mode needs the sampler's schedule: pass sample_sigmas")
+                raise ValueError(f"{self.options.mode} mode with this learn_to_guide checkpoint takes s from the sampler's schedule: "
+                                 "pass sample_sigmas")
             next_timestep = self.lookup.timestep(sampler_step_end(sigma, sample_sigmas, sampling, sampler)[0])
         scale = 1.0 + self.model(timestep, next_timestep, prompt)
         return scale, torch.ones_like(scale), timestep

@@ -152,7 +152,8 @@ def embedding_periods(model) -> list[float]:
 
 @torch.no_grad()
 def learned_scale(model, prompt: torch.Tensor, sigmas: np.ndarray) -> np.ndarray:
-    """A learn_to_guide checkpoint's CFG scale 1 + omega(t, s, prompt) at each sigma, s the training grid's next point."""
+    """A learn_to_guide checkpoint's CFG scale 1 + omega(t, s, prompt) at each sigma, s the training grid's next point (the
+    steps of a sampler on that grid: a checkpoint trained on continuous (s, t) gives other scales at other step counts)."""
     lookup = GridLookup(model.metadata.training_grid, model.metadata.timestep_convention)
     timestep, _, next_timestep = lookup(torch.from_numpy(np.asarray(sigmas, dtype=np.float32)))
     return (1.0 + model(timestep, next_timestep, prompt.reshape(1, -1))).cpu().numpy()

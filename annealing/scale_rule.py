@@ -14,6 +14,14 @@ per_step      factor = k_step                                factor = 1         
 as_is         factor = 1                                     factor = 1                       w unchanged
 ============  ===========================================  ==============================  ===========================
 
+Learn to Guide checkpoints give an ordinary CFG scale 1 + omega(t, s, prompt) for the step from t to s, and the mode only
+says where s comes from (:func:`learned_s_from`): a network trained on continuous (s, t) (the paper's draw, the pack's
+trainer) was trained for any step, so s is where the running sampler's step ends in anchored and per_step alike (the
+paper's rule; ancestral samplers: sigma_down, where the move the guided prediction drives ends, since the noise added
+afterwards brings a sample of the marginal at sigma_down to the marginal at sigma_next); one trained on its grid's next
+point (pack 0.2.0 and earlier) takes s from that grid in anchored mode and from the sampler in per_step mode. as_is
+does not apply to them.
+
 k_step is the k of the running sampler's own step (:func:`annealing.samplers.sampler_step_factor`: sigma_next, or
 sigma_down for ancestral samplers). Samplers that build the next state from the x0-prediction alone (lcm) take w as
 is in every mode: the trained CFG++ step's x0 is D_u + w (D_c - D_u). A sampler that applies m times the scale it gets
@@ -26,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .samplers import SamplerInfo, sampler_step_factor
+from .samplers import SamplerInfo, is_ancestral, sampler_step_factor
 
 MODES = ("anchored", "per_step", "as_is")
 #: One line per mode, for tooltips, --help and the docs.
@@ -37,6 +45,14 @@ MODE_HELP = {
     "(guidance grows with the number of steps).",
     "as_is": "w unchanged (the paper's CFG++ step only under *_cfg_pp samplers; under any other sampler it is almost no guidance).",
 }
+
+
+def learned_s_from(mode: str, trained_s: str) -> str:
+    """Where a Learn to Guide checkpoint's s comes from under ``mode``: "sampler" (the end of the running sampler's step)
+    or "training_grid" (the training grid's next point), for a network trained on ``trained_s`` ("continuous" or
+    "grid_next", :data:`annealing.learn_to_guide.TRAINED_S`)."""
+    check_mode(mode)
+    return "training_grid" if mode == "anchored" and trained_s == "grid_next" else "sampler"
 
 
 def check_mode(mode: str) -> str:
@@ -96,8 +112,14 @@ def evaluation_scale(mode: str, sigma: torch.Tensor, k_train: torch.Tensor, *, s
     return EvaluationScale(1.0 / multiple if rule.factor is None else rule.factor / multiple, rule.cfg_factor, units)
 
 
-def describe_rule(mode: str, sampler_name: str | None, grid_description: str) -> str:
-    """One line for a plot title: what this mode does under this sampler."""
+def describe_rule(mode: str, sampler_name: str | None, grid_description: str, learned_trained_s: str | None = None) -> str:
+    """One line for a plot title: what this mode does under this sampler (``learned_trained_s``: a Learn to Guide
+    checkpoint's ``trained_s``; None for annealing)."""
+    if learned_trained_s is not None:
+        if learned_s_from(mode, learned_trained_s) == "training_grid":
+            return f"s: the next point of the {grid_description}"
+        ancestral = " (sigma_down)" if sampler_name and is_ancestral(sampler_name) else ""
+        return f"s: the end of the sampler's own step{ancestral}" + ("" if sampler_name else " (sampler unknown)")
     sampler = SamplerInfo(sampler_name)
     if sampler.x0_only:
         return f"{sampler_name}: w as is (x0-only sampler, approximate)"

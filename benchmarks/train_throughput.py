@@ -7,6 +7,7 @@
     python benchmarks/train_throughput.py --full wan21_1.3b --latent-size 16 --frames 5   # Wan 2.1 1.3B, CPU, 5 frames at 128 px
     python benchmarks/train_throughput.py --full wan21,wan22,qwen_image,chroma --device cuda   # full size at each family's default
     python benchmarks/train_throughput.py --trainer                             # the whole trainer end to end, tiny models
+    python benchmarks/train_throughput.py --reward-memory --latent-size 64 --repeats 1  # Learn to Guide's CLIP reward, SD1.5, 512 px
 
 ``--full`` takes the networks of ``training.tiny_models.FULL_SIZE`` (sd3 = SD3.5 large, sd35_medium, wan21_1.3b, wan21 =
 14B, wan22 = TI2V-5B, wan22_a14b = one A14B expert, qwen_image, chroma), random weights, with the family's own backend
@@ -37,6 +38,11 @@ frees stays resident). The full-size SDXL UNet
 (nothing is downloaded); VAE and text encoders are excluded (``python -m training embed`` runs them once). The frozen
 network runs in the trainer's default precision for the device (``--precision`` to change it) with gradient checkpointing
 as the trainer would decide (``--checkpointing on|off`` to force it).
+
+``--reward-memory`` measures Learn to Guide's reward variant (``--l2g-reward clip``) on a full-size config: SD1.5's UNet,
+its VAE and CLIP ViT-L/14, all with random weights, at ``--latent-size`` (64 = 512 px), fp32, m = ``--particles``: the
+peak memory and time of one ``l2g step`` without the reward and one with it (the VAE decode of each image's guided
+x0-prediction, CLIP's image tower and their backward to the latents, on top).
 
 ``--trainer`` runs ``python -m training``'s trainer end to end on 64 px tiny models (image decoding, VAE, text
 encoders, the passes, backward, AdamW), for each method of ``--methods``, each run in its own subprocess so the peak resident memory is that run's
@@ -246,7 +252,9 @@ def measure(name: str, backend, grid, batch: int, repeats: int, warmup: int, gen
     if "learn-to-guide" in methods:
         width, pooled = backend.condition_width()
         kind, width = ("pooled", pooled) if pooled is not None else ("mean_tokens", width)
-        net = initial_l2g_network(annealing.LearnToGuideConfig(prompt_dim=width, prompt_embedding=kind), 3.0).to(device)
+        schedule = annealing.CheckpointMetadata(model_family=backend.info.family, timestep_convention=grid.timestep_convention,
+                                                training_grid=grid.training_grid, method="learn_to_guide")
+        net = initial_l2g_network(annealing.LearnToGuideConfig(prompt_dim=width, prompt_embedding=kind), 3.0, schedule).to(device)
         l2g_opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
         prompt = annealing.prompt_embedding(cond.embeds, cond.pooled, kind, width)
 
@@ -529,6 +537,71 @@ def run_models(args) -> None:
     print_rows(rows, "GiB" if device.type == "cuda" else "RSS GiB")
 
 
+# ------------------------------------------------------------------------------------------------------------ the reward
+
+
+def run_reward_memory(args) -> None:
+    """Peak memory (and time) of a Learn to Guide step with and without the CLIP reward, full-size SD1.5 + VAE + CLIP."""
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel
+
+    import annealing
+    from annealing.training_grid import VPGrid
+    from training.algorithm import CADSConfig
+    from training.backends import ModelInfo, TextCondition, UNetBackend
+    from training.learn_to_guide import learn_to_guide_loss
+    from training.reward import ClipReward, latent_reward
+    from training.run_parts import initial_l2g_network
+    from training.tiny_models import CLIP_VIT_L14_CONFIG, SD15_UNET_CONFIG, SD_VAE_CONFIG, make_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype, size = torch.device(args.device), torch.float32, args.latent_size
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet, vae = UNet2DConditionModel(**SD15_UNET_CONFIG), AutoencoderKL(**SD_VAE_CONFIG)
+        clip = CLIPModel(CLIPConfig(**CLIP_VIT_L14_CONFIG))
+    info = ModelInfo(family="sd15", prediction_type="epsilon", pipeline_class="StableDiffusionPipeline", scheduler_class="DDIMScheduler",
+                     scheduler_config={}, source=Path("sd15-random"), config_folder=Path("."), network_config=dict(SD15_UNET_CONFIG))
+    scheduler = SimpleNamespace(alphas_cumprod=VPGrid().alphas_cumprod().float())
+    backend = UNetBackend(info, unet.to(dtype), vae.to(dtype), None, dtype, device, CADSConfig(), size * 8, "zeros", scheduler=scheduler)
+    grid = backend.grid(50)
+    reward = ClipReward(clip.to(dtype), make_tokenizer())
+    counts = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in (("UNet", unet), ("VAE", vae), ("CLIP", clip))}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"reward memory: SD1.5 UNet {counts['UNet']:.0f} M + VAE {counts['VAE']:.0f} M + CLIP ViT-L/14 {counts['CLIP']:.0f} M parameters "
+          f"(random weights, fp32) on {name}, torch {torch.__version__}, latent 4 x {size} x {size} ({size * 8} px), "
+          f"{args.particles} particles, micro-batch 1")
+    generator = torch.Generator(device=device).manual_seed(0)
+    cond = TextCondition(torch.randn(1, 77, 768, generator=generator, device=device))
+    uncond = TextCondition(torch.zeros(1, 77, 768, device=device))
+    x0 = torch.randn(1, 4, size, size, generator=generator, device=device)
+    schedule = annealing.CheckpointMetadata(model_family="sd15", training_grid=grid.training_grid, method="learn_to_guide")
+    net = initial_l2g_network(annealing.LearnToGuideConfig(prompt_dim=768, prompt_embedding="mean_tokens"), 3.0, schedule).to(device)
+    prompt = cond.embeds.mean(dim=1)
+
+    def step(with_reward: bool):
+        score = latent_reward(vae, reward, ["a photograph of a cat"]) if with_reward else None
+        terms = learn_to_guide_loss(backend, net, x0, cond, uncond, grid, prompt, particles=args.particles, generator=generator,
+                                    reward=score, reward_weight=1.0)
+        terms.total.backward()
+        net.zero_grad(set_to_none=True)
+
+    print(f"{'phase':18} {'seconds':>8}  peak {'GiB' if device.type == 'cuda' else 'RSS GiB'}")
+    for label, with_reward in (("l2g step", False), ("l2g step + reward", True)):
+        for _ in range(max(args.repeats, 1)):
+            with PeakMemory(device) as peak:
+                start = time.perf_counter()
+                step(with_reward)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - start
+            print(f"{label:18} {seconds:8.1f}  {peak.text()}", flush=True)
+
+
 # ------------------------------------------------------------------------------------------------------------ whole trainer
 
 
@@ -592,6 +665,8 @@ def main() -> None:
     parser.add_argument("--grid-steps", type=int, default=50, help="--full: training grid steps")
     parser.add_argument("--dry-run", action="store_true", help="with --full-sdxl: build the config on the meta device only")
     parser.add_argument("--trainer", action="store_true", help="the whole trainer end to end on tiny models")
+    parser.add_argument("--reward-memory", action="store_true", help="Learn to Guide's CLIP reward on SD1.5 + VAE + CLIP ViT-L/14 "
+                        "(random weights): peak memory of a step with and without it (--latent-size 64: 512 px)")
     parser.add_argument("--steps", type=int, default=8, help="--trainer: optimizer steps")
     parser.add_argument("--accumulation", type=int, default=4, help="--trainer: micro-batches per step")
     parser.add_argument("--batch", type=int, default=1, help="--trainer: micro-batch size")
@@ -604,6 +679,8 @@ def main() -> None:
         print(json.dumps(tiny_child(args.child, args.steps, args.accumulation, args.batch, args.threads or 1, args.methods)))
     elif args.trainer:
         run_trainer(args)
+    elif args.reward_memory:
+        run_reward_memory(args)
     else:
         run_models(args)
 

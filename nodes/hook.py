@@ -138,7 +138,8 @@ class AnnealingHook:
             trace=self.recorder.trace(),
             sampler_name=self.sampler.name,
             mode=self.options.mode,
-            rule=describe_rule(self.options.mode, self.sampler.name, self.metadata.training_grid.describe()),
+            rule=describe_rule(self.options.mode, self.sampler.name, self.metadata.training_grid.describe(),
+                               self.guidance_model.config.trained_s if self.learned else None),
             fingerprint=samples_fingerprint(samples) if isinstance(samples, torch.Tensor) and samples.dim() >= 1 else None,
         )
         self.runs.append(run)
@@ -180,7 +181,7 @@ class AnnealingHook:
         return self.guidance.guide(
             args["sigma"], d_cond, d_uncond, sampling=self._kind, sampler=self.sampler, host_cfg=float(args.get("cond_scale", 1.0)),
             sample_sigmas=model_options.get("transformer_options", {}).get("sample_sigmas"), recorder=self.recorder,
-            prompt=self._prompt_for(args.get("cond"), d_cond.device) if self.learned else None,
+            prompt=self._prompt_for(args.get("cond"), d_cond.device, d_cond.shape[0]) if self.learned else None,
         )
 
     def _check_run(self, base_model, model_options: dict) -> None:
@@ -195,9 +196,12 @@ class AnnealingHook:
                           "post-CFG function), as CFG++ samplers do: it gets CFG++ units (no k factor); its step is unknown to the "
                           "pack, so the guidance is approximate")
 
-    def _prompt_for(self, conds, device) -> torch.Tensor:
-        """learn_to_guide: the prompt embedding of the positive conditioning ComfyUI hands the hook (its processed conds keep
-        the text encoder's ``pooled_output`` and token embeddings ``cross_attn``); read once per run."""
+    def _prompt_for(self, conds, device, batch: int) -> torch.Tensor:
+        """learn_to_guide: the prompt embedding of each sample, (1 or batch, P), from the positive conditioning ComfyUI hands
+        the hook (its processed conds keep the text encoder's ``pooled_output`` and token embeddings ``cross_attn``, one
+        row per prompt). ComfyUI gives sample b the conditioning's row b mod rows (``comfy.utils.repeat_to_batch_size``:
+        a conditioning with fewer rows than the latent batch is tiled, one with more is cut), and so does this: a batch of
+        different prompts gets one omega per sample. The embedding is read once per run."""
         if self._prompt is None:
             if not conds:
                 raise ValueError(f"{self.source} is a learn_to_guide checkpoint and no positive conditioning reached it")
@@ -207,7 +211,10 @@ class AnnealingHook:
             config = self.guidance_model.config
             found = prompt_embedding(conds[0].get("cross_attn"), conds[0].get("pooled_output"), config.prompt_embedding, config.prompt_dim)
             self._prompt = found.to(device)
-        return self._prompt
+        rows = self._prompt.shape[0]
+        if rows == 1 or rows == batch:
+            return self._prompt
+        return self._prompt[torch.arange(batch, device=self._prompt.device) % rows]
 
     # ------------------------------------------------------------------------------------------------ wrappers
 

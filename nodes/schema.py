@@ -19,8 +19,10 @@ LAMBDA = "lambda"
 
 MODE_TOOLTIP = "How the learned w (CFG++ units on the checkpoint's training grid) is applied. " + " ".join(
     f"{name}: {text}" for name, text in MODE_HELP.items()
-) + (" A learn_to_guide checkpoint gives a CFG scale for a step from t to s: anchored takes s from its training grid, per_step "
-     "from the running sampler; as_is does not apply to it.")
+) + (" A Learn to Guide checkpoint gives a CFG scale for the step from t to s. One trained on continuous (s, t) (the pack's "
+     "trainer, the paper's way) takes s from the running sampler in anchored (the default) and per_step alike: the end of the "
+     "sampler's step, sigma_down for ancestral samplers. An older one, trained on its grid's next point, takes s from that "
+     "grid under anchored and from the sampler under per_step. as_is does not apply to Learn to Guide.")
 
 
 def annealing_inputs(fallback_source: str) -> list:

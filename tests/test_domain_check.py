@@ -17,7 +17,7 @@ import torch
 
 import annealing
 from annealing import AnnealingGuidance, AnnealingOptions, CheckpointError, CheckpointMetadata, FlowGrid, GuidanceRecorder, VPGrid
-from annealing.domain_check import DELTA_MULTIPLES, MAX_DELTA_NORM_MULTIPLE, check_domain, probe_sigmas
+from annealing.domain_check import DELTA_MULTIPLES, MAX_DELTA_NORM_MULTIPLE, check_domain, learned_domain_points, probe_sigmas
 from annealing.model import W_LIMIT
 from annealing.training_grid import GridLookup
 
@@ -149,23 +149,61 @@ def test_a_w_beyond_the_limit_anywhere_in_the_domain_is_refused_naming_the_point
 def test_learn_to_guide_omega_is_checked_over_the_grids_pairs_and_prompts(tmp_path):
     meta = CheckpointMetadata(method="learn_to_guide")
     torch.manual_seed(0)
-    net = annealing.LearnToGuideNet(annealing.LearnToGuideConfig(prompt_dim=16, hidden_size=16, n_layers=0), meta).eval().requires_grad_(False)
+    config = annealing.LearnToGuideConfig(prompt_dim=16, hidden_size=16, n_layers=0)
+    net = annealing.LearnToGuideNet(config, meta).eval().requires_grad_(False)
     check_domain(net)
     path = tmp_path / "l2g.safetensors"
     annealing.save_guidance_model(net, path)
     annealing.load_guidance_model(path)
-    with torch.no_grad():  # omega = softplus(|10^6 * sum(prompt)|): huge for any prompt but the zero one
+    first_prompt_feature = 2 * config.time_embed_dim  # the head's input: t's and s's time features, then the projected prompt
+    with torch.no_grad():  # omega = relu(|10^6 * sum(prompt)|): huge for any prompt but the zero one
         for parameter in net.parameters():
             parameter.zero_()
         net.prompt_projection.weight[0] = 1e6
-        net.head[0].weight[0, 8], net.head[0].weight[1, 8] = 1.0, -1.0  # the first projected component (after 2 x 4 time features)
+        net.head[0].weight[0, first_prompt_feature], net.head[0].weight[1, first_prompt_feature] = 1.0, -1.0
         net.head[-1].weight[0, :2] = 1.0
-    assert float(net(500.0, 480.0, torch.zeros(16))) == pytest.approx(math.log(2))
+    assert float(net(500.0, 480.0, torch.zeros(16))) == 0.0  # relu: unguided, exactly
     assert float(net(500.0, 480.0, -torch.ones(16))) == pytest.approx(16e6)
     annealing.save_guidance_model(net, path)
     with pytest.raises(CheckpointError, match=r"omega is .* with a random prompt embedding of norm") as excinfo:
         annealing.load_guidance_model(path)
     assert str(path) in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+def test_learn_to_guide_check_covers_the_2d_region_of_steps_down_to_length_zero(tmp_path):
+    """A network trained on continuous (s, t) is used for any step a sampler takes, also steps far shorter than its grid's
+    (and than its training's minimum gap): the check pairs every t with itself (the region's diagonal edge), the grid's
+    next point, clean data and later grid points, and refuses a network that blows up only on very short steps."""
+    meta = CheckpointMetadata(method="learn_to_guide")
+    config = annealing.LearnToGuideConfig(prompt_dim=4, hidden_size=1, n_layers=0, time_hidden=1, time_embed_dim=1)
+    net = annealing.LearnToGuideNet(config, meta).eval().requires_grad_(False)
+    t, s = learned_domain_points(net)
+    grid = meta.training_grid
+    lookup = annealing.GridLookup(grid, "ddpm_index")
+    steps = lookup.timestep(probe_sigmas(grid).float())
+    pairs = set(zip(t.tolist(), s.tolist()))
+    assert all((a, a) in pairs and (a, -1.0) in pairs for a in steps.tolist())  # steps of length 0, and to clean data
+    grid_t = lookup.timestep(grid.sigmas()[:-1].float())
+    assert all((a, b) in pairs for a, b in zip(grid_t[:-1].tolist(), grid_t[1:].tolist()))  # the grid's own steps
+
+    # omega = 1e9 relu(eps - (lambda_s - lambda_t)): beyond the limit only for steps whose log-SNR gap is below eps, here a
+    # tenth of the shortest gap between any two probes (a 500-step sampler's steps)
+    lam = net.log_snr
+    gaps = (lam(steps[1:]) - lam(steps[:-1])).abs()
+    eps = 0.1 * float(gaps[gaps > 1e-3].min())  # (the ends' probes clamp to the same time: their gap is 0)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.zero_()
+        net.time_embedding[0].weight.fill_(1.0)
+        net.time_embedding[0].bias.fill_(10.0)  # lambda + 10 > 0 over the whole schedule: the ReLU passes it
+        net.time_embedding[2].weight.fill_(1.0)  # feature = lambda + 10
+        net.head[0].weight[0, 0], net.head[0].weight[0, 1], net.head[0].bias[0] = 1.0, -1.0, eps  # eps - (lambda_s - lambda_t)
+        net.head[-1].weight.fill_(1e9)
+    assert float(net(steps[10], steps[11], torch.zeros(4))) == 0.0  # half a grid step: fine
+    path = tmp_path / "short.safetensors"
+    annealing.save_guidance_model(net, path)
+    with pytest.raises(CheckpointError, match="omega is .* at t (.*), s \\1 with"):
+        annealing.load_guidance_model(path)
 
 
 # ------------------------------------------------------------------------------------------------------ sampling time

@@ -322,6 +322,32 @@ def test_a14b_experts_train_on_their_own_part_of_the_grid():
         assert len(set(terms.grid_index.tolist())) > 3
 
 
+def test_a14b_experts_train_learn_to_guide_where_their_network_runs():
+    """Learn to Guide's continuous (s, t): an expert's t stays within its own grid points (the frozen model runs at t only),
+    s anywhere below t by at least the gap; the whole region for a model without experts."""
+    import annealing
+    from training.learn_to_guide import TimeRegion, learn_to_guide_loss
+
+    region = TimeRegion()
+    high, low = backend("wan22_a14b", expert="high"), backend("wan22_a14b", expert="low")
+    grid_high, grid_low = high.grid(40), low.grid(40)
+    sigmas = grid_high.model_timesteps.double() / 1000  # flow: normalised time is sigma
+    boundary = grid_high.stop
+    assert region.expert_range(backend("wan21").grid(40), 1000.0) is None
+    assert region.expert_range(grid_high, 1000.0) == pytest.approx((float(sigmas[boundary - 1]), region.t_max))
+    assert region.expert_range(grid_low, 1000.0) == pytest.approx((region.s_min + region.delta, float(sigmas[boundary])))
+    net = annealing.LearnToGuideNet(annealing.LearnToGuideConfig(prompt_dim=32, prompt_embedding="mean_tokens"))
+    for b, grid in ((high, grid_high), (low, grid_low)):
+        low_t, high_t = region.expert_range(grid, 1000.0)
+        x0 = torch.randn(32, *b.sample_shape)
+        cond = b.encode_text(["a"]).expand(32)
+        terms = learn_to_guide_loss(b, net, x0, cond, b.unconditional(), grid, torch.randn(32, 32), particles=2,
+                                    generator=torch.Generator().manual_seed(0))
+        assert float(terms.t.min()) >= low_t - 1e-6 and float(terms.t.max()) <= high_t + 1e-6
+        assert float(terms.s.min()) >= region.s_min - 1e-6 and bool((terms.t - terms.s >= region.delta - 1e-6).all())
+        assert float(terms.t.max() - terms.t.min()) > 0.25 * (high_t - low_t)  # spread over the range, not one point
+
+
 def _mlp():
     import annealing
 

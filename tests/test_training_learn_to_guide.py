@@ -1,8 +1,9 @@
 """Learn to Guide training (``python -m training --method learn-to-guide``) on tiny models: the objective's pieces against
-their definitions, the loss of one batch recomputed by hand from the method (particles, one guided DDIM / flow Euler step,
-fresh noisings, the energy distance written as sums over pairs), gradients that reach the network and never the frozen
-model, the training grid's (t, s) pairs against what inference reads, and runs that train, resume bit-identically and load
-through the nodes' loader and compatibility check."""
+their definitions (the MMD family of eq. 9 and eq. 21 as sums over pairs, on tiny particle sets), the (s, t) sampler's
+support and marginals against formulas written here, the loss of one batch recomputed by hand from the method
+(continuous times, particles, one guided DDIM / flow Euler step, fresh noisings), gradients that reach the network and
+never the frozen model, and runs that train, resume bit-identically and load through the nodes' loader and
+compatibility check."""
 
 from __future__ import annotations
 
@@ -70,31 +71,63 @@ def test_energy_distance_against_sums_over_pairs():
         assert float(unbiased[g]) == pytest.approx(u, rel=1e-5) and float(plain[g]) == pytest.approx(v, rel=1e-5)
 
 
-def test_l2_objective_is_the_linear_kernel_mmd():
+def powered(d, beta):
+    return [[v**beta for v in row] for row in d]
+
+
+@pytest.mark.parametrize("beta, lam", [(1.0, 1.0), (0.5, 1.0), (1.75, 0.5), (2.0, 0.0), (1.0, 0.0)])
+def test_the_mmd_family_of_eq_9_against_sums_over_pairs(beta, lam):
+    """2 E||X - Y||^beta - lambda (E||X - X'||^beta + E||Y - Y'||^beta), self-distances over i != j, on sets of 3 and 4."""
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64), torch.randn(2, 4, 5, generator=gen, dtype=torch.float64) + 0.4
+    ours = l2g.mmd_distance(x, y, beta, lam)
+    for g in range(2):
+        xy, xx, yy = (powered(pairwise(a, b), beta) for a, b in ((x[g], y[g]), (x[g], x[g]), (y[g], y[g])))
+        cross = sum(map(sum, xy)) / 12
+        within_x = sum(xx[i][j] for i, j in itertools.permutations(range(3), 2)) / 6
+        within_y = sum(yy[i][j] for i, j in itertools.permutations(range(4), 2)) / 12
+        assert float(ours[g]) == pytest.approx(2 * cross - lam * (within_x + within_y), rel=1e-9)
+    with pytest.raises(ValueError, match="beta in"):
+        l2g.mmd_distance(x, y, 2.5, 1.0)
+
+
+def test_l2_is_the_papers_eq_21_the_cross_term_alone():
+    """E||x_s(omega) - x_s||^2 over the P x Q independent pairs: the means' squared distance plus both sets' spreads (so it
+    penalises the guided particles' spread), i.e. the beta = 2, lambda = 0 member halved."""
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(2, 4, 6, generator=gen, dtype=torch.float64), torch.randn(2, 3, 6, generator=gen, dtype=torch.float64) - 0.3
-    ours = l2g.mean_distance_sq(x, y)
+    ours = l2g.cross_distance_sq(x, y)
     for g in range(2):
-        def k(a, b):
-            return float(a @ b)
+        by_hand = sum(float((x[g, i] - y[g, j]).pow(2).sum()) for i in range(4) for j in range(3)) / 12
+        spreads = float(x[g].var(0, unbiased=False).sum() + y[g].var(0, unbiased=False).sum())
+        assert float(ours[g]) == pytest.approx(by_hand, rel=1e-9)
+        assert by_hand == pytest.approx(float((x[g].mean(0) - y[g].mean(0)).pow(2).sum()) + spreads, rel=1e-9)
+    torch.testing.assert_close(2 * ours, l2g.mmd_distance(x, y, 2.0, 0.0))
+    # the per-element image objective: eq. 21 / numel, and the family / numel^(beta / 2)
+    torch.testing.assert_close(l2g.set_distance(x, y, "l2"), (ours / 6).float())
+    torch.testing.assert_close(l2g.set_distance(x, y, "energy", 1.5, 0.5), (l2g.mmd_distance(x, y, 1.5, 0.5) / 6**0.75).float())
 
-        xx = sum(k(x[g, i], x[g, j]) for i, j in itertools.permutations(range(4), 2)) / 12
-        yy = sum(k(y[g, i], y[g, j]) for i, j in itertools.permutations(range(3), 2)) / 6
-        xy = sum(k(x[g, i], y[g, j]) for i in range(4) for j in range(3)) / 12
-        assert float(ours[g]) == pytest.approx(xx + yy - 2 * xy, rel=1e-9)
-        assert float(l2g.mean_distance_sq(x, y, unbiased=False)[g]) == pytest.approx(float((x[g].mean(0) - y[g].mean(0)).pow(2).sum()))
+
+def test_beta_2_lambda_1_is_the_means_distance_the_old_l2_was():
+    """The earlier ``l2`` (||mean - mean||^2 minus each set's spread / m, the linear-kernel MMD) is the family at beta 2,
+    lambda 1, halved: no option of its own is needed."""
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(2, 4, 6, generator=gen, dtype=torch.float64), torch.randn(2, 3, 6, generator=gen, dtype=torch.float64)
+    means = (x.mean(1) - y.mean(1)).pow(2).sum(-1) - x.var(1).sum(-1) / 4 - y.var(1).sum(-1) / 3
+    torch.testing.assert_close(l2g.mmd_distance(x, y, 2.0, 1.0), 2 * means)
 
 
 def test_unbiased_estimates_vanish_for_equal_distributions_and_the_plain_ones_do_not():
-    """Both sets from one distribution: the U-statistics average to 0, the V-statistic to (1/m) x the sets' spreads, the
-    bias that would reward collapsing the m = 4 guided particles."""
+    """Both sets from one distribution: the U-statistics average to 0, the V-statistic to lambda (1/m) x the sets'
+    spreads, the bias that would reward collapsing the m = 4 guided particles; eq. 21 averages E||X - Y||^2 = 2 x 2 for
+    N(0, I_2) (it has no self-terms to cancel it, by design)."""
     gen = torch.Generator().manual_seed(2)
     x, y = torch.randn(20000, 4, 2, generator=gen, dtype=torch.float64), torch.randn(20000, 4, 2, generator=gen, dtype=torch.float64)
     mean_pair_distance = math.sqrt(math.pi)  # E||X - X'|| for X, X' ~ N(0, I_2)
     assert abs(float(l2g.energy_distance(x, y).mean())) < 0.02
     assert float(l2g.energy_distance(x, y, unbiased=False).mean()) == pytest.approx(2 * mean_pair_distance / 4, rel=0.05)
-    assert abs(float(l2g.mean_distance_sq(x, y).mean())) < 0.01
-    assert float(l2g.mean_distance_sq(x, y, unbiased=False).mean()) == pytest.approx(2 * 2 / 4, rel=0.05)
+    assert abs(float(l2g.mmd_distance(x, y, 1.75, 1.0).mean())) < 0.04
+    assert float(l2g.cross_distance_sq(x, y).mean()) == pytest.approx(4.0, rel=0.02)
 
 
 def test_guided_step_is_ddim_and_the_flow_euler_step():
@@ -115,40 +148,89 @@ def test_guided_step_is_ddim_and_the_flow_euler_step():
 
 
 def test_the_2d_benchmark_trains_with_the_same_functions():
-    assert toy_l2g.energy_distance is l2g.energy_distance and toy_l2g.guided_step is l2g.guided_step
+    assert toy_l2g.learn_to_guide_loss is l2g.learn_to_guide_loss and toy_l2g.TimeRegion is l2g.TimeRegion
+
+
+# ------------------------------------------------------------------------------------------------------------ the (s, t) draws
+
+
+def test_the_step_times_are_drawn_over_the_papers_region_with_its_marginals():
+    """s ~ U[S_min, 1 - zeta - delta], t = s + U[delta, 1 - zeta - s]: the support, s uniform, t given s uniform, and t's
+    marginal CDF F(t) = 1 - r + r log r, r = (1 - zeta - t) / L, L = 1 - zeta - delta - S_min (integrated by hand from
+    p(t) = (1 / L) log(L / (1 - zeta - t)))."""
+    region = l2g.TimeRegion(s_min=0.02, zeta=0.05, delta=0.1)
+    gen = torch.Generator().manual_seed(0)
+    n = 200_000
+    s, t = region.draw(torch.rand(n, generator=gen, dtype=torch.float64), torch.rand(n, generator=gen, dtype=torch.float64))
+    assert float(s.min()) >= 0.02 and float(s.max()) <= 0.85 and float(t.max()) <= 0.95 and float((t - s).min()) >= 0.1 - 1e-12
+    assert float(s.min()) < 0.021 and float(s.max()) > 0.849 and float((t - s).min()) < 0.101 and float(t.max()) > 0.949
+    L = 0.95 - 0.1 - 0.02
+    for q in (0.1, 0.3, 0.5, 0.7, 0.9):  # the empirical CDFs against the formulas, to the sampling error (1 / sqrt(n) ~ 0.002)
+        point = 0.02 + q * L
+        assert float((s <= point).double().mean()) == pytest.approx(q, abs=0.005)
+        tq = 0.12 + q * L
+        r = (0.95 - tq) / L
+        assert float((t <= tq).double().mean()) == pytest.approx(1 - r + r * math.log(r), abs=0.005)
+    band = (s > 0.40) & (s < 0.41)  # t given s: uniform on [s + delta, 1 - zeta]
+    assert float(t[band].mean()) == pytest.approx((0.405 + 0.1 + 0.95) / 2, abs=0.005)
+    # the density the module documents is that CDF's derivative
+    tq = torch.tensor([0.3, 0.6, 0.9], dtype=torch.float64)
+    torch.testing.assert_close(region.t_density(tq), torch.log(L / (0.95 - tq)) / L)
+    for bad in ({"delta": 0.0}, {"s_min": 0.0}, {"zeta": 1.0}, {"s_min": 0.5, "delta": 0.3, "zeta": 0.2}):
+        with pytest.raises(ValueError):
+            l2g.TimeRegion(**bad)
+
+
+def test_continuous_times_become_the_schedules_noise_levels():
+    """DDPM: tau = round(1000 u) (the model's own timesteps), z = sqrt(abar) x0 + sqrt(1 - abar) eps; flow: sigma = u."""
+    from training.algorithm import SamplingGrid
+
+    vp = SamplingGrid.vp_ddim(50)
+    u = torch.tensor([0.001, 0.4567, 0.999])
+    a, sig, model_t, net_t = l2g.noise_levels(vp, u)
+    abar = annealing.VPGrid().alphas_cumprod()[torch.tensor([1, 457, 999])]
+    torch.testing.assert_close(a, abar.sqrt().float())
+    torch.testing.assert_close(sig, (1 - abar).sqrt().float())
+    assert model_t.tolist() == net_t.tolist() == [1.0, 457.0, 999.0]
+    flow = SamplingGrid.from_training_grid(annealing.FlowGrid(num_steps=10))
+    a, sig, model_t, net_t = l2g.noise_levels(flow, u)
+    torch.testing.assert_close(sig, u)
+    torch.testing.assert_close(a, 1 - u)
+    torch.testing.assert_close(model_t, u * 1000)
+    torch.testing.assert_close(net_t, u * 1000)
 
 
 # ------------------------------------------------------------------------------------------------------------ the loss by hand
 
 
-def energy_by_hand(guided, target):
-    """Per image: 2 mean_jk ||x_j - y_k|| - mean_{j != j'} ||x_j - x_j'|| - mean_{k != k'} ||y_k - y_k'||, per sqrt(element)."""
+def mmd_by_hand(guided, target, beta=1.0, lam=1.0):
+    """Per image: 2 mean_jk ||x_j - y_k||^b - lam (mean_{j != j'} ||x_j - x_j'||^b + mean_{k != k'} ||y_k - y_k'||^b), per
+    element^(b / 2)."""
     m = len(guided)
-    cross = sum(map(sum, pairwise(guided, target))) / m**2
+    cross = sum(map(sum, powered(pairwise(guided, target), beta))) / m**2
     within = [sum(d[i][j] for i, j in itertools.permutations(range(m), 2)) / (m * (m - 1))
-              for d in (pairwise(guided, guided), pairwise(target, target))]
-    return (2 * cross - within[0] - within[1]) / math.sqrt(guided[0].numel())
+              for d in (powered(pairwise(guided, guided), beta), powered(pairwise(target, target), beta))]
+    return (2 * cross - lam * (within[0] + within[1])) / guided[0].numel() ** (beta / 2)
 
 
 def test_epsilon_loss_by_hand_with_the_mean_token_prompt(tmp_path):
-    """SD1.5 (no pooled embedding: the network reads the mean token embedding), 3 particles, a 10-step DDIM grid; image 1
-    takes the last step, which lands on clean data."""
-    trainer = ready_trainer("sd15", tmp_path, grid_steps=10, l2g_particles=3)
+    """SD1.5 (no pooled embedding: the network reads the mean token embedding), 3 particles, continuous times: image 0
+    steps from u = 0.9004 to 0.3, image 1 from 0.6 to 0.0014, the DDPM timesteps 900 -> 300 and 600 -> 1 (rounded)."""
+    trainer = ready_trainer("sd15", tmp_path, l2g_particles=3)
     backend, unet, net = trainer.backend, trainer.backend.network, trainer.mlp
     randomise_output_layer(net)
     gen = torch.Generator().manual_seed(4)
     x0 = torch.randn(2, 4, 8, 8, generator=gen)
     noise, target_noise = torch.randn(2, 3, 4, 8, 8, generator=gen), torch.randn(2, 3, 4, 8, 8, generator=gen)
     cond = backend.encode_text(["a cat", "a dog"])
-    terms = trainer.compute_loss(x0, cond, None, grid_index=torch.tensor([3, 9]), noise=noise, target_noise=target_noise)
+    times = (torch.tensor([0.3, 0.0014]), torch.tensor([0.9004, 0.6]))
+    terms = trainer.compute_loss(x0, cond, None, times=times, noise=noise, target_noise=target_noise)
 
     with torch.no_grad():
         tok = backend.text["tokenizer"]
         empty = backend.text["text_encoder"](tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids)[0]
         abar = backend.scheduler.alphas_cumprod.double()
-        t = [600, 0]  # the 10-step DDIM grid 900, 800, ..., 0 at indices 3 and 9
-        s = [500, -1]  # the next point; after the last one, clean data (DDPM timestep -1, abar 1)
-        abar_s = [float(abar[500]), 1.0]
+        t, s = [900, 600], [300, 1]
         scales = [1 + float(net(torch.tensor([float(t[b])]), torch.tensor([float(s[b])]), cond.embeds[b].mean(dim=0, keepdim=True)))
                   for b in range(2)]  # the prompt: the mean of the token embeddings
 
@@ -156,7 +238,7 @@ def test_epsilon_loss_by_hand_with_the_mean_token_prompt(tmp_path):
             total = 0.0
             for b in range(2):
                 a, sd = math.sqrt(abar[t[b]]), math.sqrt(1 - abar[t[b]])
-                a_n, sd_n = math.sqrt(abar_s[b]), math.sqrt(1 - abar_s[b])
+                a_n, sd_n = math.sqrt(abar[s[b]]), math.sqrt(1 - abar[s[b]])
                 guided, target = [], []
                 for j in range(3):
                     z = a * x0[b:b + 1] + sd * noise[b, j:j + 1]
@@ -166,42 +248,41 @@ def test_epsilon_loss_by_hand_with_the_mean_token_prompt(tmp_path):
                     e_hat = e_c + (scales[b] - 1) * (e_c - e_u)  # x_c + omega (x_c - x_u)
                     guided.append(a_n * (z - sd * e_hat) / a + sd_n * e_hat)
                     target.append(a_n * x0[b:b + 1] + sd_n * target_noise[b, j:j + 1])
-                total += energy_by_hand(guided, target) / 2
+                total += mmd_by_hand(guided, target) / 2
             return total
 
         expected = loss(scales)
-        assert abs(loss([1.02 * w for w in scales]) - expected) > 50 * 1e-5 * abs(expected)  # the comparison below can see the scale
+        assert abs(loss([1.02 * w for w in scales]) - expected) > 20 * 1e-5 * abs(expected)  # the comparison below can see the scale
     assert float(terms.total.detach()) == pytest.approx(expected, rel=1e-5)
-    assert terms.scale.tolist() == pytest.approx(scales, rel=1e-6) and terms.grid_index.tolist() == [3, 9]
+    assert terms.scale.tolist() == pytest.approx(scales, rel=1e-6)
+    torch.testing.assert_close(terms.s, times[0]) and torch.testing.assert_close(terms.t, times[1])
 
 
-@pytest.mark.parametrize("objective", ["energy", "l2"])
-def test_flow_loss_by_hand_with_the_pooled_prompt(tmp_path, objective):
-    """SD3 (the pooled [TE1, TE2] embedding), 4 particles, ComfyUI's simple spacing (sigma = 3u / (1 + 2u)), velocity
-    predictions and the flow Euler step."""
-    trainer = ready_trainer("sd3", tmp_path, grid_steps=10, flow_spacing="simple", l2g_objective=objective)
+@pytest.mark.parametrize("objective, beta, lam", [("energy", 1.0, 1.0), ("energy", 1.75, 0.5), ("l2", 1.0, 1.0)])
+def test_flow_loss_by_hand_with_the_pooled_prompt(tmp_path, objective, beta, lam):
+    """SD3 (the pooled [TE1, TE2] embedding), 4 particles, continuous flow sigmas (sigma = u), velocity predictions and
+    the flow Euler step; the MMD family at two (beta, lambda), and eq. 21."""
+    trainer = ready_trainer("sd3", tmp_path, l2g_objective=objective, l2g_beta=beta, l2g_lambda=lam)
     backend, net = trainer.backend, trainer.backend.network
     randomise_output_layer(trainer.mlp, seed=1)
     gen = torch.Generator().manual_seed(5)
     x0 = torch.randn(2, 16, 8, 8, generator=gen)
     noise, target_noise = torch.randn(2, 4, 16, 8, 8, generator=gen), torch.randn(2, 4, 16, 8, 8, generator=gen)
-    index = [0, 6]
     cond, empty = backend.encode_text(["a cat", "a dog"]), backend.encode_text([""])
-    terms = trainer.compute_loss(x0, cond, None, grid_index=torch.tensor(index), noise=noise, target_noise=target_noise)
+    s_sig, t_sig = [0.25, 0.02], [0.95, 0.45]
+    terms = trainer.compute_loss(x0, cond, None, times=(torch.tensor(s_sig), torch.tensor(t_sig)), noise=noise, target_noise=target_noise)
 
     with torch.no_grad():
-        u = 1 - torch.arange(11, dtype=torch.float64) / 10
-        sigmas = (3 * u / (1 + 2 * u)).tolist()  # sigmas[10] = 0: clean data
-        scales = [1 + float(trainer.mlp(torch.tensor([sigmas[i] * 1000]), torch.tensor([sigmas[i + 1] * 1000]), cond.pooled[b:b + 1]))
-                  for b, i in enumerate(index)]
+        scales = [1 + float(trainer.mlp(torch.tensor([t_sig[b] * 1000]), torch.tensor([s_sig[b] * 1000]), cond.pooled[b:b + 1]))
+                  for b in range(2)]
 
         def v(x, sig, c):
             return net(hidden_states=x, timestep=torch.tensor([sig * 1000]), encoder_hidden_states=c.embeds, pooled_projections=c.pooled).sample
 
         def loss(scales):
             total = 0.0
-            for b, i in enumerate(index):
-                sig, sig_n = sigmas[i], sigmas[i + 1]
+            for b in range(2):
+                sig, sig_n = t_sig[b], s_sig[b]
                 guided, target = [], []
                 for j in range(4):
                     z = (1 - sig) * x0[b:b + 1] + sig * noise[b, j:j + 1]
@@ -209,11 +290,10 @@ def test_flow_loss_by_hand_with_the_pooled_prompt(tmp_path, objective):
                     guided.append(z + (sig_n - sig) * (v_c + (scales[b] - 1) * (v_c - v_u)))
                     target.append((1 - sig_n) * x0[b:b + 1] + sig_n * target_noise[b, j:j + 1])
                 if objective == "energy":
-                    total += energy_by_hand(guided, target) / 2
-                else:  # squared distance of the means, less each set's sample variance / m (the unbiased estimate), per element
-                    gx, gy = torch.cat(guided).double().flatten(1), torch.cat(target).double().flatten(1)
-                    value = (gx.mean(0) - gy.mean(0)).pow(2).sum() - gx.var(0).sum() / 4 - gy.var(0).sum() / 4
-                    total += float(value) / gx.shape[1] / 2
+                    total += mmd_by_hand(guided, target, beta, lam) / 2
+                else:  # eq. 21: the mean squared distance over the 4 x 4 pairs, per element
+                    pairs = [float((g.double() - y.double()).pow(2).sum()) for g in guided for y in target]
+                    total += sum(pairs) / 16 / guided[0].numel() / 2
             return total
 
         expected = loss(scales)
@@ -228,19 +308,17 @@ def row_of(cond, row):
     return TextCondition(cond.embeds[row:row + 1], cond.pooled[row:row + 1])
 
 
-def test_training_steps_are_the_steps_inference_reads(tmp_path):
-    """The (t, s) the network is trained on at each grid point is what annealing.GridLookup gives the guide at that sigma
-    (anchored mode): the next grid point, and clean data after the last one."""
-    for kind, extra in (("sdxl", {}), ("sd3", {"grid_steps": 12})):
-        trainer = ready_trainer(kind, tmp_path / kind, **extra)
-        grid, meta = trainer.grid, trainer.metadata()
-        lookup = annealing.GridLookup(meta.training_grid, meta.timestep_convention)
-        x_sigma = grid.sigmas / grid.alphas if kind != "sd3" else grid.sigmas  # the sampler's sigma at each grid point
-        timestep, _, next_timestep = lookup(x_sigma)
-        _, _, trained_s = l2g.next_points(grid)
-        torch.testing.assert_close(timestep, grid.mlp_timesteps, rtol=1e-5, atol=1e-3)
-        torch.testing.assert_close(next_timestep, trained_s, rtol=1e-5, atol=1e-3)
-        assert float(trained_s[-1]) == (-1.0 if kind == "sdxl" else 0.0)
+def test_training_draws_its_steps_from_the_region_the_network_is_clamped_to(tmp_path):
+    """The trainer's own draws (from its generator) lie in [S_min, 1 - zeta] with gaps of at least delta (rounded to the
+    DDPM timesteps), and the network's time clamp is that region."""
+    trainer = ready_trainer("sdxl", tmp_path, l2g_s_min=0.05, l2g_zeta=0.1, l2g_delta=0.2)
+    x0 = torch.randn(16, *trainer.latent_shape)
+    cond = trainer.backend.encode_text(["a"] * 16)
+    terms = trainer.compute_loss(x0, cond, torch.Generator().manual_seed(0))
+    assert float(terms.s.min()) >= 0.05 and float(terms.t.max()) <= 0.9 and float((terms.t - terms.s).min()) >= 0.2
+    config = trainer.plan.network_config
+    assert (config.time_min, config.time_max, config.time_input, config.output, config.trained_s) == (0.05, 0.9, "log_snr", "relu", "continuous")
+    assert trainer.accelerator.unwrap_model(trainer.mlp).metadata.training_grid == trainer.grid.training_grid
 
 
 # ------------------------------------------------------------------------------------------------------------ gradients
@@ -267,10 +345,20 @@ def test_gradients_reach_the_network_and_never_the_frozen_model(tmp_path):
 
 
 def test_the_initial_network_gives_the_initial_scale_everywhere():
-    for scale in (1.05, 3.0, 40.0):
-        net = initial_l2g_network(annealing.LearnToGuideConfig(prompt_dim=5), scale)
-        out = 1 + net(torch.tensor([999.0, 500.0, 3.0]), torch.tensor([979.0, 480.0, -1.0]), torch.randn(3, 5))
-        torch.testing.assert_close(out, torch.full((3,), scale), rtol=1e-6, atol=1e-6)
+    """ReLU output (and the earlier softplus one): zero output weights and the bias that gives 1 + omega_0 everywhere. An
+    unguided start (omega_0 = 0) is refused: the ReLU's gradient there is 0, so that network would never train."""
+    for output in ("relu", "softplus"):
+        for scale in (1.05, 3.0, 40.0):
+            net = initial_l2g_network(annealing.LearnToGuideConfig(prompt_dim=5, output=output), scale)
+            out = 1 + net(torch.tensor([999.0, 500.0, 3.0]), torch.tensor([979.0, 480.0, -1.0]), torch.randn(3, 5))
+            torch.testing.assert_close(out, torch.full((3,), scale), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="must exceed 1"):
+        initial_l2g_network(annealing.LearnToGuideConfig(prompt_dim=5), 1.0)
+    zero = initial_l2g_network(annealing.LearnToGuideConfig(prompt_dim=5), 1.5)
+    with torch.no_grad():
+        zero.head[-1].bias.zero_()  # what an unguided start would be: no gradient reaches any weight
+    zero(torch.tensor([500.0]), torch.tensor([100.0]), torch.randn(1, 5)).sum().backward()
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in zero.parameters())
 
 
 # ------------------------------------------------------------------------------------------------------------ runs
@@ -301,7 +389,11 @@ def test_a_run_trains_writes_a_checkpoint_the_nodes_load_and_resumes_bit_identic
     assert meta.training_grid.to_dict() == trainer.info.training_grid(50).to_dict()  # the pack's own class
     training = meta.training
     assert (training["steps"], training["images"], training["particles"], training["objective"]) == (4, 8, 4, "energy")
+    assert (training["beta"], training["lambda"], training["reward"]) == (1.0, 1.0, None)
+    assert {k: training["times"][k] for k in ("s_min", "zeta", "delta")} == {"s_min": 0.001, "zeta": 0.001, "delta": 0.1}
     assert training["base_model"] == tiny_model(kind).name and training["initial_scale"] == 3.0
+    assert (model.config.output, model.config.time_input, model.config.trained_s) == ("relu", "log_snr", "continuous")
+    assert (model.config.time_min, model.config.time_max) == (0.001, 0.999)
     torch.manual_seed(0)
     initial = initial_l2g_network(model.config, 3.0).state_dict()
     assert not same_weights(model.state_dict(), initial)
@@ -340,6 +432,14 @@ def test_resume_refuses_another_method_or_architecture_and_reads_older_states_as
         train(make_config("sd15", tmp_path / "b", max_steps=2, resume=True), progress=False)
     # an annealing setting does not matter to a learn-to-guide run
     assert train(l2g_config("sd15", tmp_path / "b", max_steps=2, resume=True, mlp_hidden=64), progress=False).steps == 2
+    # a state from before continuous (s, t) draws (it lacks their record) trained another distribution: refused
+    state = torch.load(tmp_path / "b" / RESUME_FILE, weights_only=True)
+    locked = json.loads(state["locked"])
+    del locked["l2g_step_draw"]
+    state["locked"] = json.dumps(locked)
+    torch.save(state, tmp_path / "b" / RESUME_FILE)
+    with pytest.raises(TrainingError, match="cannot resume, l2g_step_draw was 'grid' and is now 'continuous'"):
+        train(l2g_config("sd15", tmp_path / "b", max_steps=3, resume=True), progress=False)
 
 
 def test_nan_losses_are_skipped_and_counted(tmp_path, monkeypatch):
@@ -369,7 +469,7 @@ def test_command_line_and_plot(tmp_path, capsys):
                        "--l2g-particles", "2", "--l2g-objective", "l2", "--lambda-min", "0.3", "--quiet"])
     assert status == 0
     printed = capsys.readouterr().out
-    assert "note: method learn-to-guide does not use lambda_min" in printed and "2 particles per image" in printed
+    assert "note: this learn-to-guide run does not use lambda_min" in printed and "2 particles per image" in printed
     assert "last step: loss" in printed and "CFG scale mean" in printed
     training = annealing.load_guidance_model(out / "learn_to_guide_sdxl.safetensors").metadata.training
     assert (training["particles"], training["objective"]) == (2, "l2") and "lambda_min" not in training
@@ -386,6 +486,18 @@ def test_command_line_and_plot(tmp_path, capsys):
         ({"l2g_particles": 1}, r"l2g_particles must be an integer in \[2, 64\], got 1"),
         ({"l2g_particles": 65}, r"l2g_particles must be an integer in \[2, 64\], got 65"),
         ({"l2g_objective": "mmd"}, "l2g_objective must be one of energy, l2; got 'mmd'"),
+        ({"l2g_beta": 0.0}, r"l2g_beta must be a finite number in \(0, 2\], got 0.0"),
+        ({"l2g_beta": 2.5}, r"l2g_beta must be a finite number in \(0, 2\]"),
+        ({"l2g_lambda": -0.1}, r"l2g_lambda must be a finite number in \[0, 1\]"),
+        ({"l2g_s_min": 0.0}, r"l2g_s_min must be a finite number in \(0, 1\)"),
+        ({"l2g_zeta": 1.0}, r"l2g_zeta must be a finite number in \(0, 1\)"),
+        ({"l2g_delta": float("inf")}, "l2g_delta must be a finite number"),
+        ({"l2g_s_min": 0.5, "l2g_delta": 0.3, "l2g_zeta": 0.25}, r"learn-to-guide times \(l2g_s_min, l2g_delta, l2g_zeta\): s_min \+ delta"),
+        ({"l2g_time_input": "fourier"}, "l2g_time_input must be one of log_snr, cosine"),
+        ({"l2g_reward": "pickscore"}, "l2g_reward must be one of none, clip"),
+        ({"l2g_reward": "clip"}, "l2g_reward clip needs l2g_reward_model"),
+        ({"l2g_reward_weight": -1.0}, r"l2g_reward_weight must be a finite number in \[0, 1e\+06\]"),
+        ({"l2g_reward_model": "x\0y"}, "l2g_reward_model must be a path"),
         ({"l2g_hidden": 0}, r"l2g_hidden must be an integer in \[1, 2048\]"),
         ({"l2g_layers": 17}, r"l2g_layers must be an integer in \[0, 16\]"),
         ({"l2g_projection": 4096}, r"l2g_projection must be an integer in \[1, 1024\]"),
@@ -412,9 +524,9 @@ def test_bad_settings_fail_before_any_model_loads(tmp_path, monkeypatch, capsys)
               str(tmp_path / "out"), "--quiet"]
     capsys.readouterr()  # what building the tiny model printed (transformers' import notes) is not the CLI's
     # the last one passes the settings' check (a 1-wide prompt fits the core's parameter bound) and fails on the model's
-    # prompt width, read from its configs: the tiny SD1.5's 32-wide mean token embedding puts it 4 k parameters over
-    too_big = ["--l2g-hidden", "1983", "--l2g-layers", "8", "--l2g-projection", "1024"]
-    TrainConfig(model="m", dataset="d", output="o", method="learn-to-guide", l2g_hidden=1983, l2g_layers=8, l2g_projection=1024).validate()
+    # prompt width, read from its configs: the tiny SD1.5's 32-wide mean token embedding puts it 19 k parameters over
+    too_big = ["--l2g-hidden", "1982", "--l2g-layers", "8", "--l2g-projection", "1024"]
+    TrainConfig(model="m", dataset="d", output="o", method="learn-to-guide", l2g_hidden=1982, l2g_layers=8, l2g_projection=1024).validate()
     for flags in (["--l2g-particles", "0"], ["--l2g-initial-scale", "inf"], ["--l2g-hidden", "0"], too_big):
         assert cli_main(common + flags) == 2
         err = capsys.readouterr().err
@@ -429,3 +541,6 @@ def test_settings_of_the_other_method_are_named_when_set():
     assert TrainConfig(**base, method="learn-to-guide", lambda_min=0.2, balance="on", cads=True).inapplicable() == ["lambda_min", "balance"]
     assert TrainConfig(**base, l2g_particles=8).inapplicable() == ["l2g_particles"]
     assert TrainConfig(**base, method="learn-to-guide").inapplicable() == []
+    # within Learn to Guide: l2 has no beta or lambda, and without a reward its weight and model are unused
+    assert TrainConfig(**base, method="learn-to-guide", l2g_objective="l2", l2g_beta=1.5, l2g_reward_weight=2.0).inapplicable() == [
+        "l2g_beta", "l2g_reward_weight"]

@@ -5,6 +5,7 @@ the nodes' compatibility check and ``python -m annealing inspect``."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import annealing
 
@@ -23,9 +24,13 @@ def checkpoint_metadata(plan: RunPlan, parts: RunParts, counters: RunCounters) -
             "method": "learn-to-guide (Galashov et al., arXiv 2510.00815)",
             "particles": cfg.l2g_particles,
             "objective": cfg.l2g_objective,
-            "step_to": "the training grid's next point (clean data after the last)",
+            **({"beta": cfg.l2g_beta, "lambda": cfg.l2g_lambda} if cfg.l2g_objective == "energy" else {}),
+            "times": {"draw": "continuous: s ~ U[s_min, 1 - zeta - delta], t = s + U[delta, 1 - zeta - s]", "s_min": cfg.l2g_s_min,
+                      "zeta": cfg.l2g_zeta, "delta": cfg.l2g_delta},
             "initial_scale": cfg.l2g_initial_scale,
             "prompt_embedding": plan.prompt_kind,
+            "reward": None if cfg.l2g_reward == "none" else {"kind": "clip", "weight": cfg.l2g_reward_weight,
+                                                              "model": Path(cfg.l2g_reward_model).name},
         })
     else:
         training.update({"lambda_min": cfg.lambda_min, "lambda_max": cfg.lambda_max})

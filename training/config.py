@@ -53,7 +53,8 @@ HELP = {
     "gradient_accumulation": "micro-batches per optimizer step (paper: batch 1 x 16 accumulation)",
     "images": "training images to draw in total; steps = images / (batch_size x gradient_accumulation x processes) (paper: 20000)",
     "max_steps": "optimizer steps (overrides --images)",
-    "grid_steps": "sampling grid timesteps are drawn from (paper: 50)",
+    "grid_steps": "sampling grid timesteps are drawn from (paper: 50); learn-to-guide draws continuous times and only records this "
+                  "grid in its checkpoint (the explorer draws along it)",
     "flow_spacing": "flow models: diffusers|simple spacing of the grid; diffusers = the diffusers pipeline's own (SD3: "
                     "FlowMatchEulerDiscreteScheduler's, last sigma 0.0089 at 28 steps, shift 3; Qwen-Image, Chroma: linspace(1, 1/N); Wan's "
                     "UniPC: its nearest, the simple one), simple = ComfyUI's simple scheduler (last sigma 0.100); recorded in the checkpoint",
@@ -87,8 +88,23 @@ HELP = {
                  "another run's files are never removed",
     "device": "auto|cpu|cuda (accelerate picks the device per process; cpu forces the CPU)",
     "l2g_particles": "learn-to-guide: particles per image, m (paper: 4); the frozen model runs on 2m latents per image",
-    "l2g_objective": "learn-to-guide: energy|l2, the distance between the guided and the true particle sets (paper: energy, the "
-                     "energy distance; l2: squared distance between the sets' means)",
+    "l2g_objective": "learn-to-guide: energy|l2, the distance between the guided and the true particle sets (paper: energy, "
+                     "its eq. 9 MMD with --l2g-beta and --l2g-lambda, the energy distance at their defaults; l2: its eq. 21, "
+                     "E||x_s(omega) - x_s||^2 over independent pairs)",
+    "l2g_beta": "learn-to-guide, energy objective: the distance kernel's exponent beta in (0, 2] (1: the energy distance; the paper "
+                "ablates 0.1 to 1.75, best near 1)",
+    "l2g_lambda": "learn-to-guide, energy objective: the weight lambda in [0, 1] of the sets' self-distances (1: the energy "
+                  "distance; 0: the cross term alone)",
+    "l2g_s_min": "learn-to-guide: the smallest normalised time s is drawn from, S_min (ours: 0.001)",
+    "l2g_zeta": "learn-to-guide: t stays below 1 - zeta, away from pure noise (ours: 0.001)",
+    "l2g_delta": "learn-to-guide: the smallest gap t - s, delta (paper: about 0.1; it reports 0.01 worse)",
+    "l2g_time_input": "learn-to-guide: log_snr|cosine, how t and s enter the network (paper: log_snr, the log-SNR through a small "
+                      "MLP; cosine: the pack's earlier cosine features of t / 1000)",
+    "l2g_reward": "learn-to-guide: none|clip; clip adds gamma_R x the negated CLIP score of the guided x0-prediction (the paper's "
+                  "reward variant; needs --l2g-reward-model)",
+    "l2g_reward_model": "learn-to-guide: a local CLIP folder (transformers CLIPModel with model.safetensors and its tokenizer) for "
+                        "--l2g-reward clip; nothing is downloaded",
+    "l2g_reward_weight": "learn-to-guide: gamma_R, the reward term's weight (ours: 1; the paper's value was not available to us)",
     "l2g_hidden": "learn-to-guide: hidden width of the network's head (ours: 128)",
     "l2g_layers": "learn-to-guide: hidden-to-hidden layers of the head (ours: 2)",
     "l2g_projection": "learn-to-guide: width the prompt embedding is projected to (ours: 32)",
@@ -106,6 +122,8 @@ CHOICES = {
     "method": ("annealing", "learn-to-guide"),
     "l2g_objective": ("energy", "l2"),
     "expert": ("auto", "high", "low"),
+    "l2g_time_input": ("log_snr", "cosine"),
+    "l2g_reward": ("none", "clip"),
 }
 #: The families ``--model-family`` may name: those the training package has a backend for (one registry, training.backends).
 #: Not an argparse choice, so a wrong name is the same one-line error from a flag or a config file.
@@ -149,13 +167,20 @@ FLOAT_BOUNDS = {
     "balance_momentum": (0.0, 1.0, False, True),
     "delta_normalization": (0.0, 1e6, True, False),
     "max_grad_norm": (0.0, 1e6, False, False),
-    "l2g_initial_scale": (1.0, 100.0, True, False),  # 1 + omega with omega = softplus(...) > 0
+    "l2g_initial_scale": (1.0, 100.0, True, False),  # 1 + omega, omega > 0: at omega = 0 the ReLU output has no gradient
+    "l2g_beta": (0.0, 2.0, True, False),
+    "l2g_lambda": (0.0, 1.0, False, False),
+    "l2g_s_min": (0.0, 1.0, True, True),
+    "l2g_zeta": (0.0, 1.0, True, True),
+    "l2g_delta": (0.0, 1.0, True, True),
+    "l2g_reward_weight": (0.0, 1e6, False, False),
 }
 #: Settings of one method only; the other method does not read them (a run says which of them were set).
 ANNEALING_SETTINGS = ("lambda_min", "lambda_max", "cads", "cads_noise_scale", "cads_tau1", "cads_tau2", "cads_psi", "delta_weight", "balance",
                       "balance_momentum", "mlp_hidden", "mlp_layers", "delta_normalization", "gradient_checkpointing")
-L2G_SETTINGS = ("l2g_particles", "l2g_objective", "l2g_hidden", "l2g_layers", "l2g_projection", "l2g_initial_scale")
-PATH_SETTINGS = ("model", "config_folder", "dataset", "output", "embeddings")
+L2G_SETTINGS = ("l2g_particles", "l2g_objective", "l2g_beta", "l2g_lambda", "l2g_s_min", "l2g_zeta", "l2g_delta", "l2g_time_input",
+                "l2g_hidden", "l2g_layers", "l2g_projection", "l2g_initial_scale", "l2g_reward", "l2g_reward_model", "l2g_reward_weight")
+PATH_SETTINGS = ("model", "config_folder", "dataset", "output", "embeddings", "l2g_reward_model")
 MAX_PATH_CHARS = 4096
 MAX_NAME_CHARS = 128
 #: A config file holds about 45 short settings (~2 KB); anything far larger is not one.
@@ -292,9 +317,25 @@ def _l2g_network_rule(c: TrainConfig) -> str | None:
     return None
 
 
+def _l2g_times_rule(c: TrainConfig) -> str | None:
+    if c.method != "learn-to-guide":
+        return None
+    try:
+        c.l2g_time_region()
+    except ValueError as exc:
+        return f"learn-to-guide times (l2g_s_min, l2g_delta, l2g_zeta): {exc}"
+    return None
+
+
+def _l2g_reward_rule(c: TrainConfig) -> str | None:
+    if c.method == "learn-to-guide" and c.l2g_reward == "clip" and not c.l2g_reward_model:
+        return "l2g_reward clip needs l2g_reward_model, a local CLIP folder (--l2g-reward-model DIR)"
+    return None
+
+
 #: Rules of several settings together, or beyond one setting's type, bound and set; checked after the tables.
-RULES = (_resolution_rule, _clip_size_rule, _lambda_rule, _cads_rule, _caption_extension_rule, _output_name_rule, _resume_rule, _annealing_network_rule,
-         _l2g_network_rule)
+RULES = (_resolution_rule, _clip_size_rule, _lambda_rule, _cads_rule, _caption_extension_rule, _output_name_rule, _resume_rule,
+         _annealing_network_rule, _l2g_network_rule, _l2g_times_rule, _l2g_reward_rule)
 
 @dataclass
 class TrainConfig:
@@ -352,10 +393,19 @@ class TrainConfig:
     device: str = "auto"
     l2g_particles: int = 4
     l2g_objective: str = "energy"
+    l2g_beta: float = 1.0
+    l2g_lambda: float = 1.0
+    l2g_s_min: float = 0.001
+    l2g_zeta: float = 0.001
+    l2g_delta: float = 0.1
+    l2g_time_input: str = "log_snr"
     l2g_hidden: int = 128
     l2g_layers: int = 2
     l2g_projection: int = 32
     l2g_initial_scale: float = 3.0
+    l2g_reward: str = "none"
+    l2g_reward_model: str | None = None
+    l2g_reward_weight: float = 1.0
 
     def validate(self, need_paths: bool = True) -> TrainConfig:
         """Check every setting's type, finiteness, range and name; raise a one-line TrainingError naming the setting.
@@ -381,14 +431,27 @@ class TrainConfig:
                 raise TrainingError(problem)
         return self
 
-    def l2g_network_config(self, prompt_dim: int, prompt_embedding: str = "pooled"):
-        """The :class:`annealing.LearnToGuideConfig` these settings describe, for a prompt embedding of that width."""
+    def l2g_network_config(self, prompt_dim: int, prompt_embedding: str = "pooled", normalization: float = 1000.0):
+        """The :class:`annealing.LearnToGuideConfig` these settings describe, for a prompt embedding of that width and
+        timesteps normalised by ``normalization`` (a DDPM schedule's T; 1000 for flow sigma x 1000): its time inputs are
+        clamped to the region training draws them from, [S_min, 1 - zeta]."""
         return annealing.LearnToGuideConfig(prompt_dim=prompt_dim, prompt_embedding=prompt_embedding, projection_size=self.l2g_projection,
-                                            hidden_size=self.l2g_hidden, n_layers=self.l2g_layers)
+                                            hidden_size=self.l2g_hidden, n_layers=self.l2g_layers, time_input=self.l2g_time_input,
+                                            time_min=self.l2g_s_min, time_max=1.0 - self.l2g_zeta, t_embed_normalization=float(normalization))
+
+    def l2g_time_region(self):
+        """The :class:`training.learn_to_guide.TimeRegion` (s, t) are drawn from."""
+        from .learn_to_guide import TimeRegion
+
+        return TimeRegion(s_min=self.l2g_s_min, zeta=self.l2g_zeta, delta=self.l2g_delta)
 
     def inapplicable(self) -> list[str]:
-        """The settings of the other method that differ from their defaults (the run does not use them)."""
-        names = ANNEALING_SETTINGS if self.method == "learn-to-guide" else L2G_SETTINGS
+        """The settings this run does not use that differ from their defaults: the other method's, and within Learn to
+        Guide the energy objective's beta and lambda under l2, the reward's settings without a reward."""
+        names = list(ANNEALING_SETTINGS if self.method == "learn-to-guide" else L2G_SETTINGS)
+        if self.method == "learn-to-guide":
+            names += ["l2g_beta", "l2g_lambda"] if self.l2g_objective == "l2" else []
+            names += ["l2g_reward_model", "l2g_reward_weight"] if self.l2g_reward == "none" else []
         defaults = {f.name: f.default for f in config_fields()}
         return [name for name in names if getattr(self, name) != defaults[name]]
 

@@ -36,9 +36,10 @@ RESUME_COUNTERS = ("step", "micro_step", "images_seen", "nan_losses", "skipped_s
 RESUME_LOCKED = ("mlp_hidden", "mlp_layers", "delta_normalization", "grid_steps", "flow_spacing", "model_family_resolved",
                  "resolution_resolved")
 #: Locked settings that resume states written before they existed lack, and the value those runs had.
-LOCKED_DEFAULTS = {"method": "annealing", "frames_resolved": 1, "expert": "auto"}
+LOCKED_DEFAULTS = {"method": "annealing", "frames_resolved": 1, "expert": "auto", "l2g_step_draw": "grid"}
 #: Settings whose change a resume warns about (the run continues, but no longer reproduces an uninterrupted one).
-RESUME_WARNED = ("effective_batch", "seed", "l2g_particles", "l2g_objective")
+RESUME_WARNED = ("effective_batch", "seed", "l2g_particles", "l2g_objective", "l2g_beta", "l2g_lambda", "l2g_delta", "l2g_reward",
+                 "l2g_reward_weight")
 #: The core's bound for a torch checkpoint file; the largest network the settings allow, with its Adam moments, is well under.
 MAX_RESUME_BYTES = untrusted.MAX_FILE_BYTES
 
@@ -81,7 +82,7 @@ def recorded_settings(plan, parts) -> dict:
     """What a resume state records of a run's settings: the locked ones (``plan.locked``) and those a resume warns about."""
     cfg, extra = plan.config, {}
     if plan.l2g:
-        extra = {"l2g_particles": cfg.l2g_particles, "l2g_objective": cfg.l2g_objective}
+        extra = {name: getattr(cfg, name) for name in RESUME_WARNED if name.startswith("l2g_")}
     return dict(plan.locked, effective_batch=parts.effective_batch, seed=cfg.seed, **extra)
 
 

@@ -45,6 +45,7 @@ class RunParts:
     balance: RunningBalance | None  # annealing's running balance of its two loss terms, where it is on
     effective_batch: int  # images per optimizer step over all processes
     total_steps: int
+    reward: object | None = None  # Learn to Guide's reward variant: a training.reward.ClipReward, or None
 
     @property
     def world(self) -> int:
@@ -87,15 +88,20 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def initial_l2g_network(config: annealing.LearnToGuideConfig, initial_scale: float) -> annealing.LearnToGuideNet:
-    """A Learn to Guide network that gives the CFG scale ``initial_scale`` at every step and prompt: its output layer's
-    weights are zero and its bias is softplus^-1(initial_scale - 1). The other layers keep torch's initialisation; they
-    receive gradients from the first optimizer step on, once the output weights have moved."""
-    net = annealing.LearnToGuideNet(config).to(torch.float32)
+def initial_l2g_network(config: annealing.LearnToGuideConfig, initial_scale: float, metadata=None) -> annealing.LearnToGuideNet:
+    """A Learn to Guide network that gives the CFG scale ``initial_scale`` > 1 at every step and prompt: its output layer's
+    weights are zero and its bias is omega_0 = initial_scale - 1 (relu output; softplus^-1(omega_0) for a softplus one).
+    The other layers keep torch's initialisation; they receive gradients from the first optimizer step on, once the
+    output weights have moved. Not unguided (omega_0 = 0): at 0 the ReLU's gradient is 0 and the network would never
+    move. ``metadata`` (its training grid and timestep convention) gives a log_snr network its noise schedule."""
+    if not initial_scale > 1.0:
+        raise ValueError(f"the initial CFG scale must exceed 1 (omega > 0, where the ReLU output has a gradient), got {initial_scale!r}")
+    net = annealing.LearnToGuideNet(config, metadata).to(torch.float32)
     omega = initial_scale - 1.0
     with torch.no_grad():
         net.head[-1].weight.zero_()
-        net.head[-1].bias.fill_(omega + math.log(-math.expm1(-omega)))  # log(exp(omega) - 1), stable for small and large omega
+        # softplus: log(exp(omega) - 1), stable for small and large omega
+        net.head[-1].bias.fill_(omega if config.output == "relu" else omega + math.log(-math.expm1(-omega)))
     return net
 
 
@@ -114,7 +120,7 @@ def load_parts(plan: RunPlan) -> RunParts:
     dtype = resolve_precision(cfg.precision, acc.device, plan.info.spec.half_precision(plan.info))
     ignored = cfg.inapplicable()
     if ignored:
-        acc.print(f"note: method {cfg.method} does not use {', '.join(ignored)} (set away from the default{'s' if len(ignored) > 1 else ''})")
+        acc.print(f"note: this {cfg.method} run does not use {', '.join(ignored)} (set away from the default{'s' if len(ignored) > 1 else ''})")
     cads = CADSConfig(cfg.cads_noise_scale, cfg.cads_tau1, cfg.cads_tau2, cfg.cads_psi, cfg.cads)
     vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32  # the SDXL VAE overflows in fp16
     backend = load_backend(
@@ -136,8 +142,17 @@ def load_parts(plan: RunPlan) -> RunParts:
     checkpointing, memory_line = _decide_checkpointing(plan, acc, backend, grid, uncond)
 
     torch.manual_seed(cfg.seed)  # the same initial network on every process
+    reward = None
     if plan.l2g:
-        network = initial_l2g_network(plan.network_config, cfg.l2g_initial_scale)
+        schedule = annealing.CheckpointMetadata(model_family=plan.family, prediction_space=plan.info.prediction_space,
+                                                timestep_convention=grid.timestep_convention, training_grid=grid.training_grid,
+                                                trained_latent_numel=None, method="learn_to_guide")
+        network = initial_l2g_network(plan.network_config, cfg.l2g_initial_scale, schedule)
+        if cfg.l2g_reward == "clip":
+            from .reward import ClipReward
+
+            reward = ClipReward.from_folder(cfg.l2g_reward_model, acc.device)
+            acc.print(f"reward: CLIP score from {cfg.l2g_reward_model} (weight gamma_R {cfg.l2g_reward_weight:g}), through the VAE decode")
     else:
         network = annealing.GuidanceScaleModel(plan.network_config).to(torch.float32)
     optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -150,7 +165,7 @@ def load_parts(plan: RunPlan) -> RunParts:
         loss_scale=FP16_LOSS_SCALE if dtype == torch.float16 and not plan.l2g else 1.0,
         backend=backend, grid=grid, uncond=uncond, gradient_checkpointing=checkpointing, memory_line=memory_line, mlp=mlp,
         optimizer=optimizer, balance=RunningBalance(momentum=cfg.balance_momentum) if balanced else None, effective_batch=effective_batch,
-        total_steps=cfg.max_steps or max(1, math.ceil(cfg.images / effective_batch)),
+        total_steps=cfg.max_steps or max(1, math.ceil(cfg.images / effective_batch)), reward=reward,
     )
 
 

@@ -77,9 +77,13 @@ def plan_run(config: TrainConfig) -> RunPlan:
     if l2g:  # the prompt input's width comes from the model's configs: the architecture is known before any load
         prompt_kind, prompt_dim = info.prompt_embedding()
         try:
-            network_config = cfg.l2g_network_config(prompt_dim, prompt_kind)
+            network_config = cfg.l2g_network_config(prompt_dim, prompt_kind, l2g_normalization(info))
         except ValueError as exc:
             raise TrainingError(f"learn-to-guide network settings (l2g_hidden, l2g_layers, l2g_projection): {exc}") from None
+        if cfg.l2g_reward == "clip":
+            from .reward import check_clip_folder
+
+            check_clip_folder(cfg.l2g_reward_model)
     else:
         network_config = annealing.GuidanceModelConfig(hidden_size=cfg.mlp_hidden, n_layers=cfg.mlp_layers,
                                                        delta_embed_normalization=cfg.delta_normalization)
@@ -95,8 +99,9 @@ def plan_run(config: TrainConfig) -> RunPlan:
         "frames_resolved": frames,  # the latent shape, with the resolution
         "expert": cfg.expert,  # Wan 2.2 A14B: which network, and which part of the grid
     }
-    if l2g:
-        locked.update(l2g_hidden=cfg.l2g_hidden, l2g_layers=cfg.l2g_layers, l2g_projection=cfg.l2g_projection)
+    if l2g:  # continuous (s, t) draws since this pack's paper-faithful trainer; the time input's clamp is part of the network
+        locked.update(l2g_step_draw="continuous", l2g_hidden=cfg.l2g_hidden, l2g_layers=cfg.l2g_layers, l2g_projection=cfg.l2g_projection,
+                      l2g_time_input=cfg.l2g_time_input, l2g_s_min=cfg.l2g_s_min, l2g_zeta=cfg.l2g_zeta)
 
     state, resume_file = _existing_resume_state(output, cfg.resume)
     if cfg.resume:
@@ -110,6 +115,15 @@ def plan_run(config: TrainConfig) -> RunPlan:
                    embeddings=embeddings,
                    network_config=network_config, prompt_kind=prompt_kind, locked=MappingProxyType(locked),
                    resume_state=state if cfg.resume else None, folder=folder, folder_plan=folder_plan)
+
+
+def l2g_normalization(info: ModelInfo) -> float:
+    """T of a Learn to Guide network's normalised time u = timestep / T: the DDPM schedule's timestep count, 1000 for
+    flow models (timesteps are sigma x 1000)."""
+    if info.prediction_type == "flow":
+        return 1000.0
+    count = info.scheduler_config.get("num_train_timesteps", 1000)  # the grid built from it refuses a bad one at load
+    return float(count) if isinstance(count, int) and not isinstance(count, bool) and 2 <= count <= 10_000 else 1000.0
 
 
 def _embeddings(cfg: TrainConfig, info: ModelInfo, scan: DatasetScan, resolution: int, frames: int, latent_shape: tuple) -> EmbeddingStore | None:

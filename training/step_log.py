@@ -20,18 +20,21 @@ from .algorithm import LossTerms
 from .learn_to_guide import GuideTerms
 
 ANNEALING_TERMS = ("loss", "quality", "alignment", "w_mean", "w_min", "w_max")
-L2G_TERMS = ("loss", "scale_mean", "scale_min", "scale_max")
+L2G_TERMS = ("loss", "consistency", "scale_mean", "scale_min", "scale_max")
+#: Learn to Guide's reward variant adds the mean CLIP score of the step's images.
+REWARD_TERM = "clip_score"
 
 
 class StepWindow:
     """Loss terms and w statistics of the micro-batches of one optimizer step (per process, reduced on demand).
-    Learn to Guide (``l2g``): one loss term, and the CFG scale 1 + omega in place of w, reported as scale_*."""
+    Learn to Guide (``l2g``): its self-consistency term (and its reward's mean CLIP score, where on) in the slots of
+    annealing's quality (and alignment) terms, and the CFG scale 1 + omega in place of w, reported as scale_*."""
 
     def __init__(self, device: torch.device, l2g: bool = False):
         self.device, self.l2g = device, l2g
         self.count = self.images = self.nan = self.failed = 0
         self.loss = self.quality = self.alignment = self.w_sum = 0.0
-        self.w_n = 0
+        self.w_n = self.rewards = 0
         self.w_min, self.w_max = math.inf, -math.inf
 
     def add(self, terms: LossTerms | GuideTerms, images: int) -> None:
@@ -40,6 +43,10 @@ class StepWindow:
         self.loss += float(terms.total.detach())
         if isinstance(terms, GuideTerms):
             w = terms.scale.float()
+            self.quality += float(terms.consistency)
+            if terms.reward is not None:
+                self.alignment += float(terms.reward)
+                self.rewards += 1
         else:
             self.quality += float(terms.quality)
             self.alignment += float(terms.alignment)
@@ -53,15 +60,18 @@ class StepWindow:
         """The step's sums over every process, and ``stop``: whether any process was asked to stop (one reduction
         carries both, so every process stops after the same step)."""
         sums = torch.tensor([self.count, self.images, self.nan, self.failed, self.loss, self.quality, self.alignment, self.w_sum, self.w_n,
-                             float(stop)], dtype=torch.float64, device=self.device)
+                             self.rewards, float(stop)], dtype=torch.float64, device=self.device)
         extremes = torch.tensor([self.w_min, -self.w_max], dtype=torch.float64, device=self.device)
         if acc.num_processes > 1:
             sums = acc.reduce(sums, "sum")
             extremes = acc.gather(extremes.unsqueeze(0)).min(dim=0).values  # [min w, -max w] over processes
-        count, images, nan, failed, loss, quality, alignment, w_sum, w_n, stops = sums.tolist()
+        count, images, nan, failed, loss, quality, alignment, w_sum, w_n, rewards, stops = sums.tolist()
         out = {"count": int(count), "images": int(images), "nan": int(nan), "failed": int(failed), "stop": stops > 0}
         if count and self.l2g:
-            out.update(loss=loss / count, scale_mean=w_sum / max(w_n, 1), scale_min=float(extremes[0]), scale_max=-float(extremes[1]))
+            out.update(loss=loss / count, consistency=quality / count, scale_mean=w_sum / max(w_n, 1), scale_min=float(extremes[0]),
+                       scale_max=-float(extremes[1]))
+            if rewards:
+                out[REWARD_TERM] = alignment / rewards
         elif count:
             out.update(loss=loss / count, quality=quality / count, alignment=alignment / count, w_mean=w_sum / max(w_n, 1),
                        w_min=float(extremes[0]), w_max=-float(extremes[1]))
@@ -73,13 +83,16 @@ def step_terms(summary: dict, l2g: bool) -> dict:
     of the step had a usable loss."""
     if not summary["count"]:
         return {}
-    return {k: summary[k] for k in (L2G_TERMS if l2g else ANNEALING_TERMS)}
+    return {k: summary[k] for k in (L2G_TERMS + (REWARD_TERM,) if l2g else ANNEALING_TERMS) if k in summary}
 
 
 def bar_postfix(terms: dict, balanced: bool) -> dict:
     """The progress bar's postfix for a step's values."""
     if "scale_mean" in terms:
-        return {"loss": f"{terms['loss']:.4g}", "scale": f"{terms['scale_mean']:.2f}[{terms['scale_min']:.2f},{terms['scale_max']:.2f}]"}
+        postfix = {"loss": f"{terms['loss']:.4g}", "scale": f"{terms['scale_mean']:.2f}[{terms['scale_min']:.2f},{terms['scale_max']:.2f}]"}
+        if REWARD_TERM in terms:
+            postfix["clip"] = f"{terms[REWARD_TERM]:.3f}"
+        return postfix
     postfix = {"loss": f"{terms['loss']:.4g}", "q": f"{terms['quality']:.3g}", "a": f"{terms['alignment']:.3g}",
                "w": f"{terms['w_mean']:.2f}[{terms['w_min']:.2f},{terms['w_max']:.2f}]"}
     if balanced:

@@ -2,8 +2,9 @@
 
 The architectures are the real ones scaled down (real sizes in the comments): byte-level tokenizers (CLIP, T5 and Qwen2
 style) need no hub files, the VAEs keep the real downsampling (64 px -> 8 x 8 latents; Wan 2.2's x16 VAE: 4 x 4), the
-video VAEs the real x4 temporal one. ``SDXL_UNET_CONFIG`` and the other ``*_CONFIG`` dicts are full-size configs,
-written out here because the hub is unreachable (random weights; for throughput, memory and precision only).
+video VAEs the real x4 temporal one. ``SDXL_UNET_CONFIG``, ``SD15_UNET_CONFIG``, ``SD_VAE_CONFIG``, ``CLIP_VIT_L14_CONFIG``
+and the other ``*_CONFIG`` dicts are full-size configs, written out here because the hub is unreachable (random weights;
+for throughput, memory and precision only).
 """
 
 from __future__ import annotations
@@ -37,6 +38,45 @@ SDXL_UNET_CONFIG = {
     "act_fn": "silu",
     "center_input_sample": False,
     "upcast_attention": None,
+}
+
+
+#: SD1.5's UNet (unet/config.json of runwayml/stable-diffusion-v1-5), 860 M parameters.
+SD15_UNET_CONFIG = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+#: The SD1.x / SD2.x VAE (vae/config.json of the same repository), 84 M parameters.
+SD_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+#: CLIP ViT-L/14 (config.json of openai/clip-vit-large-patch14), 428 M parameters: the usual CLIP-score model.
+CLIP_VIT_L14_CONFIG = {
+    "text_config": {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                    "max_position_embeddings": 77, "projection_dim": 768, "hidden_act": "quick_gelu"},
+    "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 224,
+                      "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu"},
+    "projection_dim": 768,
 }
 
 
@@ -157,6 +197,26 @@ def make_tiny_model(kind: str, out: str | Path, prediction_type: str = "epsilon"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return builders[kind]()
+
+
+def make_tiny_clip(out: str | Path, image_size: int = 32) -> Path:
+    """A tiny random CLIP (text and vision towers, 16 wide, projection 8; real ViT-L/14: 768 / 1024 / 768 at 224 px) with its
+    tokenizer and image processor config, as a local folder for the reward variant."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+    torch.manual_seed(0)
+    text = clip_config(16, 8).to_dict()
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+                              patch_size=8, projection_dim=8).to_dict()
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    make_tokenizer().save_pretrained(out)
+    processor = {"image_processor_type": "CLIPImageProcessor", "crop_size": {"height": image_size, "width": image_size},
+                 "size": {"shortest_edge": image_size}, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                 "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+    return out
 
 
 def make_image_dataset(folder: str | Path, count: int = 6, size: int = 64, seed: int = 0, corrupt: int = 0, without_caption: int = 0,

@@ -16,7 +16,8 @@ Per micro-batch:
 
     latents = VAE(image);  cond = text encoders(caption) or precomputed embeddings
     terms   = annealing_loss(backend, mlp, latents, cond, uncond, grid, ...)    (the CFG++ step is annealing.cfgpp_step)
-              or learn_to_guide_loss(..., prompt embedding of cond, ...)          (m particles, one guided step, energy distance)
+              or learn_to_guide_loss(..., prompt embedding of cond, ...)          (continuous (s, t), m particles, one guided
+                                                                                  step, an MMD; optionally the CLIP reward)
     backward of terms.total (skipped and counted when it is NaN/inf; a zero loss keeps multi-GPU processes in step)
 
 and every ``gradient_accumulation`` micro-batches one AdamW step on the network (float32 always; ``precision`` only sets
@@ -54,6 +55,7 @@ from .errors import TrainingError
 from .interrupt import Interrupted, StopRequest, ignore_ctrl_c
 from .learn_to_guide import GuideTerms, learn_to_guide_loss
 from .resume_state import RESUME_WARNED, RunCounters, recorded_settings, resume_state_of, write_resume_state
+from .reward import latent_reward
 from .run_parts import RunParts, load_parts, peak_memory_bytes
 from .run_plan import RunPlan, plan_run
 from .run_report import TrainResult, format_report
@@ -120,15 +122,23 @@ class Trainer:
     gradient_checkpointing = property(lambda self: self.parts.gradient_checkpointing)
 
     # ------------------------------------------------------------------------------------------------ the loss
-    def compute_loss(self, latents: torch.Tensor, cond: TextCondition, generator: torch.Generator | None, **overrides) -> LossTerms | GuideTerms:
-        """The method's loss for one micro-batch (``overrides`` pass lam/grid_index/noise/target_noise through, for tests):
-        Algorithm 1's, or Learn to Guide's with the prompt embedding the network reads at inference."""
+    def compute_loss(self, latents: torch.Tensor, cond: TextCondition, generator: torch.Generator | None, captions: list[str] | None = None,
+                     **overrides) -> LossTerms | GuideTerms:
+        """The method's loss for one micro-batch (``overrides`` pass lam/grid_index/times/noise/target_noise through, for
+        tests): Algorithm 1's, or Learn to Guide's with the prompt embedding the network reads at inference (and, with the
+        reward variant, the CLIP score of ``captions``)."""
         cfg, parts = self.plan.config, self.parts
         if self.plan.l2g:
             net = self.plan.network_config
             prompt = annealing.prompt_embedding(cond.embeds, cond.pooled, net.prompt_embedding, net.prompt_dim)
+            reward = None
+            if parts.reward is not None:
+                if captions is None:
+                    raise ValueError("the reward variant scores the captions: pass captions")
+                reward = latent_reward(parts.backend.vae, parts.reward, captions)
             return learn_to_guide_loss(parts.backend, parts.mlp, latents, cond, parts.uncond, parts.grid, prompt, particles=cfg.l2g_particles,
-                                       objective=cfg.l2g_objective, generator=generator, **overrides)
+                                       objective=cfg.l2g_objective, beta=cfg.l2g_beta, lam=cfg.l2g_lambda, region=cfg.l2g_time_region(),
+                                       generator=generator, reward=reward, reward_weight=cfg.l2g_reward_weight, **overrides)
         weight = cfg.delta_weight * (parts.balance.weight if parts.balance is not None else 1.0)
         return annealing_loss(parts.backend, parts.mlp, latents, cond, parts.uncond, parts.grid, lambda_range=(cfg.lambda_min, cfg.lambda_max),
                               delta_weight=weight, generator=generator, **overrides)
@@ -239,8 +249,10 @@ class Trainer:
 
     def _training_line(self, images: int) -> str:
         plan, parts, cfg = self.plan, self.parts, self.plan.config
-        what = (f"a Learn to Guide network ({cfg.l2g_objective} objective, {cfg.l2g_particles} particles per image)" if plan.l2g
-                else "a guidance MLP")
+        objective = f"energy (beta {cfg.l2g_beta:g}, lambda {cfg.l2g_lambda:g})" if cfg.l2g_objective == "energy" else "l2"
+        reward = f", CLIP reward x {cfg.l2g_reward_weight:g}" if cfg.l2g_reward == "clip" else ""
+        what = (f"a Learn to Guide network ({objective} objective{reward}, {cfg.l2g_particles} particles per image, (s, t) continuous "
+                f"with t - s >= {cfg.l2g_delta:g})" if plan.l2g else "a guidance MLP")
         return (f"training {what} for {plan.info.family} ({plan.info.prediction_type}) on {images} images at {plan.resolution}px: "
                 f"{parts.total_steps} steps x {parts.effective_batch} images, {parts.world} process(es) on {parts.device}, frozen model in "
                 f"{str(parts.dtype).replace('torch.', '')}, gradient checkpointing {'on' if parts.gradient_checkpointing else 'off'}")
@@ -260,7 +272,7 @@ class Trainer:
                     cond = TextCondition(batch["embeds"], batch.get("pooled"), batch.get("mask")).to(parts.device)
                 else:
                     cond = parts.backend.encode_text(batch["captions"])
-                terms = self.compute_loss(latents, cond, generator)
+                terms = self.compute_loss(latents, cond, generator, batch["captions"])
             if terms is not None and bool(torch.isfinite(terms.total)):
                 acc.backward(terms.total * parts.loss_scale)
                 window.add(terms, latents.shape[0])

@@ -1,10 +1,12 @@
 """A Learn to Guide checkpoint through the pack's nodes in a real ComfyUI: the loader reads it, the guider and the KSampler
-patch read the prompt's pooled embedding from the positive conditioning, and every step applies the CFG scale
-1 + omega(t, s, prompt) of the network (s: the training grid's next point), written out here from the method.
+patch read the prompt's pooled embedding from the positive conditioning (one row per sample), and every step applies the
+CFG scale 1 + omega(t, s, prompt) of the network, s where the sampler's step ends (the paper's rule, the default for a
+network trained on continuous (s, t)), written out here from the method.
 
-The last test samples with a checkpoint that ``python -m training --method learn-to-guide`` trained on a tiny SDXL model.
-ComfyUI's interpreter usually lacks the training dependencies: the run uses ANNEALING_TRAIN_PYTHON (a Python with
-``pip install -e '.[train]'``), or this interpreter when it has them, and the test skips, saying so, when neither can."""
+The last test samples, at 20 and 100 steps, a checkpoint that ``python -m training --method learn-to-guide`` trained on
+continuous (s, t) on a tiny SDXL model. ComfyUI's interpreter usually lacks the training dependencies: the run uses
+ANNEALING_TRAIN_PYTHON (a Python with ``pip install -e '.[train]'``), or this interpreter when it has them, and the test
+skips, saying so, when neither can."""
 
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def l2g_checkpoint(comfy_host):
     net = annealing.LearnToGuideNet(annealing.LearnToGuideConfig(prompt_dim=PROMPT_DIM, hidden_size=16), meta)
     with torch.no_grad():
         net.head[-1].bias.fill_(1.5)  # a CFG scale of a few, as a trained network gives
+        net.prompt_projection.weight.mul_(3.0)  # and one that differs between prompts
     path = comfy_host.models_dir / "annealing_guidance" / "tiny_l2g.safetensors"
     annealing.save_guidance_model(net, path)
     return path
@@ -64,16 +67,51 @@ def test_learn_to_guide_checkpoint_samples_through_the_guider_and_the_patch(comf
                                      sigmas=sigmas, disable_pbar=True, seed=42)
     assert torch.isfinite(out).all() and rel_err(out_ks, out) < 1e-5
     trace = guider.annealing_hook.runs[-1].trace
-    # by hand: the network's CFG scale for the step from t(sigma) to the 20-step grid's next point, for the pooled prompt
+    # by hand: the network's CFG scale for the step from t(sigma) to the sampler's next sigma (the mode's default, anchored,
+    # gives a continuous-(s, t) network the sampler's s), for the pooled prompt
     grid = comfy_host.annealing.VPGrid(num_steps=20)
     lookup = comfy_host.annealing.GridLookup(grid, "ddpm_index")
-    t, _, s = lookup(torch.as_tensor(trace["sigma"][:, 0]))
+    assert torch.allclose(torch.as_tensor(trace["sigma"][:, 0]), sigmas[:-1])
+    t, s = lookup.timestep(sigmas[:-1]), lookup.timestep(sigmas[1:])
     expected = 1 + loaded(t, s, pooled)
     assert torch.allclose(torch.as_tensor(trace["omega"][:, 0]), expected, rtol=1e-4)
     assert torch.allclose(torch.as_tensor(trace["scale"][:, 0]), expected, rtol=1e-4)  # euler: the CFG scale as it is
     plot = node("AnnealingSchedulePlot", samples={"samples": out}, guider=guider).args[0]
     explorer = node("AnnealingModelExplorer", annealing_model=loaded, lambdas="0.4", positive=pos).args[0]
     assert plot.shape[-1] == explorer.shape[-1] == 3 and float(explorer.std()) > 0.01
+
+
+def test_each_sample_of_a_batch_gets_the_scale_of_its_own_prompt(comfy_host, tiny, node, l2g_checkpoint):
+    """A positive conditioning with two prompts (two rows) over four latents: ComfyUI gives latent b the row b mod 2, and
+    so does the hook; the guide and the KSampler patch alike."""
+    import comfy.sample
+    import comfy.samplers
+
+    loaded = node("LoadAnnealingGuidanceModel", model_name=l2g_checkpoint.name).args[0]
+    model = tiny.make_tiny_model("eps", seed=0)
+    generator = torch.Generator().manual_seed(21)
+    tokens, pooled = torch.randn(2, 3, tiny.CONTEXT_DIM, generator=generator), torch.randn(2, PROMPT_DIM, generator=generator)
+    pos = [[tokens, {"pooled_output": pooled}]]
+    neg, _ = cond_with_pooled(tiny, 2)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 6).float().cpu()
+    latent = torch.zeros(4, 4, 8, 8)
+    with torch.inference_mode():
+        guider = make_guider(node, model, pos, neg, loaded)
+        out = sample_guider(guider, "euler", sigmas, latent)
+        patched = node("ApplyAnnealingGuidance", model=model, annealing_model=loaded, **{
+            "lambda": 0.4, "mode": "anchored", "normalize_delta_norm": True, "clamp_w": False, "w_min": 0.0, "w_max": 3.0,
+            "active_start": 0.0, "active_end": 1.0}).args[0]
+        out_ks = comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, 42), 6, 1.0, "euler", "normal", pos, neg, latent,
+                                     sigmas=sigmas, disable_pbar=True, seed=42)
+    assert torch.isfinite(out).all() and rel_err(out_ks, out) < 1e-5
+    trace = guider.annealing_hook.runs[-1].trace
+    lookup = comfy_host.annealing.GridLookup(loaded.metadata.training_grid, "ddpm_index")
+    t, s = lookup.timestep(sigmas[:-1]), lookup.timestep(sigmas[1:])
+    omega = torch.as_tensor(trace["omega"])  # (steps, batch)
+    with torch.no_grad():
+        for b in range(4):
+            torch.testing.assert_close(omega[:, b], 1 + loaded(t, s, pooled[b % 2 : b % 2 + 1]), rtol=1e-4, atol=1e-5)
+    assert torch.equal(omega[:, 0], omega[:, 2]) and float((omega[:, 0] - omega[:, 1]).abs().max()) > 1e-3
 
 
 def test_learn_to_guide_refuses_what_it_cannot_do(comfy_host, tiny, node, l2g_checkpoint):
@@ -108,7 +146,8 @@ def training_python() -> str | None:
 
 @pytest.fixture(scope="module")
 def trained_l2g_checkpoint(comfy_host, tmp_path_factory):
-    """Train a tiny SDXL Learn to Guide run (3 steps, 20-step grid) with the project's CLI and put its checkpoint in ComfyUI's
+    """Train a tiny SDXL Learn to Guide run (continuous (s, t), the trainer's defaults; 3 steps at lr 0.02, so omega moves
+    away from its uniform start and depends on t and s) with the project's CLI and put its checkpoint in ComfyUI's
     annealing_guidance folder."""
     python = training_python()
     if python is None:
@@ -127,7 +166,7 @@ def trained_l2g_checkpoint(comfy_host, tmp_path_factory):
     run("-c", make, str(work / "model"), str(work / "data"))
     out = run("-m", "training", "--method", "learn-to-guide", "--model", str(work / "model"), "--dataset", str(work / "data"),
               "--output", str(work / "run"), "--resolution", "64", "--grid-steps", str(TRAINED_GRID_STEPS), "--max-steps", "3",
-              "--gradient-accumulation", "2", "--num-workers", "0", "--device", "cpu", "--quiet")
+              "--gradient-accumulation", "2", "--lr", "0.02", "--num-workers", "0", "--device", "cpu", "--quiet")
     assert "done: 3 steps" in out
     path = comfy_host.models_dir / "annealing_guidance" / "trained_learn_to_guide_sdxl.safetensors"
     shutil.copy(work / "run" / "learn_to_guide_sdxl.safetensors", path)
@@ -137,39 +176,46 @@ def trained_l2g_checkpoint(comfy_host, tmp_path_factory):
 @torch.no_grad()
 def reference_cfg_ddim(model, abar, timesteps, net, pooled, pos, neg, noise):
     """Ordinary CFG DDIM, the step Learn to Guide trains: eps_hat = eps_u + w (eps_c - eps_u) with w = 1 + omega(t, s, prompt)
-    for the step from t to the next grid timestep s (-1, clean data, after the last), z0 = (z - sqrt(1 - abar) eps_hat) /
-    sqrt(abar), z_next = sqrt(abar_next) z0 + sqrt(1 - abar_next) eps_hat (renoised with the guided noise)."""
+    for the step from t to the next timestep s of this DDIM loop (-1, clean data, after the last), z0 = (z - sqrt(1 - abar)
+    eps_hat) / sqrt(abar), z_next = sqrt(abar_next) z0 + sqrt(1 - abar_next) eps_hat (renoised with the guided noise).
+    Returns the result and the scales w it used."""
     unet = model.model.diffusion_model.double()
     z = (1 - abar[timesteps[0]]).sqrt() * noise.double()
     batch = noise.shape[0]
     ctx_c, ctx_u = pos[0][0].double().expand(batch, -1, -1), neg[0][0].double().expand(batch, -1, -1)
-    steps = timesteps.tolist()
+    steps, scales = timesteps.tolist(), []
     for i, t in enumerate(steps):
         s = steps[i + 1] if i + 1 < len(steps) else -1
         tt = torch.full((batch,), float(t), dtype=torch.float64)
         eps_c, eps_u = unet(z, tt, context=ctx_c), unet(z, tt, context=ctx_u)
         w = 1 + net(torch.tensor([float(t)]), torch.tensor([float(s)]), pooled).double()
+        scales.append(float(w))
         eps_hat = eps_u + w * (eps_c - eps_u)
         z0 = (z - (1 - abar[t]).sqrt() * eps_hat) / abar[t].sqrt()
         abar_next = abar[s] if s >= 0 else torch.tensor(1.0, dtype=torch.float64)
         z = abar_next.sqrt() * z0 + (1 - abar_next).sqrt() * eps_hat
     unet.float()
-    return z.float()
+    return z.float(), scales
 
 
-def test_a_trained_checkpoint_samples_as_the_cfg_ddim_steps_it_was_trained_on(comfy_host, tiny, node, trained_l2g_checkpoint):
-    """Sampled with euler on its training grid's sigmas (a DDIM step in ComfyUI's x-space), the checkpoint our trainer wrote
-    gives exactly the trained steps: CFG DDIM with scale 1 + omega(t, next grid timestep, pooled prompt) at every step."""
+@pytest.mark.parametrize("steps", [20, 100])
+def test_a_trained_checkpoint_samples_as_its_own_cfg_ddim_loop(comfy_host, tiny, node, trained_l2g_checkpoint, steps):
+    """Sampled with euler on an N-step DDIM grid's sigmas (a DDIM step in ComfyUI's x-space) and the mode left at its
+    default, the continuous-(s, t) checkpoint our trainer wrote gives exactly its own CFG DDIM loop at N steps: scale
+    1 + omega(t, next timestep of that loop, pooled prompt) at every step, at 20 steps (its recorded grid's count) and at
+    100 (steps shorter than any it was trained on)."""
     import importlib
 
     loaded = node("LoadAnnealingGuidanceModel", model_name=trained_l2g_checkpoint.name).args[0]
     annealing = comfy_host.annealing
     assert isinstance(loaded, annealing.LearnToGuideNet) and loaded.metadata.method == "learn_to_guide"
     assert (loaded.config.prompt_embedding, loaded.config.prompt_dim) == ("pooled", TRAINED_PROMPT_DIM)
+    assert (loaded.config.output, loaded.config.time_input, loaded.config.trained_s) == ("relu", "log_snr", "continuous")
     assert loaded.metadata.training_grid == annealing.VPGrid(num_steps=TRAINED_GRID_STEPS)
-    assert loaded.metadata.training["steps"] == 3 and loaded.metadata.training["objective"] == "energy"
+    training = loaded.metadata.training
+    assert training["steps"] == 3 and training["objective"] == "energy" and training["times"]["delta"] == 0.1
     compatibility = importlib.import_module(comfy_host.package.__name__ + ".nodes.compatibility")
-    model, ms, timesteps, sigmas = ddim_setup(tiny, steps=TRAINED_GRID_STEPS)
+    model, ms, timesteps, sigmas = ddim_setup(tiny, steps=steps)
     config_name = type(model.model.model_config).__name__
     assert compatibility.check_model(loaded.metadata, ms, config_name) == ("eps", [])
 
@@ -183,8 +229,9 @@ def test_a_trained_checkpoint_samples_as_the_cfg_ddim_steps_it_was_trained_on(co
     import comfy.sample
 
     noise = comfy.sample.prepare_noise(latent, 42)
-    expected = reference_cfg_ddim(model, sd_abar(), timesteps, loaded, pooled, pos, neg, noise)
+    expected, scales = reference_cfg_ddim(model, sd_abar(), timesteps, loaded, pooled, pos, neg, noise)
     assert torch.isfinite(out).all() and rel_err(out, expected) < 1e-4
+    assert max(scales) - min(scales) > 1e-3  # the trained omega depends on the step: the loop's s matters
 
     # the checkpoint reads the SDXL pooled embedding: a conditioning whose pooled output has another width is refused
     wrong = [[pos[0][0], {"pooled_output": torch.randn(1, PROMPT_DIM)}]]

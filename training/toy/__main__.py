@@ -20,7 +20,7 @@ The model's conditional leaks towards the unconditional (--leak), as an imperfec
 guidance is needed to reach the true conditional and too much overshoots it.
 Compared on identical initial noise: CFG, CFG++, annealing guidance (the MLP is trained here with the paper's
 Algorithm 1 and saved as a checkpoint), the stage-wise schedule (TV-CFG), Angle Domain Guidance, APG, guidance on
-a limited interval, and Learn to Guide (a learned w(c, t)). Metrics, per class against exact samples: sliced
+a limited interval, and Learn to Guide (a learned CFG scale 1 + omega(c, s, t), trained as the paper trains it). Metrics, per class against exact samples: sliced
 Wasserstein-2 and MMD (fidelity, lower is better), the fraction of samples off the data manifold (lower is better),
 alignment = mean true p(c | x) (higher is better) and mode coverage (higher is better).
 
@@ -28,7 +28,8 @@ The step-count study samples CFG++ and annealing at other step counts than the t
 w read anchored to the training grid (the pack's default) and per step (the paper's CFG++ step at that step count).
 
 Writes into --out: results.json, results.md (the tables, also printed), toy-front.png, toy-samples.png,
-toy-w-trajectories.png, toy-step-counts.png and annealing_toy2d_seed<S>.safetensors. See docs/toy-benchmark.md.
+toy-w-trajectories.png, toy-step-counts.png, annealing_toy2d_seed<S>.safetensors and learn_to_guide_toy2d_seed<S>.safetensors.
+See docs/toy-benchmark.md.
 """
 
 

@@ -1,8 +1,9 @@
 """The benchmark run: train the learned methods, sample every method from identical noise, score, collect results.
 
 For each seed: exact reference samples, initial noise z_T ~ N(0, I) shared by every method, the annealing MLP trained
-with Algorithm 1 and saved as a checkpoint in the output folder (then loaded back from the file for sampling, so the
-benchmark exercises the inference path), the Learn-to-Guide table, and one sampling run per method setting.
+with Algorithm 1 and the Learn to Guide network trained with its self-consistency loss, each saved as a checkpoint in the
+output folder (then loaded back from the file for sampling, so the benchmark exercises the inference path), and one
+sampling run per method setting.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import annealing
 from annealing.training_grid import VPGrid, grid_step_factors
 from training.algorithm import SamplingGrid
 
-from .learn_to_guide import LearnToGuideConfig, train_learn_to_guide
+from .learn_to_guide import LearnToGuideConfig, scale_table, train_learn_to_guide
 from .metrics import METRICS, Evaluator, manifold_threshold
 from .problem import RingProblem
 from .samplers import (
@@ -90,7 +91,7 @@ class BenchmarkConfig:
         return cls(
             seeds=tuple(seeds), samples_per_class=samples_per_class, quick=True, step_counts=QUICK_STEP_COUNTS,
             annealing_training=AnnealingTrainConfig(steps=250),
-            learn_to_guide=LearnToGuideConfig(iterations=40),
+            learn_to_guide=LearnToGuideConfig(iterations=60),
         )
 
     @property
@@ -131,7 +132,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir: Path, progress: bool = True)
     rows: dict[str, dict] = {}  # label -> row with per-seed metrics
     samples_seed0: dict[str, torch.Tensor] = {}
     traces: dict[float, torch.Tensor] = {}
-    checkpoints, l2g_tables, train_logs = [], {}, {}
+    checkpoints, l2g_checkpoints, l2g_tables, train_logs = [], [], {}, {}
     first_model = None
     study: dict[tuple, dict[str, list[float]]] = {}  # (family, param, mode, steps) -> per-seed metrics
     w_stats: dict[float, dict] = {}
@@ -168,7 +169,11 @@ def run_benchmark(config: BenchmarkConfig, out_dir: Path, progress: bool = True)
         timing["train_annealing_s"] += time.perf_counter() - started
 
         started = time.perf_counter()
-        table = train_learn_to_guide(problem, grid, config.learn_to_guide, seed, progress)
+        net = train_learn_to_guide(problem, grid, config.learn_to_guide, seed, progress)
+        l2g_path = out_dir / f"learn_to_guide_toy2d_seed{seed}.safetensors"
+        annealing.save_guidance_model(net, l2g_path)
+        table = scale_table(annealing.load_guidance_model(l2g_path), problem, grid)  # sample with what was written
+        l2g_checkpoints.append(l2g_path.name)
         l2g_tables[seed] = table.tolist()
         timing["train_learn_to_guide_s"] += time.perf_counter() - started
 
@@ -226,6 +231,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir: Path, progress: bool = True)
         "timing_s": {k: round(v, 2) for k, v in timing.items()},
         "methods": methods_out,
         "annealing_checkpoints": checkpoints,
+        "learn_to_guide_checkpoints": l2g_checkpoints,
         "annealing_training_final": train_logs,
         "learn_to_guide_w": {str(k): v for k, v in l2g_tables.items()},
         "timesteps": grid.model_timesteps.tolist(),
