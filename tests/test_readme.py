@@ -42,6 +42,29 @@ def test_every_code_block_runs_or_says_why_not():
     assert RUNNABLE, "no README block is run"
 
 
+def test_commands_the_tests_cannot_run_name_real_files_and_options():
+    """A block the tests cannot run (it needs a user's model, or it is CI itself) still names files this repository has and
+    only options its commands take: `python -m training ...` flags against the trainer's own parser."""
+    from training.cli import train_parser
+
+    options = {option for action in train_parser()._actions for option in action.option_strings}
+    checked = 0
+    for line, lang, code, reason in blocks():
+        if reason is None or lang != "bash":
+            continue
+        for command in code.splitlines():
+            command = command.split(" #")[0]
+            for path in re.findall(r"(?:training/configs|scripts)/[\w.-]+|\.ci/run", command):
+                assert (REPO / path).exists(), f"README line {line}: {path} does not exist"
+                checked += 1
+            tail = re.split(r"-m training(?=\s|$)", command, maxsplit=1)
+            if len(tail) == 2 and not tail[1].lstrip().startswith(("embed", "plot")):
+                for flag in re.findall(r"(?<!\S)(--[a-z0-9-]+)", tail[1]):
+                    assert flag in options, f"README line {line}: python -m training has no {flag}"
+                    checked += 1
+    assert checked >= 10, "the unrun blocks were expected to name files and training options"
+
+
 @pytest.mark.parametrize("line, lang, code", RUNNABLE, ids=[f"line{line}" for line, _, _ in RUNNABLE])
 def test_readme_block_runs_as_written(tmp_path, line, lang, code):
     if UPSTREAM_PT is None:

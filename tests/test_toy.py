@@ -190,13 +190,24 @@ def test_refuses_a_non_empty_output_folder(quick_run, capsys):
     assert "--samples" in capsys.readouterr().err
 
 
-def test_help_explains_the_options(capsys):
+def test_help_states_the_defaults_the_benchmark_runs_with(capsys):
+    """The defaults --help promises are the ones the benchmark's config really has (full and --quick runs)."""
+    from training.toy.benchmark import BenchmarkConfig
+
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
-    text = capsys.readouterr().out
-    for option in ("--out", "--quick", "--force", "--seeds", "--samples"):
-        assert option in text
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    full, quick = BenchmarkConfig(), BenchmarkConfig.quick_mode()
+
+    def spaced(values):
+        return " ".join(str(v) for v in values)
+
+    assert f"default {spaced(full.seeds)}, or {spaced(quick.seeds)} with --quick" in text
+    assert f"default {full.samples_per_class}, or {quick.samples_per_class} with --quick" in text
+    assert f"{quick.samples_per_class} samples per class" in text
+    assert f"default {spaced(full.step_counts)}; {spaced(quick.step_counts)} with --quick" in text
+    assert f"default {full.sampling_steps}, as upstream" in text
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.7])
