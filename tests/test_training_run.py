@@ -246,32 +246,6 @@ def test_embeddings_for_another_family_or_other_captions_are_refused(tmp_path):
         train(make_config("sdxl", tmp_path / "out", embeddings=str(tmp_path / "sdxl")), progress=False)
 
 
-def test_two_processes_with_accelerate_on_cpu(tmp_path):
-    """The multi-GPU path (DDP on the MLP only, set up by Accelerate), run as two CPU processes with gloo."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    torchrun = Path(sys.executable).with_name("torchrun")
-    if not torchrun.is_file():
-        pytest.skip("torchrun is not installed next to this Python")
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    dataset = tiny_dataset(6, corrupt=2)  # a process whose micro-batch is unreadable must still join the gradient all-reduce
-    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training", "--model", str(tiny_model("sd15")),
-               "--dataset", str(dataset), "--output", str(tmp_path / "out"), "--resolution", "64", "--max-steps", "3",
-               "--gradient-accumulation", "2", "--num-workers", "0", "--quiet"]
-    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "3 steps x 4 images, 2 process(es)" in done.stdout
-    model = annealing.load_guidance_model(tmp_path / "out" / "annealing_sd15.safetensors")
-    assert model.metadata.training["steps"] == 3 and model.metadata.training["effective_batch"] == 4
-    report = json.loads((tmp_path / "out" / "training_report.json").read_text())
-    assert report["images_seen"] + report["skipped_image_events"] == 12 and report["skipped_images"] == 2
-    shutil.rmtree(tmp_path / "out")
-
-
 def test_sd3_resolution_must_fit_the_transformer_patches_before_anything_loads(tmp_path):
     # 72 px -> a 9 x 9 latent: a multiple of the VAE's factor 8, but not of the SD3 transformer's 2 x 2 patches
     trainer = Trainer(make_config("sd3", tmp_path / "out", resolution=72), progress=False)

@@ -227,7 +227,7 @@ class Trainer:
         bar.update(1)
         if counters.step % self.plan.config.log_every == 0 or counters.step == self.parts.total_steps:
             log.step(step=counters.step, images=counters.images_seen, **terms, nan_losses=counters.nan_losses,
-                     skipped_images=len(counters.failed_paths), seconds=round(seconds, 3))
+                     skipped_image_events=counters.skipped_events, seconds=round(seconds, 3))  # over all processes
 
     def _finish(self, seconds: float, images: int, resumed_from: int | None, last_terms: dict) -> TrainResult:
         """The final checkpoint, the report file and the report's lines."""
